@@ -1,0 +1,530 @@
+//! The agent's configuration: `/etc/drover/agent.yaml` plus drop-ins in `agent.d/*.yaml`.
+//!
+//! Loaded once at start-up in three stages: the YAML fragments are parsed and merged (a
+//! drop-in overrides keys of the main file, mappings merge key by key), the merged tree is
+//! deserialized strictly ([`Input`], unknown fields are errors), and the input is validated
+//! into [`Config`], whose values are ready to use (absolute paths, parsed URLs, durations).
+//! Every problem is reported at once, with file and line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::spec::{BUILTINS, ByteSize, Dur, Name};
+use crate::yaml::{self, Mark, Problem, Problems, Spanned};
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/drover/agent.yaml";
+
+/// How the agent stops and starts services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceManager {
+    /// `systemctl stop/start` of the service's `run.unit`.
+    Systemd,
+    /// The agent runs `run.command` itself, detached, and supervises it.
+    Process,
+}
+
+/// What the agent deploys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The `kind: vm` services of this host.
+    #[default]
+    Vm,
+    /// The `kind: ecs` services of an ECS cluster.
+    Ecs,
+}
+
+/// The configuration file as written (after merging drop-ins).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    /// This host's name. Default: the system host name.
+    host: Option<Spanned<String>>,
+    /// The environment this host belongs to.
+    environment: Name,
+    /// Labels matched by services' `targets` selectors.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Values for `{name}` templates in service definitions.
+    #[serde(default)]
+    vars: BTreeMap<String, Spanned<String>>,
+    /// The desired-state repo.
+    repo: RepoInput,
+    /// Where the agent keeps its state, cache and mirror. Default /var/lib/drover.
+    state_dir: Option<Spanned<String>>,
+    /// `systemd` (default) or `process`.
+    #[serde(default = "default_manager")]
+    service_manager: ServiceManager,
+    /// `vm` (default) or `ecs`.
+    #[serde(default)]
+    mode: Mode,
+    /// Resource limits for artifacts.
+    #[serde(default)]
+    limits: LimitsInput,
+    /// Artifact download behaviour.
+    #[serde(default)]
+    download: DownloadInput,
+}
+
+fn default_manager() -> ServiceManager {
+    ServiceManager::Systemd
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepoInput {
+    url: Spanned<String>,
+    #[serde(default = "default_branch")]
+    branch: String,
+    #[serde(default = "default_poll")]
+    poll_interval: Dur,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+
+fn default_poll() -> Dur {
+    Dur::secs(30)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsInput {
+    #[serde(default = "default_max_artifact")]
+    max_artifact_size: ByteSize,
+    #[serde(default = "default_max_unpacked")]
+    max_unpacked_size: ByteSize,
+    #[serde(default = "default_min_free")]
+    min_free_space: ByteSize,
+}
+
+impl Default for LimitsInput {
+    fn default() -> Self {
+        LimitsInput {
+            max_artifact_size: default_max_artifact(),
+            max_unpacked_size: default_max_unpacked(),
+            min_free_space: default_min_free(),
+        }
+    }
+}
+
+fn default_max_artifact() -> ByteSize {
+    ByteSize(2 << 30)
+}
+fn default_max_unpacked() -> ByteSize {
+    ByteSize(8 << 30)
+}
+fn default_min_free() -> ByteSize {
+    ByteSize(100 << 20)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DownloadInput {
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default = "default_download_timeout")]
+    timeout: Dur,
+}
+
+impl Default for DownloadInput {
+    fn default() -> Self {
+        DownloadInput {
+            retries: default_retries(),
+            timeout: default_download_timeout(),
+        }
+    }
+}
+
+fn default_retries() -> u32 {
+    4
+}
+fn default_download_timeout() -> Dur {
+    Dur::secs(600)
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This host's name.
+    pub host: String,
+    /// The environment this host belongs to.
+    pub environment: String,
+    /// Labels matched by services' `targets`.
+    pub labels: BTreeMap<String, String>,
+    /// Host vars for templates.
+    pub vars: BTreeMap<String, String>,
+    /// The desired-state repo.
+    pub repo: RepoConfig,
+    /// State directory (absolute).
+    pub state_dir: PathBuf,
+    /// How services are stopped and started.
+    pub service_manager: ServiceManager,
+    /// What this agent deploys.
+    pub mode: Mode,
+    /// Artifact limits.
+    pub limits: Limits,
+    /// Download retries and timeout.
+    pub download: Download,
+    /// The agent's environment variables, captured once, for `{env.NAME}` in template files.
+    pub env: BTreeMap<String, String>,
+    /// The files the configuration was read from.
+    pub files: Vec<PathBuf>,
+}
+
+/// Where the desired state comes from.
+#[derive(Clone, Debug)]
+pub struct RepoConfig {
+    /// The URL (or local path) as written.
+    pub url: String,
+    /// The branch whose tip is the desired state.
+    pub branch: String,
+    /// How often to poll (with ±10% jitter).
+    pub poll_interval: Duration,
+    /// For a repo on this machine, its path: watched for instant reaction.
+    pub local_path: Option<PathBuf>,
+}
+
+/// Artifact limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest artifact download accepted.
+    pub max_artifact_size: u64,
+    /// Largest total size an archive may unpack to.
+    pub max_unpacked_size: u64,
+    /// Free space that must remain on the state and install filesystems.
+    pub min_free_space: u64,
+}
+
+/// Download behaviour.
+#[derive(Clone, Copy, Debug)]
+pub struct Download {
+    /// Retries after a transient failure (connection error, 5xx, truncated body).
+    pub retries: u32,
+    /// Time limit for one attempt.
+    pub timeout: Duration,
+}
+
+/// The drop-in directory of a configuration file: `agent.yaml` → `agent.d/`.
+pub fn dropin_dir(main: &Path) -> PathBuf {
+    let stem = main
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "agent".into());
+    main.with_file_name(format!("{stem}.d"))
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The files were read but are not valid.
+    #[error("invalid agent configuration:\n{0}")]
+    Invalid(Problems),
+}
+
+impl Config {
+    /// Loads `main` and its drop-ins, with `env` as the process environment.
+    pub fn load(main: &Path, env: BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let mut files = vec![(main.to_path_buf(), read(main)?)];
+        let dir = dropin_dir(main);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut dropins: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                .collect();
+            dropins.sort();
+            for p in dropins {
+                let text = read(&p)?;
+                files.push((p, text));
+            }
+        }
+        Config::from_texts(&files, env)
+    }
+
+    /// Builds the configuration from (path, text) fragments, the first being the main file.
+    pub fn from_texts(
+        files: &[(PathBuf, String)],
+        env: BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut merged: Option<yaml::Node> = None;
+        for (path, text) in files {
+            match yaml::parse(&path.display().to_string(), text) {
+                Ok(node) if matches!(node.value, yaml::Value::Null) => {}
+                Ok(node) => match &mut merged {
+                    None => merged = Some(node),
+                    Some(base) => base.merge(node),
+                },
+                Err(p) => problems.extend(p.0),
+            }
+        }
+        let first = files
+            .first()
+            .map(|(p, _)| p.display().to_string())
+            .unwrap_or_default();
+        let node = merged.unwrap_or(yaml::Node {
+            mark: Mark::file_start(&first),
+            value: yaml::Value::Null,
+        });
+        let input = if problems.is_empty() {
+            yaml::from_node::<Input>(&node, &mut problems)
+        } else {
+            None
+        };
+        let config = input.map(|i| validate(i, env, &mut problems));
+        match config {
+            Some(mut c) if problems.is_empty() => {
+                c.files = files.iter().map(|(p, _)| p.clone()).collect();
+                Ok(c)
+            }
+            _ => Err(ConfigError::Invalid(Problems(problems).sorted())),
+        }
+    }
+}
+
+fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>) -> Config {
+    let host = match i.host {
+        Some(h) => {
+            let ok = !h.value.is_empty()
+                && h.value.len() <= 253
+                && h.value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            if !ok {
+                problems.push(Problem::new(
+                    h.mark.clone(),
+                    format!(
+                        "invalid host name `{}`: use letters, digits, `.`, `-`, `_`",
+                        h.value
+                    ),
+                ));
+            }
+            h.value
+        }
+        None => system_hostname(),
+    };
+    let mut vars = BTreeMap::new();
+    for (k, v) in i.vars {
+        let ident = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ident {
+            problems.push(Problem::new(
+                v.mark.clone(),
+                format!("var `{k}`: names are letters, digits and `_`, starting with a letter"),
+            ));
+        } else if BUILTINS.contains(&k.as_str()) || k == "env" {
+            problems.push(Problem::new(
+                v.mark.clone(),
+                format!("var `{k}` would hide the built-in `{{{k}}}`; choose another name"),
+            ));
+        }
+        vars.insert(k, v.value);
+    }
+    let url = i.repo.url.value.trim().to_string();
+    let local_path = local_repo_path(&url);
+    if !repo_url_ok(&url) {
+        problems.push(Problem::new(
+            i.repo.url.mark.clone(),
+            format!(
+                "repo url `{url}` is not a Git URL: use https://, http://, git://, ssh://, file:// or an absolute path"
+            ),
+        ));
+    }
+    if i.repo.branch.is_empty() || i.repo.branch.contains("..") || i.repo.branch.contains(' ') {
+        problems.push(Problem::new(
+            i.repo.url.mark.clone(),
+            format!("invalid branch `{}`", i.repo.branch),
+        ));
+    }
+    if i.repo.poll_interval.0 < Duration::from_millis(100) {
+        problems.push(Problem::new(
+            i.repo.url.mark.clone(),
+            "repo.poll_interval must be at least 100ms",
+        ));
+    }
+    let state_dir = match i.state_dir {
+        Some(s) => {
+            if !s.value.starts_with('/') {
+                problems.push(Problem::new(
+                    s.mark.clone(),
+                    format!("state_dir `{}` must be an absolute path", s.value),
+                ));
+            }
+            PathBuf::from(s.value)
+        }
+        None => PathBuf::from("/var/lib/drover"),
+    };
+    Config {
+        host,
+        environment: i.environment.as_str().to_string(),
+        labels: i.labels,
+        vars,
+        repo: RepoConfig {
+            url,
+            branch: i.repo.branch,
+            poll_interval: i.repo.poll_interval.0,
+            local_path,
+        },
+        state_dir,
+        service_manager: i.service_manager,
+        mode: i.mode,
+        limits: Limits {
+            max_artifact_size: i.limits.max_artifact_size.0,
+            max_unpacked_size: i.limits.max_unpacked_size.0,
+            min_free_space: i.limits.min_free_space.0,
+        },
+        download: Download {
+            retries: i.download.retries,
+            timeout: i.download.timeout.0,
+        },
+        env,
+        files: Vec::new(),
+    }
+}
+
+/// The path of a repo on this machine (absolute path or `file://` URL).
+fn local_repo_path(url: &str) -> Option<PathBuf> {
+    if url.starts_with('/') {
+        Some(PathBuf::from(url))
+    } else {
+        url.strip_prefix("file://").map(PathBuf::from)
+    }
+}
+
+fn repo_url_ok(url: &str) -> bool {
+    if url.starts_with('/') {
+        return true;
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return matches!(scheme, "http" | "https" | "git" | "ssh" | "file") && !rest.is_empty();
+    }
+    // scp-like: user@host:path
+    url.split_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && !h.contains('/'))
+}
+
+/// The system's host name.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let files: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+            .collect();
+        Config::from_texts(&files, BTreeMap::new())
+    }
+
+    const BASE: &str = "host: web-01\nenvironment: prod\nlabels: {role: web}\nvars: {port: \"8080\"}\nrepo: {url: \"https://git.example.com/fleet.git\"}\nstate_dir: /var/lib/drover\nservice_manager: process\n";
+
+    #[test]
+    fn full_config_loads_with_defaults() {
+        let c = load(&[("agent.yaml", BASE)]).unwrap();
+        assert_eq!(c.host, "web-01");
+        assert_eq!(c.environment, "prod");
+        assert_eq!(c.repo.branch, "main");
+        assert_eq!(c.repo.poll_interval, Duration::from_secs(30));
+        assert_eq!(c.repo.local_path, None);
+        assert_eq!(c.service_manager, ServiceManager::Process);
+        assert_eq!(c.vars["port"], "8080");
+        assert_eq!(c.limits.max_artifact_size, 2 << 30);
+        assert_eq!(c.download.retries, 4);
+    }
+
+    #[test]
+    fn dropins_override_and_merge() {
+        let c = load(&[
+            ("agent.yaml", BASE),
+            (
+                "agent.d/10-repo.yaml",
+                "repo: {branch: release, poll_interval: 5s}\n",
+            ),
+            (
+                "agent.d/20-vars.yaml",
+                "vars: {region: eu}\nlabels: {role: api}\n",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.repo.url, "https://git.example.com/fleet.git");
+        assert_eq!(c.repo.branch, "release");
+        assert_eq!(c.repo.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.vars.len(), 2);
+        assert_eq!(c.labels["role"], "api");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_file() {
+        let e = load(&[
+            ("agent.yaml", BASE),
+            (
+                "agent.d/10.yaml",
+                "repo: {url: \"ftp://x\", poll_interval: soon}\nvars: {version: x}\nmystery: 1\nstate_dir: var/lib\n",
+            ),
+        ])
+        .unwrap_err();
+        let ConfigError::Invalid(p) = e else { panic!() };
+        let text = p.to_string();
+        assert_eq!(p.0.len(), 5, "{text}");
+        assert!(text.contains("agent.d/10.yaml:1:"), "{text}");
+        assert!(text.contains("invalid duration `soon`"), "{text}");
+        assert!(text.contains("not a Git URL"), "{text}");
+        assert!(
+            text.contains("would hide the built-in `{version}`"),
+            "{text}"
+        );
+        assert!(text.contains("unknown field `mystery`"), "{text}");
+        assert!(text.contains("must be an absolute path"), "{text}");
+    }
+
+    #[test]
+    fn local_repos_are_detected() {
+        assert_eq!(
+            local_repo_path("/srv/git/fleet.git"),
+            Some(PathBuf::from("/srv/git/fleet.git"))
+        );
+        assert_eq!(
+            local_repo_path("file:///srv/fleet"),
+            Some(PathBuf::from("/srv/fleet"))
+        );
+        assert!(repo_url_ok("git@github.com:org/fleet.git"));
+        assert!(repo_url_ok("git://127.0.0.1:9418/fleet.git"));
+        assert!(!repo_url_ok("fleet.git"));
+        assert!(!repo_url_ok("ftp://x/y"));
+    }
+
+    #[test]
+    fn missing_environment_is_an_error() {
+        let e = load(&[("agent.yaml", "repo: {url: /x}\n")]).unwrap_err();
+        assert!(e.to_string().contains("missing field `environment`"), "{e}");
+    }
+}

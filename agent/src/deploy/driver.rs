@@ -1,0 +1,846 @@
+//! The I/O side of a deploy: runs the phases, records each one before it starts, rolls back
+//! on failure, recovers after a crash, and supervises running services.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Action, Next, Phase, Recovery, decide, recover};
+use crate::artifact::{ArtifactError, Fetcher};
+use crate::failpoint;
+use crate::fsutil::{self, FileLock};
+use crate::health::{CheckError, Checker};
+use crate::hooks::{self, HookError};
+use crate::release::{Layout, ReleaseError};
+use crate::service::{Manager, ServiceError};
+use crate::spec::{Digest, ResolvedService};
+use crate::state::{Deployment, Event, Failure, Release, ServiceState, StateError, Store};
+
+/// Why a phase failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    /// Download or verification.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// Staging.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A hook.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// Stop or start.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// Health or smoke.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// An injected test failure.
+    #[error("{0}")]
+    Injected(String),
+}
+
+impl PhaseError {
+    /// Whether trying again later may succeed without a change to the desired state
+    /// (network trouble, a full disk) — such failures do not mark the version failed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PhaseError::Artifact(e) => {
+                matches!(
+                    e,
+                    ArtifactError::Network { .. }
+                        | ArtifactError::Truncated { .. }
+                        | ArtifactError::NoSpace { .. }
+                        | ArtifactError::Io { .. }
+                ) || matches!(e, ArtifactError::Http { status, .. } if *status >= 500 || *status == 429)
+            }
+            PhaseError::Release(ReleaseError::Io { .. }) => true,
+            PhaseError::Release(ReleaseError::Extract(crate::release::ExtractError::Io {
+                ..
+            })) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Errors that stop the agent from even trying (the state cannot be read or written).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The state file.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The service lock.
+    #[error("cannot lock service {service}: {source}")]
+    Lock {
+        /// Service.
+        service: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing to roll back to (manual rollback).
+    #[error("cannot roll back {service}: {reason}")]
+    NoRollback {
+        /// Service.
+        service: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How a reconcile of one service ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The desired version was already running.
+    UpToDate {
+        /// Version.
+        version: String,
+    },
+    /// The desired version was installed but not running; it was started.
+    Started {
+        /// Version.
+        version: String,
+    },
+    /// The desired version was deployed and passed its checks.
+    Deployed {
+        /// Version.
+        version: String,
+        /// The version it replaced.
+        from: Option<String>,
+    },
+    /// The deploy failed before touching the running version.
+    Abandoned {
+        /// Version.
+        version: String,
+        /// Why.
+        error: String,
+        /// Whether it will be retried (transient failure).
+        retry: bool,
+    },
+    /// The deploy failed and the previous release runs again.
+    RolledBack {
+        /// The failed version.
+        version: String,
+        /// The version running again.
+        to: Option<String>,
+        /// Why.
+        error: String,
+    },
+    /// The desired version failed here before; not retried.
+    SkippedFailed {
+        /// Version.
+        version: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The deploy failed and so did its rollback.
+    Broken {
+        /// Version.
+        version: String,
+        /// Why.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// Whether the host ended in its desired state for this service.
+    pub fn converged(&self) -> bool {
+        matches!(
+            self,
+            Outcome::UpToDate { .. } | Outcome::Started { .. } | Outcome::Deployed { .. }
+        )
+    }
+
+    /// One line for the CLI and logs.
+    pub fn summary(&self) -> String {
+        match self {
+            Outcome::UpToDate { version } => format!("{version} running (up to date)"),
+            Outcome::Started { version } => format!("{version} was not running; started"),
+            Outcome::Deployed { version, from } => match from {
+                Some(f) => format!("deployed {version} (was {f})"),
+                None => format!("deployed {version} (first install)"),
+            },
+            Outcome::Abandoned {
+                version,
+                error,
+                retry,
+            } => format!(
+                "{version} not deployed{}: {error}",
+                if *retry { " (will retry)" } else { "" }
+            ),
+            Outcome::RolledBack { version, to, error } => format!(
+                "{version} failed and was rolled back to {}: {error}",
+                to.as_deref().unwrap_or("nothing (first install)")
+            ),
+            Outcome::SkippedFailed { version, reason } => format!(
+                "{version} failed here before and is not retried until the desired version changes ({reason})"
+            ),
+            Outcome::Broken { version, error } => {
+                format!("{version} failed and the rollback failed too; operator needed: {error}")
+            }
+        }
+    }
+}
+
+/// Deploys services on this host.
+#[derive(Clone)]
+pub struct Deployer {
+    store: Store,
+    host: String,
+    fetcher: Fetcher,
+    checker: Checker,
+    manager: Manager,
+    env: Arc<BTreeMap<String, String>>,
+    max_unpacked: u64,
+}
+
+impl Deployer {
+    /// A deployer over its peers.
+    pub fn new(
+        store: Store,
+        host: String,
+        fetcher: Fetcher,
+        checker: Checker,
+        manager: Manager,
+        env: Arc<BTreeMap<String, String>>,
+        max_unpacked: u64,
+    ) -> Deployer {
+        Deployer {
+            store,
+            host,
+            fetcher,
+            checker,
+            manager,
+            env,
+            max_unpacked,
+        }
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The service manager.
+    pub fn manager(&self) -> &Manager {
+        &self.manager
+    }
+
+    async fn lock(&self, service: &str) -> Result<FileLock, DeployError> {
+        let store = self.store.clone();
+        let name = service.to_string();
+        tokio::task::spawn_blocking(move || store.lock_service(&name))
+            .await
+            .expect("lock task does not panic")
+            .map_err(|source| DeployError::Lock {
+                service: service.to_string(),
+                source,
+            })
+    }
+
+    fn event(&self, svc: &str, version: &str, phase: &str, detail: Option<String>) {
+        self.store.event(&Event {
+            at: fsutil::now_rfc3339(),
+            host: self.host.clone(),
+            service: svc.to_string(),
+            version: version.to_string(),
+            phase: phase.to_string(),
+            detail,
+        });
+    }
+
+    /// Loads a service's state; a damaged file is set aside and the state rebuilt from the
+    /// releases under `root`.
+    fn load(&self, service: &str, root: Option<&PathBuf>) -> Result<ServiceState, DeployError> {
+        match self.store.load(service) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Ok(ServiceState::new(service)),
+            Err(StateError::Corrupt { path, cause }) if root.is_some() => {
+                let aside = self.store.quarantine(service)?;
+                let st = rebuild(service, root.expect("checked"));
+                tracing::warn!(
+                    state = %path.display(), %cause, kept_as = %aside.display(),
+                    current = ?st.current.as_ref().map(|r| &r.version),
+                    "state file was damaged; rebuilt it from the releases on disk"
+                );
+                self.event(service, "", "state_rebuilt", Some(cause));
+                Ok(st)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, st: &mut ServiceState) -> Result<(), DeployError> {
+        Ok(self.store.save(st)?)
+    }
+
+    /// Brings `desired` about on this host: recover an interrupted deploy, then deploy,
+    /// start, or leave it as it is.
+    #[tracing::instrument(skip_all, fields(service = %desired.service, version = %desired.version))]
+    pub async fn reconcile(&self, desired: &ResolvedService) -> Result<Outcome, DeployError> {
+        let _lock = self.lock(&desired.service).await?;
+        let mut st = self.load(&desired.service, Some(&desired.root))?;
+        let mut attempts = 0;
+        if let Some(d) = st.deployment.clone() {
+            match self.recover(&mut st, d, desired).await? {
+                Resume::Done(outcome) => return Ok(outcome),
+                Resume::Continue { prior_attempts } => attempts = prior_attempts,
+            }
+        }
+        let layout = Layout::new(&desired.root);
+        match decide(desired, &st, layout.current().as_deref()) {
+            Action::Recover => unreachable!("recovered above"),
+            Action::SkipFailed { reason } => Ok(Outcome::SkippedFailed {
+                version: desired.version.clone(),
+                reason,
+            }),
+            Action::EnsureRunning => self.ensure_running(&mut st, desired).await,
+            Action::Deploy => self.deploy(&mut st, desired, attempts).await,
+        }
+    }
+
+    /// Makes sure the current release of `svc` runs; starts it if not.
+    async fn ensure_running(
+        &self,
+        st: &mut ServiceState,
+        svc: &ResolvedService,
+    ) -> Result<Outcome, DeployError> {
+        let version = svc.version.clone();
+        match self.manager.is_running(svc).await {
+            Ok(true) => return Ok(Outcome::UpToDate { version }),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether the service runs");
+                return Ok(Outcome::UpToDate { version });
+            }
+        }
+        let layout = Layout::new(&svc.root);
+        let dir = st
+            .current
+            .as_ref()
+            .map(|c| c.dir.clone())
+            .unwrap_or_default();
+        tracing::warn!("the current release is not running; starting it");
+        self.event(
+            &svc.service,
+            &version,
+            "restart",
+            Some("was not running".into()),
+        );
+        let result = async {
+            self.manager.start(svc, &layout.release(&dir)).await?;
+            self.check(svc).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                st.last_error = None;
+                self.save(st)?;
+                Ok(Outcome::Started { version })
+            }
+            Err(e) => {
+                let error = e.to_string();
+                tracing::error!(%error, "restarting the current release failed");
+                st.last_error = Some(format!("restart of {version} failed: {error}"));
+                self.save(st)?;
+                Ok(Outcome::Broken { version, error })
+            }
+        }
+    }
+
+    /// Deploys `svc`, `prior_attempts` earlier tries having crashed.
+    async fn deploy(
+        &self,
+        st: &mut ServiceState,
+        svc: &ResolvedService,
+        prior_attempts: u32,
+    ) -> Result<Outcome, DeployError> {
+        let layout = Layout::new(&svc.root);
+        // The state may lag behind the disk (rebuilt, or `current` changed by hand): the
+        // symlink is the truth about what runs.
+        let on_disk = layout.current();
+        let from = match (&st.current, &on_disk) {
+            (Some(c), Some(d)) if &c.dir == d => Some(c.clone()),
+            (_, Some(d)) => layout.marker(d).map(|m| Release {
+                version: m.version,
+                sha256: m.sha256,
+                dir: d.clone(),
+                spec: None,
+            }),
+            (_, None) => None,
+        };
+        let mut protect: Vec<&str> = Vec::new();
+        if let Some(p) = &st.previous {
+            protect.push(&p.dir);
+        }
+        let dir = layout.dir_for(&svc.version, &svc.sha256, &protect);
+        st.root = Some(svc.root.clone());
+        tracing::info!(from = ?from.as_ref().map(|f| &f.version), %dir, "deploying");
+        let d = Deployment {
+            phase: Phase::Fetch,
+            target: svc.clone(),
+            dir,
+            from,
+            attempts: prior_attempts + 1,
+            error: None,
+            started_at: fsutil::now_rfc3339(),
+        };
+        self.drive(st, d, Phase::Fetch).await
+    }
+
+    /// Runs phases from `start` until the deploy ends.
+    async fn drive(
+        &self,
+        st: &mut ServiceState,
+        mut d: Deployment,
+        start: Phase,
+    ) -> Result<Outcome, DeployError> {
+        let t0 = Instant::now();
+        let mut phase = start;
+        let mut transient = false;
+        loop {
+            d.phase = phase;
+            st.deployment = Some(d.clone());
+            self.save(st)?;
+            self.event(
+                &d.target.service,
+                &d.target.version,
+                phase.name(),
+                d.error.clone().filter(|_| phase == Phase::RollBack),
+            );
+            tracing::info!(phase = phase.name(), "phase");
+            let result = match failpoint::hit(phase.name()) {
+                Err(e) => Err(PhaseError::Injected(e)),
+                Ok(()) => self.run_phase(phase, &d).await,
+            };
+            let next = match result {
+                Ok(()) => phase.on_success(),
+                Err(e) => {
+                    tracing::error!(phase = phase.name(), error = %e, "phase failed");
+                    transient = e.is_transient();
+                    let msg = format!("{}: {e}", phase.name());
+                    d.error = Some(match (&d.error, phase) {
+                        (Some(first), Phase::RollBack) => {
+                            format!("{first}; rollback failed: {msg}")
+                        }
+                        _ => msg,
+                    });
+                    phase.on_failure()
+                }
+            };
+            match next {
+                Next::Phase(n) => {
+                    phase = phase
+                        .step(n)
+                        .expect("the phase machine only returns legal steps");
+                }
+                end => {
+                    tracing::info!(took_ms = t0.elapsed().as_millis() as u64, outcome = ?end, "deploy ended");
+                    return self.finish(st, d, end, transient);
+                }
+            }
+        }
+    }
+
+    /// Environment for hooks and smoke commands.
+    fn hook_env(&self, d: &Deployment) -> Vec<(&'static str, String)> {
+        let t = &d.target;
+        let layout = Layout::new(&t.root);
+        vec![
+            ("DROVER_SERVICE", t.service.clone()),
+            ("DROVER_VERSION", t.version.clone()),
+            ("DROVER_ENVIRONMENT", t.environment.clone()),
+            ("DROVER_HOST", self.host.clone()),
+            ("DROVER_ROOT", t.root.display().to_string()),
+            (
+                "DROVER_RELEASE_DIR",
+                layout.release(&d.dir).display().to_string(),
+            ),
+            (
+                "DROVER_PREVIOUS_VERSION",
+                d.from
+                    .as_ref()
+                    .map(|f| f.version.clone())
+                    .unwrap_or_default(),
+            ),
+        ]
+    }
+
+    async fn run_phase(&self, phase: Phase, d: &Deployment) -> Result<(), PhaseError> {
+        let t = &d.target;
+        let layout = Layout::new(&t.root);
+        let release = layout.release(&d.dir);
+        match phase {
+            Phase::Fetch => {
+                self.fetcher.fetch(&t.artifact_url, &t.sha256).await?;
+            }
+            Phase::Stage => {
+                if layout.is_staged(&d.dir, &t.sha256) {
+                    tracing::debug!(dir = %d.dir, "already staged");
+                } else {
+                    let archive = self.fetcher.cached_path(&t.sha256);
+                    let (layout, dir, t, env, max) = (
+                        layout.clone(),
+                        d.dir.clone(),
+                        t.clone(),
+                        self.env.clone(),
+                        self.max_unpacked,
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        layout.stage(&dir, &archive, &t, &env, max)
+                    })
+                    .await
+                    .expect("stage task does not panic")?;
+                }
+            }
+            Phase::Stop => {
+                if let Some(from) = &d.from {
+                    if let Some(h) = &t.before_stop {
+                        hooks::run(
+                            "before_stop",
+                            &h.command,
+                            &release,
+                            &self.hook_env(d),
+                            h.timeout.0,
+                        )
+                        .await?;
+                    }
+                    let old = from.spec.as_deref().unwrap_or(t);
+                    self.manager.stop(old).await?;
+                } else {
+                    self.manager.stop(t).await?;
+                }
+            }
+            Phase::Switch => layout.switch(&d.dir)?,
+            Phase::Start => {
+                if let Some(h) = &t.after_install {
+                    hooks::run(
+                        "after_install",
+                        &h.command,
+                        &release,
+                        &self.hook_env(d),
+                        h.timeout.0,
+                    )
+                    .await?;
+                }
+                self.manager.start(t, &release).await?;
+            }
+            Phase::Check => {
+                self.check(t).await?;
+                for s in &t.smoke {
+                    self.checker.smoke(s, &release, &self.hook_env(d)).await?;
+                }
+            }
+            Phase::RollBack => {
+                if let Err(e) = self.manager.stop(t).await {
+                    tracing::warn!(error = %e, "stopping the failed version");
+                }
+                match &d.from {
+                    Some(from) => {
+                        layout.switch(&from.dir)?;
+                        let spec = from.spec.as_deref().unwrap_or(t);
+                        self.manager.start(spec, &layout.release(&from.dir)).await?;
+                        self.check(spec).await?;
+                    }
+                    None => {
+                        // First install: nothing to go back to; leave no `current` behind.
+                        let _ = std::fs::remove_file(layout.current_link());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for `svc` to pass its health check, failing fast if its process exits.
+    async fn check(&self, svc: &ResolvedService) -> Result<(), PhaseError> {
+        let Some(h) = &svc.health else {
+            return Ok(());
+        };
+        let took = match &self.manager {
+            Manager::Process(p) => {
+                let pid = p.running(&svc.service).map(|a| a.pid);
+                self.checker
+                    .wait_healthy(h, || match pid {
+                        Some(pid) => p.exit_status(pid),
+                        None => Some("not running".into()),
+                    })
+                    .await?
+            }
+            Manager::Systemd(_) => self.checker.wait_healthy(h, || None).await?,
+        };
+        tracing::info!(took_ms = took.as_millis() as u64, "healthy");
+        Ok(())
+    }
+
+    /// Records how a deploy ended.
+    fn finish(
+        &self,
+        st: &mut ServiceState,
+        d: Deployment,
+        end: Next,
+        transient: bool,
+    ) -> Result<Outcome, DeployError> {
+        let t = &d.target;
+        let version = t.version.clone();
+        let error = d.error.clone().unwrap_or_default();
+        let failure = || Failure {
+            version: t.version.clone(),
+            sha256: t.sha256.clone(),
+            reason: error.clone(),
+            at: fsutil::now_rfc3339(),
+        };
+        st.deployment = None;
+        let outcome = match end {
+            Next::Deployed => {
+                let new = Release {
+                    version: version.clone(),
+                    sha256: t.sha256.clone(),
+                    dir: d.dir.clone(),
+                    spec: Some(Box::new(t.clone())),
+                };
+                if let Some(from) = d.from.clone().filter(|f| f.dir != d.dir) {
+                    st.previous = Some(from);
+                }
+                st.current = Some(new);
+                st.failed = None;
+                st.last_error = None;
+                Outcome::Deployed {
+                    version,
+                    from: d.from.as_ref().map(|f| f.version.clone()),
+                }
+            }
+            Next::Abandoned => {
+                if !transient {
+                    st.failed = Some(failure());
+                }
+                st.last_error = Some(format!("{version}: {error}"));
+                Outcome::Abandoned {
+                    version,
+                    error,
+                    retry: transient,
+                }
+            }
+            Next::RolledBack => {
+                st.failed = Some(failure());
+                st.current = d.from.clone();
+                st.last_error = Some(format!("{version} rolled back: {error}"));
+                Outcome::RolledBack {
+                    version,
+                    to: d.from.as_ref().map(|f| f.version.clone()),
+                    error,
+                }
+            }
+            Next::Broken => {
+                st.failed = Some(failure());
+                let layout = Layout::new(&t.root);
+                st.current = match (layout.current(), &d.from) {
+                    (Some(dir), Some(from)) if dir == from.dir => Some(from.clone()),
+                    _ => None,
+                };
+                st.last_error = Some(format!("{version}: {error}"));
+                Outcome::Broken { version, error }
+            }
+            Next::Phase(_) => unreachable!("finish is called at the end"),
+        };
+        self.save(st)?;
+        let (phase, detail) = match &outcome {
+            Outcome::Deployed { from, .. } => ("deployed", from.clone()),
+            Outcome::Abandoned { error, .. } => ("abandoned", Some(error.clone())),
+            Outcome::RolledBack { error, .. } => ("rolled_back", Some(error.clone())),
+            Outcome::Broken { error, .. } => ("broken", Some(error.clone())),
+            _ => ("ended", None),
+        };
+        self.event(&t.service, &t.version, phase, detail);
+        if matches!(outcome, Outcome::Deployed { .. }) {
+            self.cleanup(st, t);
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes old releases and cached artifacts no service needs any more.
+    fn cleanup(&self, st: &ServiceState, t: &ResolvedService) {
+        let layout = Layout::new(&t.root);
+        let protect: Vec<&str> = [&st.current, &st.previous]
+            .into_iter()
+            .flatten()
+            .map(|r| r.dir.as_str())
+            .collect();
+        let removed = layout.prune(t.keep_releases as usize, &protect);
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removed old releases");
+        }
+        let mut keep: Vec<Digest> = Vec::new();
+        for name in self.store.services().unwrap_or_default() {
+            if let Ok(Some(s)) = self.store.load(&name) {
+                keep.extend(
+                    [&s.current, &s.previous]
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r.sha256.clone()),
+                );
+                keep.extend(s.deployment.map(|d| d.target.sha256));
+            }
+        }
+        self.fetcher.prune(&keep);
+    }
+
+    /// Finishes or undoes a deploy interrupted by a crash.
+    async fn recover(
+        &self,
+        st: &mut ServiceState,
+        d: Deployment,
+        desired: &ResolvedService,
+    ) -> Result<Resume, DeployError> {
+        let layout = Layout::new(&d.target.root);
+        layout.clean_tmp();
+        let new_is_current = layout.current().as_deref() == Some(d.dir.as_str());
+        let how = recover(d.phase, d.attempts, new_is_current);
+        tracing::warn!(
+            phase = d.phase.name(),
+            attempts = d.attempts,
+            ?how,
+            "recovering an interrupted deploy"
+        );
+        self.event(
+            &d.target.service,
+            &d.target.version,
+            "recover",
+            Some(format!("interrupted in {}: {how:?}", d.phase.name())),
+        );
+        let same_target = d.target == *desired;
+        match how {
+            Recovery::Redeploy => {
+                st.deployment = None;
+                self.save(st)?;
+                Ok(Resume::Continue {
+                    prior_attempts: if same_target { d.attempts } else { 0 },
+                })
+            }
+            Recovery::RestoreThenRedeploy => {
+                self.restore(&layout, &d).await;
+                st.deployment = None;
+                self.save(st)?;
+                Ok(Resume::Continue {
+                    prior_attempts: if same_target { d.attempts } else { 0 },
+                })
+            }
+            Recovery::ResumeStart => Ok(Resume::Done(self.drive(st, d, Phase::Start).await?)),
+            Recovery::FinishRollBack => Ok(Resume::Done(self.drive(st, d, Phase::RollBack).await?)),
+            Recovery::GiveUp => {
+                let mut d = d;
+                d.error = Some(format!(
+                    "the agent stopped {} times during this deploy (last in phase {}); giving up on this version",
+                    d.attempts,
+                    d.phase.name()
+                ));
+                if new_is_current {
+                    Ok(Resume::Done(self.drive(st, d, Phase::RollBack).await?))
+                } else {
+                    self.restore(&layout, &d).await;
+                    Ok(Resume::Done(self.finish(st, d, Next::Abandoned, false)?))
+                }
+            }
+        }
+    }
+
+    /// Makes sure the release the deploy started from runs again (it may have been stopped).
+    async fn restore(&self, layout: &Layout, d: &Deployment) {
+        let Some(from) = &d.from else { return };
+        if layout.current().as_deref() != Some(from.dir.as_str())
+            && let Err(e) = layout.switch(&from.dir)
+        {
+            tracing::error!(error = %e, "restoring current");
+        }
+        let spec = from.spec.as_deref().unwrap_or(&d.target);
+        if let Err(e) = self.manager.start(spec, &layout.release(&from.dir)).await {
+            tracing::error!(error = %e, version = %from.version, "restarting the previous release");
+        }
+    }
+
+    /// Rolls `service` back to its previous release, by operator request. The version rolled
+    /// back from is marked failed, so it is not deployed again until the desired version
+    /// changes.
+    pub async fn rollback(&self, service: &str) -> Result<Outcome, DeployError> {
+        let _lock = self.lock(service).await?;
+        let mut st = self.load(service, None)?;
+        let no = |reason: &str| DeployError::NoRollback {
+            service: service.to_string(),
+            reason: reason.to_string(),
+        };
+        if st.deployment.is_some() {
+            return Err(no("a deploy is in flight; let the agent finish it first"));
+        }
+        let current = st
+            .current
+            .clone()
+            .ok_or_else(|| no("nothing is deployed"))?;
+        let previous = st
+            .previous
+            .clone()
+            .ok_or_else(|| no("there is no previous release on record"))?;
+        let spec = current.spec.clone().ok_or_else(|| {
+            no("no record of how the current release runs (the state was rebuilt); redeploy it first")
+        })?;
+        if !Layout::new(&spec.root).is_staged(&previous.dir, &previous.sha256) {
+            return Err(no(&format!(
+                "the previous release {} is no longer on disk",
+                previous.version
+            )));
+        }
+        let d = Deployment {
+            phase: Phase::RollBack,
+            target: *spec,
+            dir: current.dir.clone(),
+            from: Some(previous),
+            attempts: 1,
+            error: Some("rolled back by operator".into()),
+            started_at: fsutil::now_rfc3339(),
+        };
+        let outcome = self.drive(&mut st, d, Phase::RollBack).await?;
+        if matches!(outcome, Outcome::RolledBack { .. }) {
+            // The release rolled back from stays on disk as the new "previous".
+            st.previous = Some(current);
+            self.save(&mut st)?;
+        }
+        Ok(outcome)
+    }
+}
+
+/// What reconcile does after recovery.
+enum Resume {
+    /// Recovery finished the job.
+    Done(Outcome),
+    /// Go on deciding; a redeploy of the same target counts earlier attempts.
+    Continue {
+        /// Attempts already made.
+        prior_attempts: u32,
+    },
+}
+
+/// Rebuilds a service's state from the releases on disk: `current` is what the symlink
+/// points at, `previous` the newest other complete release.
+pub fn rebuild(service: &str, root: &std::path::Path) -> ServiceState {
+    let layout = Layout::new(root);
+    let mut st = ServiceState::new(service);
+    st.root = Some(root.to_path_buf());
+    let current = layout.current();
+    let release = |dir: &str, m: crate::release::Marker| Release {
+        version: m.version,
+        sha256: m.sha256,
+        dir: dir.to_string(),
+        spec: None,
+    };
+    if let Some(dir) = &current
+        && let Some(m) = layout.marker(dir)
+    {
+        st.current = Some(release(dir, m));
+    }
+    st.previous = layout
+        .list()
+        .into_iter()
+        .rev()
+        .find(|(dir, _)| Some(dir) != current.as_ref())
+        .map(|(dir, m)| release(&dir, m));
+    st
+}

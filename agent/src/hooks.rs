@@ -1,0 +1,248 @@
+//! Hooks and command smoke tests: programs inside the release, run with a time limit, their
+//! output captured (the last 16 KiB) and logged.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+/// How much output is kept (the end of it).
+const KEEP: usize = 16 << 10;
+
+/// Why a hook failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The program could not be started.
+    #[error("{name} hook `{program}` could not start: {source}")]
+    Spawn {
+        /// Hook name.
+        name: String,
+        /// The program.
+        program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program exited with a failure.
+    #[error("{name} hook `{program}` failed ({status}){}", tail(output))]
+    Failed {
+        /// Hook name.
+        name: String,
+        /// The program.
+        program: String,
+        /// Exit status.
+        status: String,
+        /// The end of its output.
+        output: String,
+    },
+    /// The program ran too long and was killed with its process group.
+    #[error(
+        "{name} hook `{program}` timed out after {after:?} and was killed{}",
+        tail(output)
+    )]
+    Timeout {
+        /// Hook name.
+        name: String,
+        /// The program.
+        program: String,
+        /// The limit.
+        after: Duration,
+        /// The end of its output.
+        output: String,
+    },
+}
+
+fn tail(output: &str) -> String {
+    let t = output.trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        let lines: Vec<&str> = t.lines().collect();
+        let start = lines.len().saturating_sub(5);
+        format!("; output: {}", lines[start..].join(" | "))
+    }
+}
+
+/// Runs `command` (program relative to `release`) in `release` with `env`, killing it (and its
+/// process group) after `timeout`. Returns its output.
+pub async fn run(
+    name: &str,
+    command: &[String],
+    release: &Path,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<String, HookError> {
+    let program = command.first().cloned().unwrap_or_default();
+    let path = if program.starts_with('/') {
+        program.clone().into()
+    } else {
+        release.join(&program)
+    };
+    let mut cmd = Command::new(&path);
+    cmd.args(command.iter().skip(1))
+        .current_dir(release)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
+        name: name.into(),
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id().map(|p| p as i32);
+    let out = tokio::spawn(collect(child.stdout.take()));
+    let err = tokio::spawn(collect(child.stderr.take()));
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    if waited.is_err()
+        && let Some(pid) = pid
+    {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let status = match waited {
+        Ok(s) => Some(s),
+        Err(_) => {
+            let _ = child.wait().await;
+            None
+        }
+    };
+    // Background processes of the hook may keep the pipes open: do not wait for them long.
+    let grace = Duration::from_millis(200);
+    let mut output = tokio::time::timeout(grace, out)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    output.push_str(
+        &tokio::time::timeout(grace, err)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default(),
+    );
+    for line in output.lines().filter(|l| !l.trim().is_empty()) {
+        tracing::info!(hook = name, "{line}");
+    }
+    match status {
+        None => Err(HookError::Timeout {
+            name: name.into(),
+            program,
+            after: timeout,
+            output,
+        }),
+        Some(Err(source)) => Err(HookError::Spawn {
+            name: name.into(),
+            program,
+            source,
+        }),
+        Some(Ok(s)) if s.success() => Ok(output),
+        Some(Ok(s)) => Err(HookError::Failed {
+            name: name.into(),
+            program,
+            status: s.to_string(),
+            output,
+        }),
+    }
+}
+
+/// Reads a pipe to its end, keeping the last [`KEEP`] bytes.
+async fn collect<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
+    let Some(mut pipe) = pipe else {
+        return String::new();
+    };
+    let mut kept: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = pipe.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > 2 * KEEP {
+            kept.drain(..kept.len() - KEEP);
+        }
+    }
+    if kept.len() > KEEP {
+        kept.drain(..kept.len() - KEEP);
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn script(dir: &Path, name: &str, body: &str) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn output_status_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            "ok",
+            "echo hello $DROVER_VERSION; echo warn >&2",
+        );
+        script(dir.path(), "bad", "echo about to fail; exit 3");
+        script(dir.path(), "hang", "echo hanging; sleep 30 & sleep 30");
+        let env = [("DROVER_VERSION", "2.0".to_string())];
+        let out = run(
+            "t",
+            &["ok".into()],
+            dir.path(),
+            &env,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(out.contains("hello 2.0") && out.contains("warn"), "{out}");
+
+        let e = run(
+            "t",
+            &["bad".into()],
+            dir.path(),
+            &env,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("exit status: 3"), "{e}");
+        assert!(e.to_string().contains("about to fail"), "{e}");
+
+        let t0 = std::time::Instant::now();
+        let e = run(
+            "t",
+            &["hang".into()],
+            dir.path(),
+            &env,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, HookError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("hanging"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+
+        let e = run(
+            "t",
+            &["missing".into()],
+            dir.path(),
+            &env,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, HookError::Spawn { .. }), "{e}");
+    }
+}

@@ -1,0 +1,296 @@
+//! `drover-agent`: deploys this host's services (or an ECS cluster's) from a desired-state
+//! Git repo. See `drover-agent --help`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover_agent::config::{self, Config};
+use drover_agent::runner::Agent;
+use drover_agent::{failpoint, spec, telemetry};
+
+/// Deploys this host's services from a desired-state Git repo.
+#[derive(Parser)]
+#[command(name = "drover-agent", version, about)]
+struct Cli {
+    /// Configuration file (drop-ins are read from `<name>.d/*.yaml` next to it).
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH, env = "DROVER_AGENT_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as a daemon: watch the repo and keep this host in its desired state.
+    Run,
+    /// One pass: deploy what changed, wait for the checks, exit 0 if the host converged.
+    Once,
+    /// Check a desired-state repo (a directory) and print every problem with file:line.
+    Validate {
+        /// The repo's directory (with services/ and environments/).
+        repo: PathBuf,
+        /// A host var that templates may use (repeatable); defaults to the vars of --config
+        /// when that file exists, otherwise any name is accepted.
+        #[arg(long = "var", value_name = "NAME")]
+        vars: Vec<String>,
+    },
+    /// Check the agent configuration (and drop-ins) and exit.
+    CheckConfig,
+    /// Show what would change on this host, changing nothing.
+    Plan,
+    /// Show the local state of every service.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll SERVICE back to its previous release (the current one is marked failed).
+    Rollback {
+        /// The service.
+        service: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    telemetry::init(&telemetry::Settings::from_env(&env), "drover-agent");
+    if let Some(spec) = env.get("DROVER_FAILPOINTS")
+        && let Err(e) = failpoint::init(spec)
+    {
+        eprintln!("error: DROVER_FAILPOINTS: {e}");
+        return ExitCode::from(2);
+    }
+    match real_main(cli, env) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode> {
+    if let Command::Validate { repo, vars } = &cli.command {
+        return validate(repo, vars, &cli.config, env);
+    }
+    let config = match Config::load(&cli.config, env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        println!(
+            "ok: {} (host {}, environment {}, repo {})",
+            config
+                .files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.host,
+            config.environment,
+            config.repo.url
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let agent = Agent::new(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Run => {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = tx.send(true);
+                });
+                agent.run(rx).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Once => {
+                let results = agent.once().await?;
+                let mut ok = true;
+                for (name, outcome) in &results {
+                    println!("{name}: {}", outcome.summary());
+                    ok &= outcome.converged();
+                }
+                if results.is_empty() {
+                    println!("no services for this host");
+                }
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Plan => {
+                print!("{}", agent.plan().await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { json } => {
+                let status = agent.status();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{}", status_table(&status));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Rollback { service } => {
+                let outcome = agent.rollback(&service).await?;
+                println!("{service}: {}", outcome.summary());
+                Ok(
+                    if matches!(
+                        outcome,
+                        drover_agent::deploy::driver::Outcome::RolledBack { .. }
+                    ) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    },
+                )
+            }
+            Command::Validate { .. } | Command::CheckConfig => unreachable!("handled above"),
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `drover-agent validate REPO`.
+fn validate(
+    repo: &Path,
+    vars: &[String],
+    config: &Path,
+    env: BTreeMap<String, String>,
+) -> anyhow::Result<ExitCode> {
+    let mut files = Vec::new();
+    for dir in ["services", "environments"] {
+        let Ok(entries) = std::fs::read_dir(repo.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = format!("{dir}/{}", e.file_name().to_string_lossy());
+            if !spec::is_spec_file(&rel) {
+                continue;
+            }
+            let text = std::fs::read_to_string(e.path())
+                .with_context(|| format!("cannot read {}", e.path().display()))?;
+            files.push((rel, text));
+        }
+    }
+    if files.is_empty() && !repo.join("environments").is_dir() {
+        anyhow::bail!(
+            "{} is not a desired-state repo: it has no services/ or environments/ directory",
+            repo.display()
+        );
+    }
+    files.sort();
+    let host_vars: Option<Vec<String>> = if !vars.is_empty() {
+        Some(vars.to_vec())
+    } else if config.is_file() {
+        Config::load(config, env)
+            .ok()
+            .map(|c| c.vars.keys().cloned().collect())
+    } else {
+        None
+    };
+    match spec::load(&files, host_vars.as_deref()) {
+        Ok(r) => {
+            let used = r.host_var_names();
+            println!(
+                "ok: {} service(s), {} environment(s){}",
+                r.services.len(),
+                r.environments.len(),
+                if used.is_empty() {
+                    String::new()
+                } else {
+                    format!("; host vars used: {}", used.join(", "))
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problems) => {
+            println!("{problems}");
+            eprintln!("{} problem(s) found", problems.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `drover-agent status` as a table.
+fn status_table(s: &serde_json::Value) -> String {
+    let mut out = format!(
+        "host {} — environment {}\n",
+        s["host"].as_str().unwrap_or("?"),
+        s["environment"].as_str().unwrap_or("?")
+    );
+    let repo = &s["repo"];
+    if !repo.is_null() {
+        out.push_str(&format!(
+            "repo {} ({}) at {}{}\n",
+            repo["url"].as_str().unwrap_or("?"),
+            repo["branch"].as_str().unwrap_or("?"),
+            repo["commit"]
+                .as_str()
+                .map(|c| &c[..c.len().min(12)])
+                .unwrap_or("-"),
+            repo["error"]
+                .as_str()
+                .map(|e| format!("\n  error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str(&format!(
+        "{:<16} {:<14} {:<14} {:<22} {}\n",
+        "SERVICE", "CURRENT", "PREVIOUS", "STATE", "LAST ERROR"
+    ));
+    if let Some(services) = s["services"].as_object() {
+        for (name, v) in services {
+            if let Some(e) = v["error"].as_str() {
+                out.push_str(&format!("{name:<16} {e}\n"));
+                continue;
+            }
+            let state = if let Some(d) = v["deploying"].as_object() {
+                format!(
+                    "deploying {} ({})",
+                    d["version"].as_str().unwrap_or("?"),
+                    d["phase"].as_str().unwrap_or("?")
+                )
+            } else if let Some(p) = v["process"].as_object() {
+                format!("running pid {}", p["pid"])
+            } else if let Some(f) = v["failed"].as_object() {
+                format!("{} failed", f["version"].as_str().unwrap_or("?"))
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "{name:<16} {:<14} {:<14} {:<22} {}\n",
+                v["current"].as_str().unwrap_or("-"),
+                v["previous"].as_str().unwrap_or("-"),
+                state,
+                v["last_error"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out
+}

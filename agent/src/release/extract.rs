@@ -1,0 +1,426 @@
+//! Safe archive extraction.
+//!
+//! Every entry is checked before anything is written: no absolute paths, no `..`, no device
+//! or FIFO files, symlinks must be relative and stay inside the release, nothing may be
+//! written through a symlink, hard links must point at files already extracted, and the total
+//! size is capped (which also stops decompression bombs). Files are created with
+//! `O_NOFOLLOW | O_EXCL`, setuid/setgid bits are dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use tar::EntryType;
+
+/// Why an archive was rejected or could not be extracted.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// An entry would escape the release or is not allowed.
+    #[error("unsafe archive entry `{entry}`: {reason}; nothing was installed")]
+    Unsafe {
+        /// The entry's path in the archive.
+        entry: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// Unpacking would exceed the size limit.
+    #[error(
+        "archive unpacks to more than limits.max_unpacked_size ({limit} bytes); nothing was installed"
+    )]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The archive is not a readable tar / tar.gz.
+    #[error("artifact is not a valid .tar or .tar.gz archive: {0}")]
+    Corrupt(String),
+    /// Writing failed (for instance the disk is full).
+    #[error("extracting to {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What an extracted path is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+    Link,
+}
+
+/// Turns an archive path into a safe relative path, or says why it is not one.
+fn clean(path: &Path) -> Result<PathBuf, String> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path contains `..`".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("path is absolute".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves a symlink target lexically from the link's directory; `None` if it escapes.
+fn resolve_link(link: &Path, target: &Path) -> Option<PathBuf> {
+    if target.is_absolute() {
+        return None;
+    }
+    let mut parts: Vec<_> = link
+        .parent()
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => parts.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.iter().collect())
+}
+
+/// Extracts the archive at `archive` (tar, or tar.gz by its magic bytes) into the empty
+/// directory `dest`, unpacking at most `max_bytes`.
+pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), ExtractError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExtractError::Io { path, source }
+    };
+    let mut file =
+        BufReader::with_capacity(256 << 10, File::open(archive).map_err(io_err(archive))?);
+    // Peek at the magic bytes without consuming them.
+    let gz = file
+        .fill_buf()
+        .map_err(io_err(archive))?
+        .starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut ar = tar::Archive::new(reader);
+    let mut seen: HashMap<PathBuf, Kind> = HashMap::new();
+    let mut links: HashSet<PathBuf> = HashSet::new();
+    let mut total: u64 = 0;
+    let entries = ar
+        .entries()
+        .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+        let raw = entry
+            .path()
+            .map_err(|e| ExtractError::Corrupt(e.to_string()))?
+            .into_owned();
+        let shown = raw.display().to_string();
+        let unsafe_entry = |reason: &str| ExtractError::Unsafe {
+            entry: shown.clone(),
+            reason: reason.to_string(),
+        };
+        let kind = entry.header().entry_type();
+        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
+            continue;
+        }
+        let rel = clean(&raw).map_err(|r| unsafe_entry(&r))?;
+        if rel.as_os_str().is_empty() {
+            continue; // the archive's root directory
+        }
+        if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+            return Err(unsafe_entry("it would be written through a symlink"));
+        }
+        if seen.get(&rel) == Some(&Kind::Link) {
+            return Err(unsafe_entry("it replaces a symlink"));
+        }
+        let size = entry.header().size().unwrap_or(0);
+        total = total.saturating_add(size);
+        if total > max_bytes {
+            return Err(ExtractError::TooLarge { limit: max_bytes });
+        }
+        let target = dest.join(&rel);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        match kind {
+            EntryType::Directory => {
+                match fs::create_dir(&target) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
+                    Err(e) => return Err(io_err(&target)(e)),
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))
+                    .map_err(io_err(&target))?;
+                seen.insert(rel, Kind::Dir);
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                if seen.get(&rel) == Some(&Kind::File) {
+                    fs::remove_file(&target).map_err(io_err(&target))?;
+                }
+                let mut out = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(if mode == 0 { 0o644 } else { mode })
+                    .open(&target)
+                    .map_err(io_err(&target))?;
+                let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof
+                        || e.kind() == io::ErrorKind::InvalidData
+                    {
+                        ExtractError::Corrupt(format!("{shown}: {e}"))
+                    } else {
+                        io_err(&target)(e)
+                    }
+                })?;
+                if copied != size {
+                    return Err(ExtractError::Corrupt(format!(
+                        "{shown}: archive ends after {copied} of {size} bytes"
+                    )));
+                }
+                seen.insert(rel, Kind::File);
+            }
+            EntryType::Symlink => {
+                let to = entry
+                    .link_name()
+                    .map_err(|e| ExtractError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| unsafe_entry("symlink without a target"))?
+                    .into_owned();
+                if resolve_link(&rel, &to).is_none() {
+                    return Err(unsafe_entry(&format!(
+                        "symlink to `{}` points outside the release",
+                        to.display()
+                    )));
+                }
+                if seen.contains_key(&rel) {
+                    return Err(unsafe_entry("symlink replaces an earlier entry"));
+                }
+                std::os::unix::fs::symlink(&to, &target).map_err(io_err(&target))?;
+                links.insert(rel.clone());
+                seen.insert(rel, Kind::Link);
+            }
+            EntryType::Link => {
+                let to = entry
+                    .link_name()
+                    .map_err(|e| ExtractError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| unsafe_entry("hard link without a target"))?
+                    .into_owned();
+                let to = clean(&to).map_err(|r| {
+                    unsafe_entry(&format!("hard link target `{}`: {r}", to.display()))
+                })?;
+                if seen.get(&to) != Some(&Kind::File)
+                    || to.ancestors().skip(1).any(|a| links.contains(a))
+                {
+                    return Err(unsafe_entry(&format!(
+                        "hard link to `{}`, which is not a file extracted earlier",
+                        to.display()
+                    )));
+                }
+                if seen.get(&rel) == Some(&Kind::File) {
+                    fs::remove_file(&target).map_err(io_err(&target))?;
+                }
+                fs::hard_link(dest.join(&to), &target).map_err(io_err(&target))?;
+                seen.insert(rel, Kind::File);
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                return Err(unsafe_entry("device and FIFO files are not allowed"));
+            }
+            other => {
+                return Err(unsafe_entry(&format!("unsupported entry type {other:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tar.gz in memory with raw headers, so hostile entries can be made.
+    struct Tar {
+        b: tar::Builder<flate2::write::GzEncoder<Vec<u8>>>,
+    }
+
+    impl Tar {
+        fn new() -> Tar {
+            Tar {
+                b: tar::Builder::new(flate2::write::GzEncoder::new(
+                    Vec::new(),
+                    flate2::Compression::fast(),
+                )),
+            }
+        }
+        fn header(path: &str, kind: EntryType, size: u64) -> tar::Header {
+            let mut h = tar::Header::new_gnu();
+            // Write the name bytes directly: set_path refuses `..` and absolute paths.
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_entry_type(kind);
+            h.set_size(size);
+            h.set_mode(0o755);
+            h.set_cksum();
+            h
+        }
+        fn file(mut self, path: &str, data: &[u8]) -> Tar {
+            let h = Tar::header(path, EntryType::Regular, data.len() as u64);
+            self.b.append(&h, data).unwrap();
+            self
+        }
+        fn dir(mut self, path: &str) -> Tar {
+            let h = Tar::header(path, EntryType::Directory, 0);
+            self.b.append(&h, io::empty()).unwrap();
+            self
+        }
+        fn link(mut self, path: &str, kind: EntryType, to: &str) -> Tar {
+            let mut h = Tar::header(path, kind, 0);
+            h.set_link_name_literal(to).unwrap();
+            h.set_cksum();
+            self.b.append(&h, io::empty()).unwrap();
+            self
+        }
+        fn special(mut self, path: &str, kind: EntryType) -> Tar {
+            let h = Tar::header(path, kind, 0);
+            self.b.append(&h, io::empty()).unwrap();
+            self
+        }
+        fn extract(self, limit: u64) -> (tempfile::TempDir, Result<(), ExtractError>) {
+            let bytes = self.b.into_inner().unwrap().finish().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let ar = dir.path().join("a.tar.gz");
+            fs::write(&ar, bytes).unwrap();
+            let dest = dir.path().join("out");
+            fs::create_dir(&dest).unwrap();
+            let r = extract(&ar, &dest, limit);
+            (dir, r)
+        }
+    }
+
+    fn rejected(t: Tar, what: &str) {
+        let (dir, r) = t.extract(1 << 20);
+        let e = r.expect_err("must be rejected");
+        assert!(e.to_string().contains(what), "{e}");
+        // Nothing escaped the destination.
+        assert!(!dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn normal_archive_extracts() {
+        let (dir, r) = Tar::new()
+            .dir("bin/")
+            .file("bin/app", b"#!/bin/sh\necho hi\n")
+            .file("./conf/a.conf", b"k=v")
+            .link("bin/run", EntryType::Symlink, "app")
+            .link("conf/b.conf", EntryType::Link, "conf/a.conf")
+            .link("top", EntryType::Symlink, "conf/../bin")
+            .extract(1 << 20);
+        r.unwrap();
+        let out = dir.path().join("out");
+        assert_eq!(fs::read(out.join("conf/b.conf")).unwrap(), b"k=v");
+        assert_eq!(
+            fs::read_link(out.join("bin/run")).unwrap(),
+            Path::new("app")
+        );
+        let mode = fs::metadata(out.join("bin/app"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn plain_tar_extracts() {
+        let mut b = tar::Builder::new(Vec::new());
+        let h = Tar::header("hello.txt", EntryType::Regular, 2);
+        b.append(&h, &b"hi"[..]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ar = dir.path().join("a.tar");
+        fs::write(&ar, b.into_inner().unwrap()).unwrap();
+        let dest = dir.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        extract(&ar, &dest, 100).unwrap();
+        assert_eq!(fs::read(dest.join("hello.txt")).unwrap(), b"hi");
+    }
+
+    #[test]
+    fn traversal_is_rejected() {
+        rejected(Tar::new().file("../x", b"evil"), "contains `..`");
+        rejected(Tar::new().file("a/../../x", b"evil"), "contains `..`");
+        rejected(Tar::new().file("/etc/x", b"evil"), "absolute");
+    }
+
+    #[test]
+    fn escaping_links_are_rejected() {
+        rejected(
+            Tar::new().link("root", EntryType::Symlink, "/"),
+            "points outside",
+        );
+        rejected(
+            Tar::new().link("up", EntryType::Symlink, "../.."),
+            "points outside",
+        );
+        rejected(
+            Tar::new().link("h", EntryType::Link, "/etc/passwd"),
+            "hard link target",
+        );
+        rejected(
+            Tar::new().link("h", EntryType::Link, "../x"),
+            "hard link target",
+        );
+        rejected(
+            Tar::new().link("h", EntryType::Link, "missing"),
+            "not a file extracted earlier",
+        );
+    }
+
+    #[test]
+    fn writing_through_links_is_rejected() {
+        // `deep/p -> ..` stays inside, but `deep/p/q -> ../x` would then escape.
+        rejected(
+            Tar::new()
+                .dir("deep/")
+                .link("deep/p", EntryType::Symlink, "..")
+                .link("deep/p/q", EntryType::Symlink, "../x"),
+            "through a symlink",
+        );
+        rejected(
+            Tar::new()
+                .link("l", EntryType::Symlink, "sub")
+                .file("l", b"overwrite the link"),
+            "replaces a symlink",
+        );
+    }
+
+    #[test]
+    fn devices_are_rejected() {
+        rejected(Tar::new().special("dev", EntryType::Char), "device");
+        rejected(Tar::new().special("fifo", EntryType::Fifo), "FIFO");
+    }
+
+    #[test]
+    fn size_limit_is_enforced() {
+        let (_d, r) = Tar::new().file("big", &vec![0u8; 4096]).extract(1000);
+        assert!(matches!(r, Err(ExtractError::TooLarge { limit: 1000 })));
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ar = dir.path().join("a.tar.gz");
+        fs::write(&ar, [0x1f, 0x8b, 1, 2, 3, 4]).unwrap();
+        let dest = dir.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        let e = extract(&ar, &dest, 100).unwrap_err();
+        assert!(e.to_string().contains("not a valid"), "{e}");
+    }
+}

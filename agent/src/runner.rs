@@ -1,0 +1,497 @@
+//! The agent's top level: builds the peers from the configuration once, then runs the
+//! daemon loop (`run`), a single pass (`once`), or answers `plan`, `status` and `rollback`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::artifact::Fetcher;
+use crate::config::{Config, Mode, ServiceManager};
+use crate::deploy::driver::{DeployError, Deployer, Outcome};
+use crate::deploy::{Action, decide};
+use crate::git_watch::{self, Mirror, Snapshot};
+use crate::health::Checker;
+use crate::release::Layout;
+use crate::service::{Manager, Process, Systemd};
+use crate::spec::{self, Host, HostPlan, Kind, ResolvedService};
+use crate::state::Store;
+use crate::yaml::Problems;
+
+/// How often process-managed services are checked for having died.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
+
+/// The agent, with its peers built from the configuration.
+pub struct Agent {
+    config: Config,
+    store: Store,
+    deployer: Deployer,
+    mirror: Arc<Mirror>,
+}
+
+impl Agent {
+    /// Builds the agent; fails if the state directory cannot be created.
+    pub fn new(config: Config) -> anyhow::Result<Agent> {
+        if config.mode == Mode::Ecs {
+            bail!("mode: ecs is not available in this build yet; use mode: vm");
+        }
+        let store = Store::open(&config.state_dir)
+            .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let fetcher = Fetcher::new(
+            http.clone(),
+            store.cache_dir(),
+            config.limits,
+            config.download,
+        );
+        let manager = match config.service_manager {
+            ServiceManager::Systemd => Manager::Systemd(Systemd::default()),
+            ServiceManager::Process => Manager::Process(Process::new(
+                &config.state_dir,
+                store.run_dir(),
+                store.log_dir(),
+            )),
+        };
+        let deployer = Deployer::new(
+            store.clone(),
+            config.host.clone(),
+            fetcher,
+            Checker::new(http),
+            manager,
+            Arc::new(config.env.clone()),
+            config.limits.max_unpacked_size,
+        );
+        let mirror = Arc::new(Mirror::new(
+            &store.git_dir(),
+            &config.repo.url,
+            &config.repo.branch,
+        ));
+        Ok(Agent {
+            config,
+            store,
+            deployer,
+            mirror,
+        })
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// What this host must run according to `snap`, or every problem in the repo.
+    pub fn plan_for(&self, snap: &Snapshot) -> Result<HostPlan, Problems> {
+        let vars: Vec<String> = self.config.vars.keys().cloned().collect();
+        let repo = spec::load(&snap.files, Some(&vars))?;
+        spec::resolve(
+            &repo,
+            &Host {
+                name: &self.config.host,
+                environment: &self.config.environment,
+                labels: &self.config.labels,
+                vars: &self.config.vars,
+                manager: self.config.service_manager,
+                kind: match self.config.mode {
+                    Mode::Vm => Kind::Vm,
+                    Mode::Ecs => Kind::Ecs,
+                },
+            },
+        )
+    }
+
+    async fn fetch(&self) -> anyhow::Result<Snapshot> {
+        let timeout = Duration::from_secs(120).max(self.config.repo.poll_interval);
+        Ok(git_watch::fetch_snapshot(&self.mirror, timeout).await?)
+    }
+
+    /// Finishes deploys that a crash interrupted and restarts current releases that are not
+    /// running, from the local state alone (no Git needed).
+    pub async fn recover(&self) -> Vec<(String, Result<Outcome, DeployError>)> {
+        let mut out = Vec::new();
+        for name in self.store.services().unwrap_or_default() {
+            let st = match self.store.load(&name) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(service = %name, error = %e, "cannot read state");
+                    continue;
+                }
+            };
+            let target = match (&st.deployment, &st.current) {
+                (Some(d), _) => d.target.clone(),
+                (None, Some(c)) => match &c.spec {
+                    Some(spec) => (**spec).clone(),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let r = self.deployer.reconcile(&target).await;
+            out.push((name, r));
+        }
+        out
+    }
+
+    /// One pass: recover, fetch, deploy every service of this host, wait for the checks.
+    /// Returns each service's outcome; the host converged if all did.
+    pub async fn once(&self) -> anyhow::Result<Vec<(String, Outcome)>> {
+        self.deployer_prepare();
+        for (name, r) in self.recover().await {
+            if let Err(e) = r {
+                tracing::error!(service = %name, error = %e, "recovery failed");
+            }
+        }
+        let snap = self
+            .fetch()
+            .await
+            .context("cannot read the desired state")?;
+        let plan = self.plan_for(&snap).map_err(|p| {
+            anyhow::anyhow!(
+                "the desired state at commit {} is invalid; nothing was changed:\n{p}",
+                short(&snap.commit)
+            )
+        })?;
+        let mut tasks = JoinSet::new();
+        for svc in plan.services {
+            let d = self.deployer.clone();
+            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc).await) });
+        }
+        let mut results = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let (name, r) = r.expect("reconcile task does not panic");
+            results.push((name.clone(), r.with_context(|| format!("service {name}"))?));
+        }
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(results)
+    }
+
+    fn deployer_prepare(&self) {
+        crate::artifact::clean_partials(&self.store.cache_dir());
+    }
+
+    /// The daemon: watch the repo and keep the host in its desired state until `shutdown`.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let _daemon = self
+            .store
+            .lock_daemon()
+            .context("cannot lock the state directory")?
+            .with_context(|| {
+                format!(
+                    "another drover-agent is already running with state_dir {}",
+                    self.config.state_dir.display()
+                )
+            })?;
+        self.deployer_prepare();
+        for (name, r) in self.recover().await {
+            match r {
+                Ok(o) if !matches!(o, Outcome::UpToDate { .. }) => {
+                    tracing::info!(service = %name, outcome = %o.summary(), "recovered")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(service = %name, error = %e, "recovery failed"),
+            }
+        }
+        let (tx, mut snapshots) = watch::channel(None);
+        let watcher = tokio::spawn(git_watch::watch(
+            self.mirror.clone(),
+            self.config.repo.clone(),
+            self.store.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+        tracing::info!(
+            host = %self.config.host,
+            environment = %self.config.environment,
+            repo = %self.config.repo.url,
+            "agent running"
+        );
+        let mut plan: Option<HostPlan> = None;
+        let mut slots: HashMap<String, Slot> = HashMap::new();
+        let mut tasks: JoinSet<(String, Result<Outcome, DeployError>)> = JoinSet::new();
+        let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let spawn = |tasks: &mut JoinSet<_>, slot: &mut Slot, svc: &ResolvedService| {
+            slot.busy = true;
+            slot.dirty = false;
+            let d = self.deployer.clone();
+            let svc = svc.clone();
+            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc).await) });
+        };
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break; }
+                    let Some(snap) = snapshots.borrow_and_update().clone() else { continue };
+                    match self.plan_for(&snap) {
+                        Ok(p) => {
+                            let wanted: Vec<&str> = p.services.iter().map(|s| s.service.as_str()).collect();
+                            for old in slots.keys().filter(|k| !wanted.contains(&k.as_str())) {
+                                tracing::warn!(service = %old, "no longer in this host's desired state; leaving it as it is");
+                            }
+                            slots.retain(|k, _| wanted.contains(&k.as_str()));
+                            for svc in &p.services {
+                                let slot = slots.entry(svc.service.clone()).or_default();
+                                slot.retry_at = None;
+                                slot.backoff = Duration::ZERO;
+                                if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, svc) }
+                            }
+                            plan = Some(p);
+                        }
+                        Err(problems) => {
+                            tracing::error!(
+                                commit = %short(&snap.commit),
+                                problems = problems.0.len(),
+                                "the desired state is invalid; keeping the running versions:\n{problems}"
+                            );
+                            let mut status = self.store.repo_status().unwrap_or_default();
+                            status.error = Some(format!("commit {} is invalid:\n{problems}", short(&snap.commit)));
+                            let _ = self.store.save_repo_status(&status);
+                        }
+                    }
+                }
+                Some(done) = tasks.join_next() => {
+                    let (name, result) = done.expect("reconcile task does not panic");
+                    let Some(slot) = slots.get_mut(&name) else { continue };
+                    slot.busy = false;
+                    slot.report(&name, result);
+                    if slot.dirty
+                        && let Some(svc) = plan.as_ref().and_then(|p| p.services.iter().find(|s| s.service == name))
+                    {
+                        spawn(&mut tasks, slot, svc);
+                    }
+                }
+                _ = tick.tick() => {
+                    let Some(p) = &plan else { continue };
+                    let now = Instant::now();
+                    let supervise = matches!(self.config.service_manager, ServiceManager::Process);
+                    for svc in &p.services {
+                        let slot = slots.entry(svc.service.clone()).or_default();
+                        let due = match slot.retry_at {
+                            Some(at) => now >= at,
+                            None => supervise,
+                        };
+                        if !slot.busy && due {
+                            spawn(&mut tasks, slot, svc);
+                        }
+                    }
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break; }
+                }
+            }
+        }
+        tracing::info!("stopping; waiting for deploys in flight");
+        let wait = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(90), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("deploys still in flight after 90s; they resume at the next start");
+        }
+        watcher.abort();
+        Ok(())
+    }
+
+    /// What `plan` prints: what would change on this host, nothing done.
+    pub async fn plan(&self) -> anyhow::Result<String> {
+        let snap = self
+            .fetch()
+            .await
+            .context("cannot read the desired state")?;
+        let plan = self.plan_for(&snap).map_err(|p| {
+            anyhow::anyhow!(
+                "the desired state at commit {} is invalid:\n{p}",
+                short(&snap.commit)
+            )
+        })?;
+        let mut out = format!(
+            "commit {} — host {} in environment {}\n",
+            short(&snap.commit),
+            self.config.host,
+            self.config.environment
+        );
+        for svc in &plan.services {
+            let st = match self.store.load(&svc.service) {
+                Ok(s) => s.unwrap_or_else(|| crate::state::ServiceState::new(&svc.service)),
+                Err(e) => {
+                    out.push_str(&format!("  {}: {e}\n", svc.service));
+                    continue;
+                }
+            };
+            let layout = Layout::new(&svc.root);
+            let line = match decide(svc, &st, layout.current().as_deref()) {
+                Action::Recover => format!(
+                    "finish an interrupted deploy of {} (phase {})",
+                    st.deployment
+                        .as_ref()
+                        .map(|d| d.target.version.as_str())
+                        .unwrap_or("?"),
+                    st.deployment
+                        .as_ref()
+                        .map(|d| d.phase.name())
+                        .unwrap_or("?")
+                ),
+                Action::EnsureRunning => format!("{} — up to date", svc.version),
+                Action::SkipFailed { reason } => format!(
+                    "{} failed here before; not retried until the desired version changes ({reason})",
+                    svc.version
+                ),
+                Action::Deploy => {
+                    deploy_steps(svc, st.current.as_ref().map(|c| c.version.as_str()))
+                }
+            };
+            out.push_str(&format!("  {}: {line}\n", svc.service));
+        }
+        for (name, why) in &plan.skipped {
+            out.push_str(&format!("  {name}: not on this host ({why})\n"));
+        }
+        if plan.services.is_empty() && plan.skipped.is_empty() {
+            out.push_str("  no services for this host\n");
+        }
+        Ok(out)
+    }
+
+    /// Rolls `service` back to its previous release.
+    pub async fn rollback(&self, service: &str) -> anyhow::Result<Outcome> {
+        Ok(self.deployer.rollback(service).await?)
+    }
+
+    /// The local state of every service, and the repo status, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let mut services = BTreeMap::new();
+        for name in self.store.services().unwrap_or_default() {
+            let v = match self.store.load(&name) {
+                Ok(Some(st)) => {
+                    let running = match self.deployer.manager() {
+                        Manager::Process(p) => p.running(&name).map(|a| {
+                            serde_json::json!({
+                                "pid": a.pid, "version": a.version, "since": a.started_at,
+                            })
+                        }),
+                        Manager::Systemd(_) => None,
+                    };
+                    serde_json::json!({
+                        "current": st.current.as_ref().map(|r| &r.version),
+                        "previous": st.previous.as_ref().map(|r| &r.version),
+                        "failed": st.failed,
+                        "deploying": st.deployment.as_ref().map(|d| serde_json::json!({
+                            "version": d.target.version, "phase": d.phase, "attempts": d.attempts,
+                            "since": d.started_at,
+                        })),
+                        "process": running,
+                        "last_error": st.last_error,
+                        "root": st.root,
+                        "updated_at": st.updated_at,
+                    })
+                }
+                Ok(None) => continue,
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            services.insert(name, v);
+        }
+        serde_json::json!({
+            "host": self.config.host,
+            "environment": self.config.environment,
+            "repo": self.store.repo_status(),
+            "services": services,
+        })
+    }
+}
+
+/// The per-service bookkeeping of the daemon loop.
+#[derive(Debug, Default)]
+struct Slot {
+    busy: bool,
+    /// The desired state changed while busy: reconcile again when done.
+    dirty: bool,
+    /// When to retry after a failure that may pass (none: only on change/supervision).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The last outcome logged, to log each new situation once.
+    last: Option<String>,
+}
+
+impl Slot {
+    fn report(&mut self, name: &str, result: Result<Outcome, DeployError>) {
+        let (line, retry) = match &result {
+            Ok(o) => (
+                o.summary(),
+                matches!(
+                    o,
+                    Outcome::Abandoned { retry: true, .. } | Outcome::Broken { .. }
+                ),
+            ),
+            Err(e) => (e.to_string(), true),
+        };
+        if retry {
+            self.backoff =
+                (self.backoff * 2).clamp(Duration::from_secs(5), Duration::from_secs(300));
+            self.retry_at = Some(Instant::now() + self.backoff);
+        } else {
+            self.retry_at = None;
+            self.backoff = Duration::ZERO;
+        }
+        if self.last.as_deref() == Some(line.as_str()) {
+            return;
+        }
+        match &result {
+            Ok(Outcome::UpToDate { .. }) => tracing::debug!(service = name, "{line}"),
+            Ok(Outcome::Deployed { .. } | Outcome::Started { .. }) => {
+                tracing::info!(service = name, "{line}")
+            }
+            Ok(
+                Outcome::RolledBack { .. }
+                | Outcome::SkippedFailed { .. }
+                | Outcome::Abandoned { .. },
+            ) => {
+                tracing::warn!(service = name, "{line}")
+            }
+            Ok(Outcome::Broken { .. }) | Err(_) => tracing::error!(service = name, "{line}"),
+        }
+        self.last = Some(line);
+    }
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+fn deploy_steps(svc: &ResolvedService, from: Option<&str>) -> String {
+    let mut steps = vec![format!(
+        "fetch {} (sha256 {})",
+        svc.artifact_url,
+        svc.sha256.short()
+    )];
+    steps.push(format!(
+        "stage {}/releases/{}",
+        svc.root.display(),
+        svc.version
+    ));
+    if from.is_some() && svc.before_stop.is_some() {
+        steps.push("before_stop hook".into());
+    }
+    steps.push("stop".into());
+    steps.push("switch current".into());
+    if svc.after_install.is_some() {
+        steps.push("after_install hook".into());
+    }
+    steps.push("start".into());
+    if let Some(h) = &svc.health {
+        steps.push(format!("health {}", h.url));
+    }
+    if !svc.smoke.is_empty() {
+        steps.push(format!("{} smoke test(s)", svc.smoke.len()));
+    }
+    format!(
+        "{} → {}: {}",
+        from.unwrap_or("(nothing)"),
+        svc.version,
+        steps.join(", ")
+    )
+}

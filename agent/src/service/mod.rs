@@ -1,0 +1,138 @@
+//! Stopping and starting services: `systemd` (systemctl) or `process` (the agent runs the
+//! command itself, detached, and supervises it).
+
+mod process;
+mod systemd;
+
+use std::path::Path;
+use std::time::Duration;
+
+pub use process::{AppProcess, Process};
+pub use systemd::Systemd;
+
+use crate::spec::ResolvedService;
+
+/// Why a service could not be stopped, started or inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The command could not be started.
+    #[error("cannot start `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The started command exited at once.
+    #[error("`{command}` exited right after start ({status}); see {log}")]
+    ExitedAtStart {
+        /// The command line.
+        command: String,
+        /// How it exited.
+        status: String,
+        /// Its log file.
+        log: String,
+    },
+    /// The process did not stop, even after SIGKILL.
+    #[error("process {pid} of `{service}` did not exit after SIGTERM and SIGKILL")]
+    WontStop {
+        /// Service.
+        service: String,
+        /// The process.
+        pid: i32,
+    },
+    /// The systemd unit does not exist.
+    #[error("systemd unit {unit} not found; install the unit file (systemctl cat {unit})")]
+    UnitMissing {
+        /// The unit.
+        unit: String,
+    },
+    /// systemctl failed.
+    #[error("systemctl {action} {unit} failed ({status}): {stderr}; see `journalctl -u {unit}`")]
+    Systemctl {
+        /// The unit.
+        unit: String,
+        /// stop, start, …
+        action: &'static str,
+        /// Exit status.
+        status: String,
+        /// What systemctl printed.
+        stderr: String,
+    },
+    /// systemctl did not finish in time.
+    #[error("systemctl {action} {unit} timed out after {after:?}")]
+    Timeout {
+        /// The unit.
+        unit: String,
+        /// stop, start, …
+        action: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// A pid file or log could not be accessed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service's definition has no way to run it with this manager.
+    #[error("service {service}: {message}")]
+    Config {
+        /// Service.
+        service: String,
+        /// What is missing.
+        message: String,
+    },
+}
+
+/// The configured service manager.
+#[derive(Clone, Debug)]
+pub enum Manager {
+    /// systemctl.
+    Systemd(Systemd),
+    /// Agent-run processes.
+    Process(Process),
+}
+
+impl Manager {
+    /// Stops the service (no-op if it is not running).
+    pub async fn stop(&self, svc: &ResolvedService) -> Result<(), ServiceError> {
+        match self {
+            Manager::Systemd(s) => s.stop(unit(svc)?).await,
+            Manager::Process(p) => p.stop(&svc.service, svc.run.stop_timeout.0).await,
+        }
+    }
+
+    /// Starts the service from `release` (no-op if that release already runs).
+    pub async fn start(&self, svc: &ResolvedService, release: &Path) -> Result<(), ServiceError> {
+        match self {
+            Manager::Systemd(s) => s.start(unit(svc)?).await,
+            Manager::Process(p) => p.start(svc, release).await,
+        }
+    }
+
+    /// Whether the service is running.
+    pub async fn is_running(&self, svc: &ResolvedService) -> Result<bool, ServiceError> {
+        match self {
+            Manager::Systemd(s) => s.is_active(unit(svc)?).await,
+            Manager::Process(p) => Ok(p.running(&svc.service).is_some()),
+        }
+    }
+
+    /// Stops and starts the service from `release`.
+    pub async fn restart(&self, svc: &ResolvedService, release: &Path) -> Result<(), ServiceError> {
+        self.stop(svc).await?;
+        self.start(svc, release).await
+    }
+}
+
+fn unit(svc: &ResolvedService) -> Result<&str, ServiceError> {
+    svc.run.unit.as_deref().ok_or_else(|| ServiceError::Config {
+        service: svc.service.clone(),
+        message: "service_manager is systemd but `run.unit` is not set".into(),
+    })
+}

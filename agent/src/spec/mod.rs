@@ -1,0 +1,733 @@
+//! The desired-state repo, format v1: `services/*.yaml` and `environments/*.yaml`.
+//!
+//! [`load`] parses and validates every file and returns a [`Repo`] or **every** problem found,
+//! each with file and line. [`resolve`] then renders what one host must run.
+
+mod leaf;
+mod resolve;
+mod template;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::yaml::{self, Mark, Problem, Problems, Spanned};
+
+pub use leaf::{ByteSize, Digest, Dur, Name, RelPath, Version};
+pub use resolve::{
+    EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
+    ResolvedSmoke, resolve,
+};
+pub use template::{BUILTINS, Template, Vars, render_str};
+
+/// A service definition, `services/<service>.yaml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The service's name; must match the file name.
+    pub service: Spanned<Name>,
+    /// `vm` (default): deployed by the agent on each host; `ecs`: by the cluster's ECS agent.
+    #[serde(default)]
+    pub kind: Kind,
+    /// Label selector over the agents' `labels`; absent = every host of the environment.
+    #[serde(default)]
+    pub targets: BTreeMap<String, String>,
+    /// Where the artifact comes from (vm).
+    pub artifact: Option<Artifact>,
+    /// Where and how releases are installed (vm).
+    pub install: Option<Install>,
+    /// How the service is run (vm).
+    pub run: Option<Run>,
+    /// Hooks run around the switch (vm).
+    #[serde(default)]
+    pub hooks: Hooks,
+    /// The health check that must pass after start.
+    pub health: Option<Health>,
+    /// Smoke tests run once after the health check passes.
+    #[serde(default)]
+    pub smoke: Vec<Smoke>,
+}
+
+/// What kind of target a service runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A service on plain VMs, deployed by the agent of each host.
+    #[default]
+    Vm,
+    /// An ECS service, deployed by the agent of its cluster.
+    Ecs,
+}
+
+/// `artifact:` — the release archive.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// `http(s)://` or `file://` URL of a `.tar.gz` (or `.tar`) archive; a template.
+    pub url: Template,
+}
+
+/// `install:` — the release layout on the host.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// Absolute directory holding `releases/<version>/`, `current` and `shared/`; a template.
+    pub root: Template,
+    /// How many releases to keep on disk (at least 2: current and previous). Default 5.
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: Spanned<u32>,
+    /// Directories under `root/shared/` linked into every release at the same relative path.
+    #[serde(default, deserialize_with = "rel_paths")]
+    pub shared: Vec<RelPath>,
+    /// Files rendered from host vars (and `{env.NAME}`) into the release.
+    #[serde(default)]
+    pub templates: Vec<TemplateFile>,
+}
+
+fn default_keep_releases() -> Spanned<u32> {
+    Spanned {
+        mark: Mark::file_start(""),
+        value: 5,
+    }
+}
+
+fn rel_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RelPath>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct P(#[serde(deserialize_with = "RelPath::deserialize_yaml")] RelPath);
+    Ok(Vec::<P>::deserialize(d)?.into_iter().map(|p| p.0).collect())
+}
+
+/// One template file: `src` (in the release) rendered to `dest` (in the release).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateFile {
+    /// The template, relative to the release.
+    #[serde(deserialize_with = "RelPath::deserialize_yaml")]
+    pub src: RelPath,
+    /// Where the rendered file goes, relative to the release.
+    #[serde(deserialize_with = "RelPath::deserialize_yaml")]
+    pub dest: RelPath,
+}
+
+/// `run:` — how the service runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// The systemd unit stopped and started (`service_manager: systemd`).
+    pub unit: Option<Template>,
+    /// The command the agent starts and supervises (`service_manager: process`), relative
+    /// paths resolved in the release directory.
+    pub command: Option<Vec<Template>>,
+    /// Extra environment variables for `command`.
+    #[serde(default)]
+    pub env: BTreeMap<String, Template>,
+    /// How long a stop may take before the process group is killed. Default 10s.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: Dur,
+}
+
+fn default_stop_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// `hooks:` — programs in the release run around the switch.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Run before the old version is stopped (e.g. drain). Failure aborts the deploy.
+    pub before_stop: Option<Hook>,
+    /// Run after `current` points at the new release, before start (e.g. migrate).
+    pub after_install: Option<Hook>,
+}
+
+/// A hook: a path in the release (`bin/drain`) or `{ command: [..], timeout: 30s }`.
+#[derive(Clone, Debug)]
+pub struct Hook {
+    /// Program and arguments; the program is relative to the release.
+    pub command: Vec<Template>,
+    /// Killed (with its process group) after this long. Default 60s.
+    pub timeout: Dur,
+    /// Where the hook was written.
+    pub mark: Mark,
+}
+
+impl<'de> Deserialize<'de> for Hook {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            command: Vec<Template>,
+            #[serde(default = "default_hook_timeout")]
+            timeout: Dur,
+        }
+        enum Form {
+            Path(String),
+            Full(Full),
+        }
+        impl<'de> Deserialize<'de> for Form {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Form;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a path in the release, or { command: [..], timeout: 30s }")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Form, E> {
+                        Ok(Form::Path(s.to_string()))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<Form, A::Error> {
+                        Full::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                            .map(Form::Full)
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+        let s = Spanned::<Form>::deserialize(d)?;
+        let (command, timeout) = match s.value {
+            Form::Path(p) => (
+                vec![Template::new(p, s.mark.clone())],
+                default_hook_timeout(),
+            ),
+            Form::Full(f) => (f.command, f.timeout),
+        };
+        Ok(Hook {
+            command,
+            timeout,
+            mark: s.mark,
+        })
+    }
+}
+
+fn default_hook_timeout() -> Dur {
+    Dur::secs(60)
+}
+
+/// `health:` — polled after start until it passes or times out.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// The URL to GET; a template.
+    pub url: Template,
+    /// The status that means healthy. Default 200.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    /// Text the body must contain, if set; a template.
+    pub expect_body: Option<Template>,
+    /// How long to wait for the service to become healthy. Default 30s.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+fn default_health_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+/// One smoke test: an HTTP check (`url`) or a program in the release (`command`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smoke {
+    /// The URL to GET; a template.
+    pub url: Option<Template>,
+    /// Program and arguments, relative to the release; exit 0 passes.
+    pub command: Option<Vec<Template>>,
+    /// Expected status for `url`. Default 200.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    /// Text the body must contain, if set; a template.
+    pub expect_body: Option<Template>,
+    /// Time limit. Default 10s.
+    #[serde(default = "default_smoke_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_smoke_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// An environment, `environments/<env>.yaml`: policy and desired versions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// The environment's name; must match the file name.
+    pub environment: Spanned<Name>,
+    /// Rolling-batch policy, enforced by the coordinator.
+    #[serde(default)]
+    pub rollout: Rollout,
+    /// Approval gate, held by the coordinator.
+    #[serde(default)]
+    pub approval: Approval,
+    /// Promotion rule, checked by the coordinator.
+    pub promotion: Option<Promotion>,
+    /// The desired version of each service in this environment.
+    #[serde(default)]
+    pub services: BTreeMap<String, Spanned<Pin>>,
+}
+
+/// `rollout:` — how many hosts deploy at once and how many may fail.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Hosts deploying at once (lease slots). Default 1.
+    #[serde(default = "one")]
+    pub max_parallel: u32,
+    /// Failed hosts tolerated before the rollout halts and reverts. Default 0.
+    #[serde(default)]
+    pub max_failures: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Rollout {
+    fn default() -> Rollout {
+        Rollout {
+            max_parallel: 1,
+            max_failures: 0,
+        }
+    }
+}
+
+/// `approval:` — a human gate before any host of a new version moves.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// Whether a rollout waits for approval. Default false.
+    #[serde(default)]
+    pub required: bool,
+    /// Coordinator groups whose approvers may approve; empty = any approver.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// Unanswered approvals abort after this long. Default 24h.
+    #[serde(default = "default_approval_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_approval_timeout() -> Dur {
+    Dur::secs(86400)
+}
+
+impl Default for Approval {
+    fn default() -> Approval {
+        Approval {
+            required: false,
+            approvers: Vec::new(),
+            timeout: default_approval_timeout(),
+        }
+    }
+}
+
+/// `promotion:` — where a version must have succeeded first.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promotion {
+    /// The upstream environment.
+    pub requires: Spanned<Name>,
+}
+
+/// The desired version of one service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// The version.
+    pub version: Version,
+    /// SHA-256 of the artifact; required for `vm` services.
+    #[serde(default, deserialize_with = "opt_digest")]
+    pub sha256: Option<Digest>,
+}
+
+fn opt_digest<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Digest>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct P(#[serde(deserialize_with = "Digest::deserialize_yaml")] Digest);
+    Ok(Option::<P>::deserialize(d)?.map(|p| p.0))
+}
+
+/// A whole desired-state repo.
+#[derive(Clone, Debug, Default)]
+pub struct Repo {
+    /// Service definitions by name.
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// Environments by name.
+    pub environments: BTreeMap<String, Environment>,
+}
+
+impl Repo {
+    /// Host var names used by any template (beyond the built-ins), for the validate summary.
+    pub fn host_var_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .services
+            .values()
+            .flat_map(|s| templates_of(s).into_iter())
+            .flat_map(|t| t.names().map(str::to_string).collect::<Vec<_>>())
+            .filter(|n| !BUILTINS.contains(&n.as_str()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// The files of a repo that [`load`] reads: `services/*.yaml` and `environments/*.yaml`
+/// (also `.yml`), given as (path relative to the repo, content).
+pub fn is_spec_file(path: &str) -> bool {
+    let p = Path::new(path);
+    let dir_ok = matches!(
+        p.parent().and_then(|d| d.to_str()),
+        Some("services" | "environments")
+    );
+    dir_ok && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+/// Parses and validates a repo given as (path, content) pairs, checking template names
+/// against `host_vars` when given (`None`: any name is accepted, as when validating a repo
+/// without a host). Returns the repo or every problem found.
+pub fn load(files: &[(String, String)], host_vars: Option<&[String]>) -> Result<Repo, Problems> {
+    let mut problems = Vec::new();
+    let mut repo = Repo::default();
+    let mut seen: BTreeMap<(String, String), Mark> = BTreeMap::new();
+    for (path, text) in files {
+        if !is_spec_file(path) {
+            continue;
+        }
+        let node = match yaml::parse(path, text) {
+            Ok(n) => n,
+            Err(p) => {
+                problems.extend(p.0);
+                continue;
+            }
+        };
+        let stem = Path::new(path)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let file_mark = Mark::file_start(path);
+        if path.starts_with("services/") {
+            let Some(spec) = yaml::from_node::<ServiceSpec>(&node, &mut problems) else {
+                continue;
+            };
+            let name = spec.service.value.as_str().to_string();
+            check_file_name(&stem, &name, "service", &spec.service.mark, &mut problems);
+            if let Some(first) = seen.insert(("service".into(), name.clone()), file_mark.clone()) {
+                problems.push(Problem::new(
+                    spec.service.mark.clone(),
+                    format!("service `{name}` is defined twice (also in {})", first.file),
+                ));
+            }
+            check_service(&spec, host_vars, &mut problems);
+            repo.services.insert(name, spec);
+        } else {
+            let Some(env) = yaml::from_node::<Environment>(&node, &mut problems) else {
+                continue;
+            };
+            let name = env.environment.value.as_str().to_string();
+            check_file_name(
+                &stem,
+                &name,
+                "environment",
+                &env.environment.mark,
+                &mut problems,
+            );
+            if let Some(first) =
+                seen.insert(("environment".into(), name.clone()), file_mark.clone())
+            {
+                problems.push(Problem::new(
+                    env.environment.mark.clone(),
+                    format!(
+                        "environment `{name}` is defined twice (also in {})",
+                        first.file
+                    ),
+                ));
+            }
+            repo.environments.insert(name, env);
+        }
+    }
+    if files.iter().all(|(p, _)| !p.starts_with("environments/")) {
+        problems.push(Problem::new(
+            Mark::file_start("environments/"),
+            "no environment files: a desired-state repo needs environments/<env>.yaml",
+        ));
+    }
+    for env in repo.environments.values() {
+        check_environment(env, &repo, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(repo)
+    } else {
+        Err(Problems(problems).sorted())
+    }
+}
+
+fn check_file_name(stem: &str, name: &str, what: &str, mark: &Mark, problems: &mut Vec<Problem>) {
+    if stem != name {
+        problems.push(Problem::new(
+            mark.clone(),
+            format!(
+                "{what} `{name}` is in a file named `{stem}`: the file must be named after the {what} (`{name}.yaml`)"
+            ),
+        ));
+    }
+}
+
+/// Every template string of a service definition.
+fn templates_of(s: &ServiceSpec) -> Vec<&Template> {
+    let mut out: Vec<&Template> = Vec::new();
+    if let Some(a) = &s.artifact {
+        out.push(&a.url);
+    }
+    if let Some(i) = &s.install {
+        out.push(&i.root);
+    }
+    if let Some(r) = &s.run {
+        out.extend(r.unit.iter());
+        out.extend(r.command.iter().flatten());
+        out.extend(r.env.values());
+    }
+    for h in [&s.hooks.before_stop, &s.hooks.after_install]
+        .into_iter()
+        .flatten()
+    {
+        out.extend(h.command.iter());
+    }
+    if let Some(h) = &s.health {
+        out.push(&h.url);
+        out.extend(h.expect_body.iter());
+    }
+    for sm in &s.smoke {
+        out.extend(sm.url.iter());
+        out.extend(sm.command.iter().flatten());
+        out.extend(sm.expect_body.iter());
+    }
+    out
+}
+
+/// Renders `t` with every name set to a dummy value (to check URL syntax without a host).
+fn dummy_render(t: &Template) -> String {
+    let names: BTreeMap<String, String> = t.names().map(|n| (n.to_string(), "0".into())).collect();
+    render_str(
+        t.text(),
+        &Vars {
+            names: &names,
+            env: None,
+        },
+    )
+    .unwrap_or_default()
+}
+
+fn check_url(t: &Template, schemes: &[&str], what: &str, problems: &mut Vec<Problem>) {
+    let rendered = dummy_render(t);
+    match url::Url::parse(&rendered) {
+        Ok(u) if schemes.contains(&u.scheme()) => {}
+        Ok(u) => problems.push(Problem::new(
+            t.mark().clone(),
+            format!(
+                "{what} `{t}` has scheme `{}`; expected {}",
+                u.scheme(),
+                schemes
+                    .iter()
+                    .map(|s| format!("{s}://"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        )),
+        Err(e) => problems.push(Problem::new(
+            t.mark().clone(),
+            format!("{what} `{t}` is not a valid URL: {e}"),
+        )),
+    }
+}
+
+fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut Vec<Problem>) {
+    let name = s.service.value.as_str();
+    let at = &s.service.mark;
+    match s.kind {
+        Kind::Vm => {
+            for (missing, field) in [
+                (s.artifact.is_none(), "artifact"),
+                (s.install.is_none(), "install"),
+                (s.run.is_none(), "run"),
+            ] {
+                if missing {
+                    problems.push(Problem::new(
+                        at.clone(),
+                        format!("service `{name}` (kind: vm) needs `{field}:`"),
+                    ));
+                }
+            }
+        }
+        Kind::Ecs => {
+            for (present, field) in [
+                (s.artifact.is_some(), "artifact"),
+                (s.install.is_some(), "install"),
+                (s.run.is_some(), "run"),
+            ] {
+                if present {
+                    problems.push(Problem::new(
+                        at.clone(),
+                        format!("service `{name}` is kind: ecs; `{field}:` is only for kind: vm"),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(a) = &s.artifact {
+        check_url(&a.url, &["http", "https", "file"], "artifact url", problems);
+    }
+    if let Some(i) = &s.install {
+        if i.keep_releases.value < 2 {
+            problems.push(Problem::new(
+                i.keep_releases.mark.clone(),
+                "keep_releases must be at least 2 (the current release and the previous one, kept for rollback)",
+            ));
+        }
+        // A root starting with a host var (`{base}/hello`) is checked once rendered.
+        let text = i.root.text();
+        let templated = text.starts_with('{') && i.root.names().next().is_some();
+        if !text.starts_with('/') && !templated {
+            problems.push(Problem::new(
+                i.root.mark().clone(),
+                format!("install root `{}` must be an absolute path", i.root),
+            ));
+        }
+    }
+    if let Some(r) = &s.run {
+        if r.unit.is_none() && r.command.is_none() {
+            problems.push(Problem::new(
+                at.clone(),
+                format!(
+                    "service `{name}`: `run:` needs `unit:` (service_manager: systemd) and/or `command:` (service_manager: process)"
+                ),
+            ));
+        }
+        if r.command.as_ref().is_some_and(Vec::is_empty) {
+            problems.push(Problem::new(at.clone(), "run.command is empty"));
+        }
+        for k in r.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                problems.push(Problem::new(
+                    at.clone(),
+                    format!("run.env: invalid variable name `{k}`"),
+                ));
+            }
+        }
+    }
+    for h in [&s.hooks.before_stop, &s.hooks.after_install]
+        .into_iter()
+        .flatten()
+    {
+        match h.command.first() {
+            None => problems.push(Problem::new(h.mark.clone(), "hook command is empty")),
+            Some(prog) => {
+                if let Err(e) = RelPath::parse(&dummy_render(prog)) {
+                    problems.push(Problem::new(
+                        prog.mark().clone(),
+                        format!("hook program: {e}; hooks run programs inside the release"),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(h) = &s.health {
+        check_url(&h.url, &["http", "https"], "health url", problems);
+    }
+    for sm in &s.smoke {
+        match (&sm.url, &sm.command) {
+            (Some(u), None) => check_url(u, &["http", "https"], "smoke url", problems),
+            (None, Some(c)) if !c.is_empty() => {}
+            _ => problems.push(Problem::new(
+                at.clone(),
+                "each smoke test needs exactly one of `url:` or `command:`",
+            )),
+        }
+    }
+    for t in templates_of(s) {
+        for n in t.names() {
+            let known = BUILTINS.contains(&n)
+                || match host_vars {
+                    None => !n.starts_with("env."),
+                    Some(vars) => vars.iter().any(|v| v == n),
+                };
+            if !known {
+                let hint = if n.starts_with("env.") {
+                    " (`{env.NAME}` is only available in template files)".to_string()
+                } else {
+                    format!(
+                        " (known: {}{})",
+                        BUILTINS.join(", "),
+                        host_vars
+                            .map(|v| v.iter().map(|n| format!(", {n}")).collect::<String>())
+                            .unwrap_or_default()
+                    )
+                };
+                problems.push(Problem::new(
+                    t.mark().clone(),
+                    format!("unknown template name `{{{n}}}`{hint}"),
+                ));
+            }
+        }
+    }
+}
+
+fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>) {
+    let name = env.environment.value.as_str();
+    if env.rollout.max_parallel == 0 {
+        problems.push(Problem::new(
+            env.environment.mark.clone(),
+            "rollout.max_parallel must be at least 1",
+        ));
+    }
+    if let Some(p) = &env.promotion {
+        let up = p.requires.value.as_str();
+        if up == name {
+            problems.push(Problem::new(
+                p.requires.mark.clone(),
+                "promotion.requires names this environment itself",
+            ));
+        } else if !repo.environments.contains_key(up) {
+            problems.push(Problem::new(
+                p.requires.mark.clone(),
+                format!("promotion.requires: environment `{up}` is not defined (no environments/{up}.yaml)"),
+            ));
+        }
+    }
+    for (service, pin) in &env.services {
+        let Some(spec) = repo.services.get(service) else {
+            problems.push(Problem::new(
+                pin.mark.clone(),
+                format!(
+                    "service `{service}` is not defined: add services/{service}.yaml or remove it from this environment"
+                ),
+            ));
+            continue;
+        };
+        match (spec.kind, &pin.value.sha256) {
+            (Kind::Vm, None) => problems.push(Problem::new(
+                pin.mark.clone(),
+                format!(
+                    "service `{service}` is kind: vm, so its pin needs `sha256:` (the artifact's digest, from `sha256sum`)"
+                ),
+            )),
+            (Kind::Ecs, Some(_)) => problems.push(Problem::new(
+                pin.mark.clone(),
+                format!(
+                    "service `{service}` is kind: ecs: it is pinned by image tag (`version:`), `sha256:` does not apply"
+                ),
+            )),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

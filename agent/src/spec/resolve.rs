@@ -1,0 +1,315 @@
+//! What one host must run: the environment's pins joined with the service definitions,
+//! filtered by `targets`, with every template rendered for this host.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Approval, Digest, Dur, Kind, RelPath, Repo, Rollout, ServiceSpec, Template, Vars};
+use crate::config::ServiceManager;
+use crate::yaml::{Mark, Problem, Problems};
+
+/// The host the plan is for.
+#[derive(Clone, Debug)]
+pub struct Host<'a> {
+    /// Host name (`{host}`).
+    pub name: &'a str,
+    /// Environment (`{environment}`).
+    pub environment: &'a str,
+    /// Labels, matched by `targets`.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Host vars.
+    pub vars: &'a BTreeMap<String, String>,
+    /// Which `run` field must be present.
+    pub manager: ServiceManager,
+    /// Which kind of services this agent deploys.
+    pub kind: Kind,
+}
+
+/// The environment's policy, as the coordinator needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvPolicy {
+    /// Environment name.
+    pub name: String,
+    /// Rolling-batch policy.
+    pub rollout: Rollout,
+    /// Approval gate.
+    pub approval: Approval,
+    /// Upstream environment a version must have succeeded in.
+    pub promotion_requires: Option<String>,
+}
+
+/// Everything this host must run, for one commit of the repo.
+#[derive(Clone, Debug)]
+pub struct HostPlan {
+    /// The environment's policy.
+    pub policy: EnvPolicy,
+    /// The services that target this host, rendered.
+    pub services: Vec<ResolvedService>,
+    /// Services pinned in the environment that do not target this host (name, reason).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// One service, rendered for one host and one version: all a deploy needs, with no reference
+/// to the repo. Stored with an in-flight deployment so recovery works without Git.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedService {
+    /// Service name.
+    pub service: String,
+    /// Environment.
+    pub environment: String,
+    /// Desired version.
+    pub version: String,
+    /// Pinned artifact digest.
+    pub sha256: Digest,
+    /// Artifact URL.
+    pub artifact_url: String,
+    /// Install root.
+    pub root: PathBuf,
+    /// Releases kept on disk.
+    pub keep_releases: u32,
+    /// Shared directories.
+    pub shared: Vec<RelPath>,
+    /// Template files (src, dest), relative to the release.
+    pub templates: Vec<(RelPath, RelPath)>,
+    /// How to run it.
+    pub run: ResolvedRun,
+    /// Hook before stop.
+    pub before_stop: Option<ResolvedHook>,
+    /// Hook after install.
+    pub after_install: Option<ResolvedHook>,
+    /// Health check.
+    pub health: Option<ResolvedHealth>,
+    /// Smoke tests.
+    pub smoke: Vec<ResolvedSmoke>,
+    /// Template names and values (built-ins and host vars), for template files.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// How to run the service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedRun {
+    /// systemd unit.
+    pub unit: Option<String>,
+    /// Command (process manager).
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Stop timeout.
+    pub stop_timeout: Dur,
+}
+
+/// A hook, rendered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedHook {
+    /// Program (relative to the release) and arguments.
+    pub command: Vec<String>,
+    /// Time limit.
+    pub timeout: Dur,
+}
+
+/// The health check, rendered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedHealth {
+    /// URL.
+    pub url: String,
+    /// Expected status.
+    pub expect_status: u16,
+    /// Expected body substring.
+    pub expect_body: Option<String>,
+    /// Time to become healthy.
+    pub timeout: Dur,
+}
+
+/// A smoke test, rendered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedSmoke {
+    /// URL to check.
+    pub url: Option<String>,
+    /// Or a command to run.
+    pub command: Option<Vec<String>>,
+    /// Expected status.
+    pub expect_status: u16,
+    /// Expected body substring.
+    pub expect_body: Option<String>,
+    /// Time limit.
+    pub timeout: Dur,
+}
+
+/// Renders the plan of `host` from `repo`, or every problem that prevents it.
+pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
+    let Some(env) = repo.environments.get(host.environment) else {
+        return Err(Problems(vec![Problem::new(
+            Mark::file_start(&format!("environments/{}.yaml", host.environment)),
+            format!(
+                "environment `{}` (this host's, from the agent config) is not defined in the repo",
+                host.environment
+            ),
+        )]));
+    };
+    let policy = EnvPolicy {
+        name: host.environment.to_string(),
+        rollout: env.rollout.clone(),
+        approval: env.approval.clone(),
+        promotion_requires: env
+            .promotion
+            .as_ref()
+            .map(|p| p.requires.value.as_str().to_string()),
+    };
+    let mut problems = Vec::new();
+    let mut services = Vec::new();
+    let mut skipped = Vec::new();
+    for (name, pin) in &env.services {
+        let Some(spec) = repo.services.get(name) else {
+            continue; // reported by load()
+        };
+        if spec.kind != host.kind {
+            continue;
+        }
+        if let Some((k, v)) = spec
+            .targets
+            .iter()
+            .find(|(k, v)| host.labels.get(*k) != Some(*v))
+        {
+            skipped.push((name.clone(), format!("targets {k}={v}")));
+            continue;
+        }
+        let Some(sha256) = pin.value.sha256.clone() else {
+            continue; // reported by load()
+        };
+        let mut names = host.vars.clone();
+        names.insert("version".into(), pin.value.version.to_string());
+        names.insert("service".into(), name.clone());
+        names.insert("environment".into(), host.environment.to_string());
+        names.insert("host".into(), host.name.to_string());
+        let mut r = Renderer {
+            vars: Vars {
+                names: &names,
+                env: None,
+            },
+            problems: &mut problems,
+        };
+        if let Some(s) = render_service(spec, &mut r, host, sha256, &names) {
+            services.push(s);
+        }
+    }
+    if problems.is_empty() {
+        Ok(HostPlan {
+            policy,
+            services,
+            skipped,
+        })
+    } else {
+        Err(Problems(problems).sorted())
+    }
+}
+
+struct Renderer<'a> {
+    vars: Vars<'a>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Renderer<'_> {
+    fn one(&mut self, t: &Template) -> String {
+        t.render(&self.vars).unwrap_or_else(|e| {
+            self.problems.push(Problem::new(t.mark().clone(), e));
+            String::new()
+        })
+    }
+    fn all(&mut self, ts: &[Template]) -> Vec<String> {
+        ts.iter().map(|t| self.one(t)).collect()
+    }
+}
+
+fn render_service(
+    spec: &ServiceSpec,
+    r: &mut Renderer,
+    host: &Host,
+    sha256: Digest,
+    names: &BTreeMap<String, String>,
+) -> Option<ResolvedService> {
+    let at = spec.service.mark.clone();
+    let (artifact, install, run) = (
+        spec.artifact.as_ref()?,
+        spec.install.as_ref()?,
+        spec.run.as_ref()?,
+    );
+    let root = r.one(&install.root);
+    if !root.starts_with('/') {
+        r.problems.push(Problem::new(
+            install.root.mark().clone(),
+            format!("install root renders to `{root}`, which is not an absolute path"),
+        ));
+    }
+    let unit = run.unit.as_ref().map(|u| r.one(u));
+    let command = run.command.as_deref().map(|c| r.all(c)).unwrap_or_default();
+    match host.manager {
+        ServiceManager::Systemd if unit.is_none() => r.problems.push(Problem::new(
+            at.clone(),
+            "this host uses service_manager: systemd, so `run.unit:` is required",
+        )),
+        ServiceManager::Process if command.is_empty() => r.problems.push(Problem::new(
+            at.clone(),
+            "this host uses service_manager: process, so `run.command:` is required",
+        )),
+        _ => {}
+    }
+    let env = run.env.iter().map(|(k, v)| (k.clone(), r.one(v))).collect();
+    let hook = |h: &Option<super::Hook>, r: &mut Renderer| {
+        h.as_ref().map(|h| ResolvedHook {
+            command: r.all(&h.command),
+            timeout: h.timeout,
+        })
+    };
+    let before_stop = hook(&spec.hooks.before_stop, r);
+    let after_install = hook(&spec.hooks.after_install, r);
+    let health = spec.health.as_ref().map(|h| ResolvedHealth {
+        url: r.one(&h.url),
+        expect_status: h.expect_status,
+        expect_body: h.expect_body.as_ref().map(|b| r.one(b)),
+        timeout: h.timeout,
+    });
+    let smoke = spec
+        .smoke
+        .iter()
+        .map(|s| ResolvedSmoke {
+            url: s.url.as_ref().map(|u| r.one(u)),
+            command: s.command.as_deref().map(|c| r.all(c)),
+            expect_status: s.expect_status,
+            expect_body: s.expect_body.as_ref().map(|b| r.one(b)),
+            timeout: s.timeout,
+        })
+        .collect();
+    Some(ResolvedService {
+        service: spec.service.value.as_str().to_string(),
+        environment: host.environment.to_string(),
+        version: names["version"].clone(),
+        sha256,
+        artifact_url: r.one(&artifact.url),
+        root: PathBuf::from(root),
+        keep_releases: install.keep_releases.value,
+        shared: install.shared.clone(),
+        templates: install
+            .templates
+            .iter()
+            .map(|t| (t.src.clone(), t.dest.clone()))
+            .collect(),
+        run: ResolvedRun {
+            unit,
+            command,
+            env,
+            stop_timeout: run.stop_timeout,
+        },
+        before_stop,
+        after_install,
+        health,
+        smoke,
+        vars: names.clone(),
+    })
+}

@@ -1,0 +1,280 @@
+use std::path::PathBuf;
+
+use super::*;
+
+const HELLO: &str = r#"service: hello
+kind: vm
+targets: { role: web }
+artifact:
+  url: "https://artifacts.example.com/hello/hello-{version}.tar.gz"
+install:
+  root: /srv/{host}/hello
+  keep_releases: 5
+  shared: [data, logs]
+  templates:
+    - src: config/app.env.tmpl
+      dest: config/app.env
+run:
+  unit: hello.service
+  command: ["bin/hello", "--port", "{port}"]
+hooks:
+  before_stop: bin/drain
+  after_install: { command: [bin/migrate, --yes], timeout: 2m }
+health:
+  url: "http://127.0.0.1:{port}/health"
+  expect_status: 200
+  timeout: 30s
+smoke:
+  - url: "http://127.0.0.1:{port}/version"
+    expect_body: "{version}"
+  - command: [bin/smoke]
+"#;
+
+const PROD: &str = r#"environment: prod
+rollout:
+  max_parallel: 2
+  max_failures: 0
+approval:
+  required: true
+  approvers: [release-managers]
+  timeout: 24h
+promotion:
+  requires: staging
+services:
+  hello: { version: 1.4.2, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }
+"#;
+
+const STAGING: &str = "environment: staging\nservices:\n  hello: { version: 1.10, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }\n";
+
+fn files(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect()
+}
+
+fn good() -> Vec<(String, String)> {
+    files(&[
+        ("services/hello.yaml", HELLO),
+        ("environments/prod.yaml", PROD),
+        ("environments/staging.yaml", STAGING),
+        ("README.md", "not a spec file"),
+    ])
+}
+
+#[test]
+fn the_design_examples_load() {
+    let repo = load(&good(), None).unwrap();
+    let hello = &repo.services["hello"];
+    assert_eq!(hello.kind, Kind::Vm);
+    assert_eq!(hello.install.as_ref().unwrap().shared.len(), 2);
+    let after = hello.hooks.after_install.as_ref().unwrap();
+    assert_eq!(after.timeout, Dur::secs(120));
+    assert_eq!(after.command.len(), 2);
+    assert_eq!(
+        hello.hooks.before_stop.as_ref().unwrap().timeout,
+        Dur::secs(60)
+    );
+    let prod = &repo.environments["prod"];
+    assert_eq!(prod.rollout.max_parallel, 2);
+    assert!(prod.approval.required);
+    assert_eq!(
+        repo.environments["staging"].services["hello"]
+            .value
+            .version
+            .as_str(),
+        "1.10"
+    );
+    assert_eq!(repo.host_var_names(), vec!["port".to_string()]);
+}
+
+#[test]
+fn every_problem_is_reported_with_file_and_line() {
+    let bad_service = HELLO
+        .replace("keep_releases: 5", "keep_releases: 1\n  keep_relases: 3")
+        .replace("timeout: 30s", "timeout: 30 seconds")
+        .replace("https://artifacts", "ftp://artifacts");
+    let bad_env = PROD.replace("requires: staging", "requires: qa").replace(
+        "  hello: {",
+        "  ghost: { version: 1.0, sha256: abc }\n  hello: {",
+    );
+    let repo = files(&[
+        ("services/hello.yaml", &bad_service),
+        (
+            "services/broken.yaml",
+            "service: broken\nkind: vm\n  bad: [\n",
+        ),
+        ("environments/prod.yaml", &bad_env),
+        (
+            "environments/staging.yaml",
+            "environment: stage\nservices: {}\n",
+        ),
+    ]);
+    let problems = load(&repo, None).unwrap_err();
+    let text = problems.to_string();
+    let expect = [
+        (
+            "environments/prod.yaml:10:",
+            "environment `qa` is not defined",
+        ),
+        ("environments/prod.yaml:12:", "invalid sha256 `abc`"),
+        (
+            "environments/prod.yaml:12:",
+            "service `ghost` is not defined",
+        ),
+        ("environments/staging.yaml:1:", "in a file named `staging`"),
+        ("services/broken.yaml:", "invalid YAML"),
+        ("services/hello.yaml:5:", "scheme `ftp`"),
+        ("services/hello.yaml:8:", "keep_releases must be at least 2"),
+        ("services/hello.yaml:9:", "unknown field `keep_relases`"),
+        ("services/hello.yaml:23:", "invalid duration `30 seconds`"),
+    ];
+    for (at, what) in expect {
+        assert!(
+            problems
+                .0
+                .iter()
+                .any(|p| p.to_string().starts_with(at) && p.message.contains(what)),
+            "missing {at} {what} in:\n{text}"
+        );
+    }
+    assert_eq!(problems.0.len(), expect.len(), "{text}");
+}
+
+#[test]
+fn vm_pins_need_a_digest_and_versions_are_checked() {
+    let env = "environment: prod\nservices:\n  hello: { version: 1.0 }\n";
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", HELLO),
+            ("environments/prod.yaml", env),
+        ]),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("needs `sha256:`"), "{e}");
+    let env = "environment: prod\nservices:\n  hello: { sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }\n";
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", HELLO),
+            ("environments/prod.yaml", env),
+        ]),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("environments/prod.yaml:3:"), "{e}");
+    assert!(e.to_string().contains("missing field `version`"), "{e}");
+    let env = "environment: prod\nservices:\n  hello: { version: ../../etc, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }\n";
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", HELLO),
+            ("environments/prod.yaml", env),
+        ]),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("invalid version `../../etc`"), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_reported() {
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", HELLO),
+            ("services/hello.yml", HELLO),
+            (
+                "environments/prod.yaml",
+                PROD.replace("requires: staging", "requires: prod").as_str(),
+            ),
+        ]),
+        None,
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("defined twice"), "{text}");
+    assert!(text.contains("names this environment itself"), "{text}");
+}
+
+#[test]
+fn unknown_template_names_need_host_vars() {
+    let e = load(&good(), Some(&["region".to_string()])).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown template name `{port}`"),
+        "{e}"
+    );
+    assert!(load(&good(), Some(&["port".to_string()])).is_ok());
+    let env_in_url = HELLO.replace("{version}.tar.gz", "{env.TOKEN}.tar.gz");
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", &env_in_url),
+            ("environments/prod.yaml", PROD),
+            ("environments/staging.yaml", STAGING),
+        ]),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("only available in template files"),
+        "{e}"
+    );
+}
+
+fn host<'a>(labels: &'a BTreeMap<String, String>, vars: &'a BTreeMap<String, String>) -> Host<'a> {
+    Host {
+        name: "web-01",
+        environment: "prod",
+        labels,
+        vars,
+        manager: crate::config::ServiceManager::Process,
+        kind: Kind::Vm,
+    }
+}
+
+#[test]
+fn resolve_renders_for_the_host() {
+    let repo = load(&good(), None).unwrap();
+    let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
+    let vars = BTreeMap::from([("port".to_string(), "8080".to_string())]);
+    let plan = resolve(&repo, &host(&labels, &vars)).unwrap();
+    assert_eq!(plan.policy.rollout.max_parallel, 2);
+    assert_eq!(plan.policy.promotion_requires.as_deref(), Some("staging"));
+    let s = &plan.services[0];
+    assert_eq!(s.version, "1.4.2");
+    assert_eq!(s.root, PathBuf::from("/srv/web-01/hello"));
+    assert_eq!(
+        s.artifact_url,
+        "https://artifacts.example.com/hello/hello-1.4.2.tar.gz"
+    );
+    assert_eq!(s.run.command, vec!["bin/hello", "--port", "8080"]);
+    assert_eq!(
+        s.health.as_ref().unwrap().url,
+        "http://127.0.0.1:8080/health"
+    );
+    assert_eq!(s.smoke[0].expect_body.as_deref(), Some("1.4.2"));
+    // The resolved form round-trips through JSON (it is stored with in-flight deployments).
+    let json = serde_json::to_string(s).unwrap();
+    let back: ResolvedService = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, s);
+}
+
+#[test]
+fn resolve_skips_untargeted_hosts_and_reports_missing_vars() {
+    let repo = load(&good(), None).unwrap();
+    let labels = BTreeMap::from([("role".to_string(), "db".to_string())]);
+    let vars = BTreeMap::new();
+    let plan = resolve(&repo, &host(&labels, &vars)).unwrap();
+    assert!(plan.services.is_empty());
+    assert_eq!(plan.skipped[0].0, "hello");
+
+    let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
+    let e = resolve(&repo, &host(&labels, &vars)).unwrap_err();
+    assert!(e.to_string().contains("services/hello.yaml:15:"), "{e}");
+    assert!(
+        e.to_string().contains("unknown template name `{port}`"),
+        "{e}"
+    );
+
+    let mut other = host(&labels, &vars);
+    other.environment = "qa";
+    let e = resolve(&repo, &other).unwrap_err();
+    assert!(e.to_string().contains("environment `qa`"), "{e}");
+}

@@ -1,0 +1,1 @@
+//! drover coordinator (placeholder until the coordinator issue).

@@ -1,0 +1,1 @@
+//! drover integration tests.
