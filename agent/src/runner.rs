@@ -108,7 +108,10 @@ impl Agent {
 
     async fn fetch(&self) -> anyhow::Result<Snapshot> {
         let timeout = Duration::from_secs(120).max(self.config.repo.poll_interval);
-        Ok(git_watch::fetch_snapshot(&self.mirror, timeout).await?)
+        let result = git_watch::fetch_snapshot(&self.mirror, timeout).await;
+        let repo = &self.config.repo;
+        git_watch::record(&self.store, &repo.url, &repo.branch, &result);
+        Ok(result?)
     }
 
     /// Finishes deploys that a crash interrupted and restarts current releases that are not

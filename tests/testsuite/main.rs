@@ -1,1 +1,8 @@
-//! drover integration tests.
+//! drover's integration tests: real agent processes against real peers (Git over file://,
+//! smart HTTP and git://, lighttpd serving artifacts), one module per area.
+
+mod artifacts;
+mod deploy;
+mod git;
+mod recovery;
+mod validate;

@@ -45,10 +45,12 @@ impl PhaseError {
     /// (network trouble, a full disk) — such failures do not mark the version failed.
     pub fn is_transient(&self) -> bool {
         match self {
+            // A missing artifact is often an upload that has not finished: retry later.
             PhaseError::Artifact(e) => {
                 matches!(
                     e,
-                    ArtifactError::Network { .. }
+                    ArtifactError::NotFound { .. }
+                        | ArtifactError::Network { .. }
                         | ArtifactError::Truncated { .. }
                         | ArtifactError::NoSpace { .. }
                         | ArtifactError::Io { .. }
@@ -257,7 +259,8 @@ impl Deployer {
             Ok(None) => Ok(ServiceState::new(service)),
             Err(StateError::Corrupt { path, cause }) if root.is_some() => {
                 let aside = self.store.quarantine(service)?;
-                let st = rebuild(service, root.expect("checked"));
+                let mut st = rebuild(service, root.expect("checked"));
+                self.save(&mut st)?;
                 tracing::warn!(
                     state = %path.display(), %cause, kept_as = %aside.display(),
                     current = ?st.current.as_ref().map(|r| &r.version),
@@ -559,7 +562,8 @@ impl Deployer {
         };
         let took = match &self.manager {
             Manager::Process(p) => {
-                let pid = p.running(&svc.service).map(|a| a.pid);
+                // The pid file, even if the process already exited (then its status is known).
+                let pid = p.recorded(&svc.service).map(|a| a.pid);
                 self.checker
                     .wait_healthy(h, || match pid {
                         Some(pid) => p.exit_status(pid),
@@ -709,26 +713,32 @@ impl Deployer {
             Some(format!("interrupted in {}: {how:?}", d.phase.name())),
         );
         let same_target = d.target == *desired;
+        let prior_attempts = if same_target { d.attempts } else { 0 };
+        let mut d = d;
         match how {
             Recovery::Redeploy => {
                 st.deployment = None;
                 self.save(st)?;
-                Ok(Resume::Continue {
-                    prior_attempts: if same_target { d.attempts } else { 0 },
-                })
+                Ok(Resume::Continue { prior_attempts })
             }
             Recovery::RestoreThenRedeploy => {
                 self.restore(&layout, &d).await;
                 st.deployment = None;
                 self.save(st)?;
-                Ok(Resume::Continue {
-                    prior_attempts: if same_target { d.attempts } else { 0 },
-                })
+                Ok(Resume::Continue { prior_attempts })
             }
-            Recovery::ResumeStart => Ok(Resume::Done(self.drive(st, d, Phase::Start).await?)),
-            Recovery::FinishRollBack => Ok(Resume::Done(self.drive(st, d, Phase::RollBack).await?)),
+            Recovery::ResumeStart | Recovery::FinishRollBack => {
+                // Resuming is another attempt: a deploy that keeps crashing the agent is
+                // given up after MAX_ATTEMPTS.
+                d.attempts += 1;
+                let phase = if how == Recovery::ResumeStart {
+                    Phase::Start
+                } else {
+                    Phase::RollBack
+                };
+                Ok(Resume::Done(self.drive(st, d, phase).await?))
+            }
             Recovery::GiveUp => {
-                let mut d = d;
                 d.error = Some(format!(
                     "the agent stopped {} times during this deploy (last in phase {}); giving up on this version",
                     d.attempts,

@@ -138,20 +138,31 @@ impl Mirror {
                 [format!("+refs/heads/{b}:refs/remotes/origin/{b}").as_str()],
                 Direction::Fetch,
             )
-            .map_err(|e| fetch_err(&e))?;
+            .map_err(|e| fetch_err(&e))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let no_branch = || GitError::NoBranch {
+            url: self.url.clone(),
+            branch: b.clone(),
+        };
         let conn = remote
             .connect(Direction::Fetch)
             .map_err(|e| fetch_err(&e))?;
+        // gix refuses a fetch whose refspec matches nothing: the branch is missing.
+        let classify = |e: &dyn std::error::Error| {
+            let err = fetch_err(e);
+            if err.to_string().contains("matched any of") {
+                no_branch()
+            } else {
+                err
+            }
+        };
         let outcome = conn
             .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fetch_err(&e))?
+            .map_err(|e| classify(&e))?
             .receive(gix::progress::Discard, interrupt)
-            .map_err(|e| fetch_err(&e))?;
+            .map_err(|e| classify(&e))?;
         if outcome.ref_map.mappings.is_empty() {
-            return Err(GitError::NoBranch {
-                url: self.url.clone(),
-                branch: b.clone(),
-            });
+            return Err(no_branch());
         }
         let name = format!("refs/remotes/origin/{b}");
         let mut reference = repo
@@ -301,6 +312,31 @@ pub async fn watch(
             return;
         }
     }
+}
+
+/// Records the result of a fetch in the repo status (as `once` and `plan` do; the daemon's
+/// watch loop keeps its own copy).
+pub fn record(store: &Store, url: &str, branch: &str, result: &Result<Snapshot, GitError>) {
+    let mut status = store.repo_status().unwrap_or_default();
+    status.url = url.to_string();
+    status.branch = branch.to_string();
+    match result {
+        Ok(snap) => {
+            if status.commit.as_deref() != Some(snap.commit.as_str()) {
+                status.commit = Some(snap.commit.clone());
+                status.fetched_at = Some(fsutil::now_rfc3339());
+            }
+            status.error = None;
+            status.failing_since = None;
+        }
+        Err(e) => {
+            if status.error.is_none() {
+                status.failing_since = Some(fsutil::now_rfc3339());
+            }
+            status.error = Some(e.to_string());
+        }
+    }
+    save_status(store, &status);
 }
 
 fn save_status(store: &Store, status: &RepoStatus) {

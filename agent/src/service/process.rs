@@ -97,10 +97,15 @@ impl Process {
         matches!(proc_stat(pid), Some((state, start)) if start == start_ticks && state != 'Z' && state != 'X')
     }
 
+    /// What the pid file of `service` records, alive or not.
+    pub fn recorded(&self, service: &str) -> Option<AppProcess> {
+        let bytes = fs::read(self.pid_path(service)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// The running app of `service`, if its pid file names a live process.
     pub fn running(&self, service: &str) -> Option<AppProcess> {
-        let bytes = fs::read(self.pid_path(service)).ok()?;
-        let app: AppProcess = serde_json::from_slice(&bytes).ok()?;
+        let app = self.recorded(service)?;
         self.alive(app.pid, app.start_ticks).then_some(app)
     }
 

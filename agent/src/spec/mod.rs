@@ -339,8 +339,10 @@ pub struct Promotion {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pin {
-    /// The version.
-    pub version: Version,
+    /// The version (required: checked after parsing, so that one missing version does not
+    /// hide the problems of the other pins).
+    #[serde(default)]
+    pub version: Option<Version>,
     /// SHA-256 of the artifact; required for `vm` services.
     #[serde(default, deserialize_with = "opt_digest")]
     pub sha256: Option<Digest>,
@@ -525,26 +527,32 @@ fn dummy_render(t: &Template) -> String {
     .unwrap_or_default()
 }
 
+/// Why `url` is not an acceptable URL with one of `schemes`, if it is not.
+pub(crate) fn url_problem(url: &str, schemes: &[&str], what: &str) -> Option<String> {
+    match url::Url::parse(url) {
+        Ok(u) if schemes.contains(&u.scheme()) => None,
+        Ok(u) => Some(format!(
+            "{what} `{url}` has scheme `{}`; expected {}",
+            u.scheme(),
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
+        Err(e) => Some(format!("{what} `{url}` is not a valid URL: {e}")),
+    }
+}
+
 fn check_url(t: &Template, schemes: &[&str], what: &str, problems: &mut Vec<Problem>) {
-    let rendered = dummy_render(t);
-    match url::Url::parse(&rendered) {
-        Ok(u) if schemes.contains(&u.scheme()) => {}
-        Ok(u) => problems.push(Problem::new(
-            t.mark().clone(),
-            format!(
-                "{what} `{t}` has scheme `{}`; expected {}",
-                u.scheme(),
-                schemes
-                    .iter()
-                    .map(|s| format!("{s}://"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            ),
-        )),
-        Err(e) => problems.push(Problem::new(
-            t.mark().clone(),
-            format!("{what} `{t}` is not a valid URL: {e}"),
-        )),
+    // A URL starting with a host var (`{base_url}/x`) is checked once rendered for a host.
+    if t.text().starts_with('{') && t.names().next().is_some() {
+        return;
+    }
+    if let Some(p) = url_problem(&dummy_render(t), schemes, what) {
+        // Show the template, not the dummy rendering.
+        let p = p.replacen(&format!("`{}`", dummy_render(t)), &format!("`{t}`"), 1);
+        problems.push(Problem::new(t.mark().clone(), p));
     }
 }
 
@@ -702,6 +710,12 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
         }
     }
     for (service, pin) in &env.services {
+        if pin.value.version.is_none() {
+            problems.push(Problem::new(
+                pin.mark.clone(),
+                format!("service `{service}`: missing field `version` (the version to deploy)"),
+            ));
+        }
         let Some(spec) = repo.services.get(service) else {
             problems.push(Problem::new(
                 pin.mark.clone(),

@@ -180,11 +180,11 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
             skipped.push((name.clone(), format!("targets {k}={v}")));
             continue;
         }
-        let Some(sha256) = pin.value.sha256.clone() else {
+        let (Some(version), Some(sha256)) = (&pin.value.version, pin.value.sha256.clone()) else {
             continue; // reported by load()
         };
         let mut names = host.vars.clone();
-        names.insert("version".into(), pin.value.version.to_string());
+        names.insert("version".into(), version.to_string());
         names.insert("service".into(), name.clone());
         names.insert("environment".into(), host.environment.to_string());
         names.insert("host".into(), host.name.to_string());
@@ -221,6 +221,16 @@ impl Renderer<'_> {
             self.problems.push(Problem::new(t.mark().clone(), e));
             String::new()
         })
+    }
+    /// Renders a URL template and checks the result's scheme.
+    fn url(&mut self, t: &Template, schemes: &[&str], what: &str) -> String {
+        let url = self.one(t);
+        if !url.is_empty()
+            && let Some(p) = super::url_problem(&url, schemes, what)
+        {
+            self.problems.push(Problem::new(t.mark().clone(), p));
+        }
+        url
     }
     fn all(&mut self, ts: &[Template]) -> Vec<String> {
         ts.iter().map(|t| self.one(t)).collect()
@@ -269,8 +279,9 @@ fn render_service(
     };
     let before_stop = hook(&spec.hooks.before_stop, r);
     let after_install = hook(&spec.hooks.after_install, r);
+    const WEB: &[&str] = &["http", "https"];
     let health = spec.health.as_ref().map(|h| ResolvedHealth {
-        url: r.one(&h.url),
+        url: r.url(&h.url, WEB, "health url"),
         expect_status: h.expect_status,
         expect_body: h.expect_body.as_ref().map(|b| r.one(b)),
         timeout: h.timeout,
@@ -279,7 +290,7 @@ fn render_service(
         .smoke
         .iter()
         .map(|s| ResolvedSmoke {
-            url: s.url.as_ref().map(|u| r.one(u)),
+            url: s.url.as_ref().map(|u| r.url(u, WEB, "smoke url")),
             command: s.command.as_deref().map(|c| r.all(c)),
             expect_status: s.expect_status,
             expect_body: s.expect_body.as_ref().map(|b| r.one(b)),
@@ -291,7 +302,7 @@ fn render_service(
         environment: host.environment.to_string(),
         version: names["version"].clone(),
         sha256,
-        artifact_url: r.one(&artifact.url),
+        artifact_url: r.url(&artifact.url, &["http", "https", "file"], "artifact url"),
         root: PathBuf::from(root),
         keep_releases: install.keep_releases.value,
         shared: install.shared.clone(),

@@ -81,8 +81,9 @@ fn the_design_examples_load() {
         repo.environments["staging"].services["hello"]
             .value
             .version
-            .as_str(),
-        "1.10"
+            .as_ref()
+            .map(|v| v.as_str()),
+        Some("1.10")
     );
     assert_eq!(repo.host_var_names(), vec!["port".to_string()]);
 }
@@ -161,7 +162,7 @@ fn vm_pins_need_a_digest_and_versions_are_checked() {
         None,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("environments/prod.yaml:3:"), "{e}");
+    assert!(e.to_string().contains("environments/prod.yaml:3:10"), "{e}");
     assert!(e.to_string().contains("missing field `version`"), "{e}");
     let env = "environment: prod\nservices:\n  hello: { version: ../../etc, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }\n";
     let e = load(

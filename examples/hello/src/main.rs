@@ -9,7 +9,8 @@
 //! Its behaviour comes from `release.env` in the working directory (the release), so a
 //! "broken" build is the same binary with a different `release.env`:
 //! `VERSION=1.2.0`, `FAIL_HEALTH=1`, `ERROR_RATE=0.05` (fraction of `/` answered 500),
-//! `LATENCY_MS=20` (added to `/`), `EXIT_AT_START=1` (exit at once with status 3).
+//! `LATENCY_MS=20` (added to `/`), `EXIT_AT_START=1` (exit at once with status 3),
+//! `HANG_HEALTH=1` (`/health` never answers).
 //! Environment variables of the same names override the file.
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ const BUCKETS: [f64; 8] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 struct Settings {
     version: String,
     fail_health: bool,
+    hang_health: bool,
     error_rate: f64,
     latency: Duration,
 }
@@ -66,6 +68,7 @@ fn settings() -> Settings {
     Settings {
         version: vars.get("VERSION").cloned().unwrap_or_else(|| "dev".into()),
         fail_health: vars.get("FAIL_HEALTH").is_some_and(|v| v == "1"),
+        hang_health: vars.get("HANG_HEALTH").is_some_and(|v| v == "1"),
         error_rate: vars
             .get("ERROR_RATE")
             .and_then(|v| v.parse().ok())
@@ -145,6 +148,10 @@ fn serve(stream: TcpStream, s: &Settings, m: &Metrics) -> std::io::Result<()> {
 
 fn route(path: &str, s: &Settings, m: &Metrics) -> (u16, String) {
     match path {
+        "/health" if s.hang_health => {
+            std::thread::sleep(Duration::from_secs(3600));
+            (500, String::new())
+        }
         "/health" if s.fail_health => (500, "unhealthy (broken build)\n".into()),
         "/health" => (200, "ok\n".into()),
         "/version" => (200, format!("{}\n", s.version)),
