@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# drover quickstart: deploy a demo service to 3 local "hosts" from a Git repo, promote a new
-# version with a commit, then promote a broken version and watch it roll back by itself.
+# drover quickstart: a coordinator and 5 local "hosts" deploy a demo service from a Git repo.
+# A commit promotes a version; an approver approves it from the CLI; hosts deploy 2 at a time;
+# a broken version halts the rollout after the first batch and the upgraded hosts revert.
 #
 #   examples/quickstart.sh [--keep]
 #
 # Each "host" is a drover-agent process with its own config, state dir, install root and app
-# port, all on this machine. Everything lives in a temporary directory, removed at the end
-# (unless --keep). Needs: cargo, git, python3 (for a static artifact server), curl.
+# port, all on this machine; the coordinator keeps its state in one SQLite file. Everything
+# lives in a temporary directory, removed at the end (unless --keep).
+# Needs: cargo, git, python3 (a static artifact server), curl.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo_root=$(cd "$here/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/drover-target}
 keep=${1:-}
-hosts=(host-1 host-2 host-3)
+hosts=(host-1 host-2 host-3 host-4 host-5)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-say "building drover-agent and the demo service"
-(cd "$repo_root" && cargo build -q -p drover-agent -p drover-example-hello)
-agent="$CARGO_TARGET_DIR/debug/drover-agent"
+say "building drover-agent, drover-coordinator, drover and the demo service"
+(cd "$repo_root" && cargo build -q -p drover-agent -p drover-coordinator -p drover-example-hello)
+bin="$CARGO_TARGET_DIR/debug"
 
 work=$(mktemp -d /tmp/drover-quickstart.XXXXXX)
 pids=()
@@ -34,79 +36,108 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "packaging hello 1.0.0, 2.0.0 and a broken 3.0.0"
+say "packaging hello 1.0.0, 2.0.0, and 3.0.0 — a build that fails its health check on host-3..5"
 mkdir -p "$work/artifacts"
 sha1=$("$here/hello/package.sh" 1.0.0 "$work/artifacts")
 sha2=$("$here/hello/package.sh" 2.0.0 "$work/artifacts")
-sha3=$("$here/hello/package.sh" 3.0.0 "$work/artifacts" --broken)
+sha3=$("$here/hello/package.sh" 3.0.0 "$work/artifacts" --broken-on host-3,host-4,host-5)
 art_port=$(free_port)
 python3 -m http.server "$art_port" --bind 127.0.0.1 --directory "$work/artifacts" >"$work/artifacts.log" 2>&1 &
 pids+=($!)
 echo "artifact server on http://127.0.0.1:$art_port/"
 
-say "creating the desired-state repo $work/fleet (hello pinned at 1.0.0)"
+say "starting the coordinator (SQLite store $work/coordinator.db)"
+mkdir -p "$work/tokens"
+coord_port=$(free_port)
+for who in fleet alice; do head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/$who"; done
+hash() { "$bin/drover-coordinator" hash-token < "$work/tokens/$1" | cut -d' ' -f2; }
+cat >"$work/coordinator.yaml" <<CFG
+listen: 127.0.0.1:$coord_port
+store: { sqlite: $work/coordinator.db }
+lease_ttl: 30s
+heartbeat_interval: 1s
+tokens:
+  - { name: fleet, role: agent, sha256: $(hash fleet) }
+  - { name: alice, role: approver, groups: [release-managers], sha256: $(hash alice) }
+CFG
+"$bin/drover-coordinator" serve --config "$work/coordinator.yaml" >"$work/coordinator.log" 2>&1 &
+pids+=($!)
+export DROVER_URL="http://127.0.0.1:$coord_port"
+drover() { "$bin/drover" --token-file "$work/tokens/alice" "$@"; }
+until curl -fsS "$DROVER_URL/healthz" >/dev/null 2>&1; do sleep 0.1; done
+echo "coordinator on $DROVER_URL (alice may approve for release-managers)"
+
+say "creating the desired-state repo $work/fleet"
 export GIT_CONFIG_GLOBAL=/dev/null GIT_AUTHOR_NAME=quickstart GIT_AUTHOR_EMAIL=qs@example.com \
   GIT_COMMITTER_NAME=quickstart GIT_COMMITTER_EMAIL=qs@example.com
 git init -q -b main "$work/fleet"
 cp -r "$here/fleet/services" "$here/fleet/environments" "$work/fleet/"
 promote() { # VERSION SHA256 MESSAGE
-  sed -i -E "s/hello: \{ version: [^,]+, sha256: [0-9a-fA-FA-Z]+ \}/hello: { version: $1, sha256: $2 }/" "$work/fleet/environments/demo.yaml"
+  sed -i -E "s/hello: \{ version: [^,]+, sha256: [0-9a-zA-Z]+ \}/hello: { version: $1, sha256: $2 }/" "$work/fleet/environments/prod.yaml"
   git -C "$work/fleet" add -A && git -C "$work/fleet" commit -q -m "$3"
   echo "committed: $3 ($(git -C "$work/fleet" rev-parse --short HEAD))"
 }
 promote 1.0.0 "$sha1" "hello 1.0.0"
-"$agent" validate "$work/fleet" --var port --var artifact_port --var hosts_dir
+"$bin/drover-agent" validate "$work/fleet" --var port --var artifact_port --var hosts_dir
 
-say "starting 3 agents (hosts) watching the repo"
+say "starting 5 agents (hosts); host-1 and host-2 watch the repo, host-3..5 poll it every 3s"
 for h in "${hosts[@]}"; do
   d="$work/hosts/$h"; mkdir -p "$d"
   port=$(free_port)
+  case $h in host-1|host-2) url="$work/fleet" ;; *) url="file://$work/fleet" ;; esac
   cat >"$d/agent.yaml" <<CFG
 host: $h
-environment: demo
+environment: prod
 vars: { port: "$port", artifact_port: "$art_port", hosts_dir: "$work/hosts" }
-repo: { url: "$work/fleet", branch: main, poll_interval: 30s }
+repo: { url: "$url", branch: main, poll_interval: 3s }
 state_dir: $d/state
 service_manager: process
+coordinator: { url: "$DROVER_URL", token_file: "$work/tokens/fleet", heartbeat_interval: 1s }
 CFG
   echo "$port" > "$d/port"
-  "$agent" --config "$d/agent.yaml" run >"$d/agent.log" 2>&1 &
+  "$bin/drover-agent" --config "$d/agent.yaml" run >"$d/agent.log" 2>&1 &
   pids+=($!)
-  echo "$h: app port $port, log $d/agent.log"
 done
 
-versions() { for h in "${hosts[@]}"; do printf '%s=%s ' "$h" "$(curl -fsS "http://127.0.0.1:$(cat "$work/hosts/$h/port")/version" 2>/dev/null || echo down)"; done; echo; }
+versions() { for h in "${hosts[@]}"; do printf '%s=%s ' "$h" "$(curl -fsS "http://127.0.0.1:$(cat "$work/hosts/$h/port")/version" 2>/dev/null || echo -)"; done; echo; }
 wait_for() { # DESCRIPTION CHECK-COMMAND
   local t0=$SECONDS
   until eval "$2"; do
-    if (( SECONDS - t0 > 60 )); then echo "timed out waiting for $1"; tail -n 20 "$work"/hosts/*/agent.log; exit 1; fi
+    if (( SECONDS - t0 > 90 )); then echo "timed out waiting for $1"; tail -n 20 "$work"/hosts/*/agent.log "$work/coordinator.log"; exit 1; fi
     sleep 0.2
   done
-  echo "$1 after $((SECONDS - t0))s"
+  echo "$1 ($((SECONDS - t0))s)"
 }
-all_current() { for h in "${hosts[@]}"; do "$agent" --config "$work/hosts/$h/agent.yaml" status --json | python3 -c "import json,sys; s=json.load(sys.stdin)['services'].get('hello',{}); sys.exit(0 if s.get('current')=='$1' and not s.get('deploying') and (('$2'=='') or (s.get('failed') or {}).get('version')=='$2') else 1)" || return 1; done; }
+rollout_state() { drover status --json | python3 -c "import json,sys; rs=[r for r in json.load(sys.stdin)['rollouts'] if r['version']=='$1']; print(rs[-1]['state'] if rs else '-')"; }
+all_current() { for h in "${hosts[@]}"; do "$bin/drover-agent" --config "$work/hosts/$h/agent.yaml" status --json | python3 -c "import json,sys; s=json.load(sys.stdin)['services'].get('hello',{}); sys.exit(0 if s.get('current')=='$1' and not s.get('deploying') else 1)" || return 1; done; }
+approve() { # VERSION
+  wait_for "the coordinator holds $1 for approval" "[ \"\$(rollout_state $1)\" = APPROVAL_REQUIRED ]"
+  echo "no host moved yet: $(versions)"
+  echo "\$ drover approve prod hello $1"
+  drover approve prod hello "$1"
+}
 
-wait_for "all hosts run 1.0.0" "all_current 1.0.0 ''"
+approve 1.0.0
+wait_for "all 5 hosts run 1.0.0" "all_current 1.0.0"
 versions
 
 say "promoting 2.0.0 with a commit"
 promote 2.0.0 "$sha2" "hello 2.0.0"
-wait_for "all hosts run 2.0.0" "all_current 2.0.0 ''"
+approve 2.0.0
+wait_for "all 5 hosts run 2.0.0, 2 at a time" "all_current 2.0.0"
 versions
 
-say "promoting a broken 3.0.0 (its health check fails)"
-promote 3.0.0 "$sha3" "hello 3.0.0 (broken)"
-wait_for "every host tried 3.0.0 and rolled back to 2.0.0" "all_current 2.0.0 3.0.0"
+say "promoting the broken 3.0.0"
+promote 3.0.0 "$sha3" "hello 3.0.0"
+approve 3.0.0
+wait_for "the rollout to halt and roll back" "[ \"\$(rollout_state 3.0.0)\" = ABORTED ]"
+wait_for "every host to run 2.0.0 again" "all_current 2.0.0"
 versions
 
-say "what the agents recorded"
-"$agent" --config "$work/hosts/host-1/agent.yaml" status
+say "the coordinator's view"
+sleep 2   # one more heartbeat from every host
+drover status
 echo
-echo "host-1 events:"
-python3 - "$work/hosts/host-1/state/events.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    e = json.loads(line)
-    print(f"  {e['at'][11:23]}  {e['version']:<6} {e['phase']:<12} {(e.get('detail') or '')[:90]}")
-PY
-say "done: 1.0.0 → 2.0.0 promoted by commit; broken 3.0.0 rolled back automatically on every host"
+echo "audit trail of 3.0.0:"
+drover history --limit 200 | grep -E "prod/hello/3.0.0" | sed 's/^/  /'
+say "done: commits promoted 1.0.0 → 2.0.0 (approved, 2 hosts at a time); broken 3.0.0 halted after the first batch, the upgraded hosts reverted, the rest never ran it"

@@ -69,6 +69,27 @@ struct Input {
     /// Artifact download behaviour.
     #[serde(default)]
     download: DownloadInput,
+    /// The coordinator (optional): leases and approvals.
+    coordinator: Option<CoordinatorInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordinatorInput {
+    url: Spanned<String>,
+    token_file: Spanned<String>,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_interval: Dur,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_heartbeat() -> Dur {
+    Dur::secs(5)
 }
 
 fn default_manager() -> ServiceManager {
@@ -172,6 +193,8 @@ pub struct Config {
     pub limits: Limits,
     /// Download retries and timeout.
     pub download: Download,
+    /// The coordinator, if one is configured.
+    pub coordinator: Option<CoordinatorConfig>,
     /// The agent's environment variables, captured once, for `{env.NAME}` in template files.
     pub env: BTreeMap<String, String>,
     /// The files the configuration was read from.
@@ -189,6 +212,30 @@ pub struct RepoConfig {
     pub poll_interval: Duration,
     /// For a repo on this machine, its path: watched for instant reaction.
     pub local_path: Option<PathBuf>,
+}
+
+/// How to reach the coordinator.
+#[derive(Clone)]
+pub struct CoordinatorConfig {
+    /// Its URL.
+    pub url: String,
+    /// The bearer token (read from `token_file` at start).
+    pub token: String,
+    /// Whether deploys wait for a reachable coordinator (true) or go on without a lease.
+    pub required: bool,
+    /// How often to heartbeat.
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for CoordinatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorConfig")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .field("required", &self.required)
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
 }
 
 /// Artifact limits.
@@ -375,6 +422,41 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         }
         None => PathBuf::from("/var/lib/drover"),
     };
+    let coordinator = i.coordinator.map(|c| {
+        let url = c.url.value.trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(Problem::new(
+                c.url.mark.clone(),
+                format!("coordinator url `{url}` must start with http:// or https://"),
+            ));
+        }
+        let token = match std::fs::read_to_string(&c.token_file.value) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            Ok(_) => {
+                problems.push(Problem::new(
+                    c.token_file.mark.clone(),
+                    format!("coordinator token file {} is empty", c.token_file.value),
+                ));
+                String::new()
+            }
+            Err(e) => {
+                problems.push(Problem::new(
+                    c.token_file.mark.clone(),
+                    format!(
+                        "cannot read coordinator token file {}: {e}",
+                        c.token_file.value
+                    ),
+                ));
+                String::new()
+            }
+        };
+        CoordinatorConfig {
+            url,
+            token,
+            required: c.required,
+            heartbeat: c.heartbeat_interval.0,
+        }
+    });
     Config {
         host,
         environment: i.environment.as_str().to_string(),
@@ -398,6 +480,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             retries: i.download.retries,
             timeout: i.download.timeout.0,
         },
+        coordinator,
         env,
         files: Vec::new(),
     }

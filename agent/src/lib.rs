@@ -7,6 +7,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod coordinator;
 pub mod deploy;
 pub mod failpoint;
 pub mod fsutil;

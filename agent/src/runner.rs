@@ -11,7 +11,8 @@ use tokio::task::JoinSet;
 
 use crate::artifact::Fetcher;
 use crate::config::{Config, Mode, ServiceManager};
-use crate::deploy::driver::{DeployError, Deployer, Outcome};
+use crate::coordinator::{self, Ctx, Gate};
+use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
 use crate::deploy::{Action, decide};
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
@@ -59,15 +60,28 @@ impl Agent {
                 store.log_dir(),
             )),
         };
+        let gate = match &config.coordinator {
+            Some(c) => Some(Gate::new(
+                drover_coordinator::client::Client::new(&c.url, &c.token)?,
+                &config.host,
+                &config.environment,
+                c.required,
+            )),
+            None => None,
+        };
         let deployer = Deployer::new(
             store.clone(),
             config.host.clone(),
-            fetcher,
-            Checker::new(http),
-            manager,
+            Peers {
+                fetcher,
+                checker: Checker::new(http),
+                manager,
+                gate,
+            },
             Arc::new(config.env.clone()),
             config.limits.max_unpacked_size,
         );
+
         let mirror = Arc::new(Mirror::new(
             &store.git_dir(),
             &config.repo.url,
@@ -106,6 +120,70 @@ impl Agent {
         )
     }
 
+    /// What a lease request needs to know about `snap` and its plan.
+    fn ctx(snap: &Snapshot, plan: &HostPlan) -> Ctx {
+        Ctx {
+            commit: snap.commit.clone(),
+            commit_time_ms: snap.commit_time_ms,
+            policy: coordinator::policy(&plan.policy),
+        }
+    }
+
+    /// Tells the coordinator (if any) how this host's services are; returns its actions.
+    async fn heartbeat(&self, plan: Option<&HostPlan>) -> Vec<drover_coordinator::wire::Action> {
+        let Some(gate) = self.deployer.gate() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = self.store.services().unwrap_or_default();
+        if let Some(p) = plan {
+            names.extend(p.services.iter().map(|s| s.service.clone()));
+        }
+        names.sort();
+        names.dedup();
+        let mut reports = Vec::new();
+        for name in names {
+            let desired = plan
+                .and_then(|p| p.services.iter().find(|s| s.service == name))
+                .map(|s| s.version.clone());
+            let st = self.store.load(&name).ok().flatten();
+            let actual = st
+                .as_ref()
+                .and_then(|s| s.current.as_ref())
+                .map(|c| c.version.clone());
+            let healthy = match st
+                .as_ref()
+                .and_then(|s| s.current.as_ref())
+                .and_then(|c| c.spec.as_deref())
+            {
+                Some(spec) => self
+                    .deployer
+                    .manager()
+                    .is_running(spec)
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            };
+            reports.push(drover_coordinator::wire::ServiceReport {
+                service: name,
+                desired,
+                actual,
+                healthy,
+                phase: st
+                    .as_ref()
+                    .and_then(|s| s.deployment.as_ref())
+                    .map(|d| d.phase.name().to_string()),
+                last_error: st.and_then(|s| s.last_error),
+            });
+        }
+        match gate.heartbeat(reports, &self.config.labels).await {
+            Ok(actions) => actions,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                Vec::new()
+            }
+        }
+    }
+
     async fn fetch(&self) -> anyhow::Result<Snapshot> {
         let timeout = Duration::from_secs(120).max(self.config.repo.poll_interval);
         let result = git_watch::fetch_snapshot(&self.mirror, timeout).await;
@@ -135,7 +213,7 @@ impl Agent {
                 },
                 _ => continue,
             };
-            let r = self.deployer.reconcile(&target).await;
+            let r = self.deployer.reconcile(&target, None).await;
             out.push((name, r));
         }
         out
@@ -160,10 +238,12 @@ impl Agent {
                 short(&snap.commit)
             )
         })?;
+        let ctx = Agent::ctx(&snap, &plan);
+        self.heartbeat(Some(&plan)).await;
         let mut tasks = JoinSet::new();
-        for svc in plan.services {
-            let d = self.deployer.clone();
-            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc).await) });
+        for svc in plan.services.clone() {
+            let (d, ctx) = (self.deployer.clone(), ctx.clone());
+            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc, Some(&ctx)).await) });
         }
         let mut results = Vec::new();
         while let Some(r) = tasks.join_next().await {
@@ -171,6 +251,7 @@ impl Agent {
             results.push((name.clone(), r.with_context(|| format!("service {name}"))?));
         }
         results.sort_by(|a, b| a.0.cmp(&b.0));
+        self.heartbeat(Some(&plan)).await;
         Ok(results)
     }
 
@@ -215,24 +296,37 @@ impl Agent {
             "agent running"
         );
         let mut plan: Option<HostPlan> = None;
+        let mut ctx: Option<Ctx> = None;
         let mut slots: HashMap<String, Slot> = HashMap::new();
         let mut tasks: JoinSet<(String, Result<Outcome, DeployError>)> = JoinSet::new();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let spawn = |tasks: &mut JoinSet<_>, slot: &mut Slot, svc: &ResolvedService| {
-            slot.busy = true;
-            slot.dirty = false;
-            let d = self.deployer.clone();
-            let svc = svc.clone();
-            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc).await) });
-        };
+        let beat_every = self
+            .config
+            .coordinator
+            .as_ref()
+            .map(|c| c.heartbeat)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut beat = tokio::time::interval(beat_every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let spawn =
+            |tasks: &mut JoinSet<_>, slot: &mut Slot, svc: &ResolvedService, ctx: &Option<Ctx>| {
+                slot.busy = true;
+                slot.dirty = false;
+                let d = self.deployer.clone();
+                let (svc, ctx) = (svc.clone(), ctx.clone());
+                tasks.spawn(
+                    async move { (svc.service.clone(), d.reconcile(&svc, ctx.as_ref()).await) },
+                );
+            };
         loop {
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
                     let Some(snap) = snapshots.borrow_and_update().clone() else { continue };
-                    match self.plan_for(&snap) {
+                                        match self.plan_for(&snap) {
                         Ok(p) => {
+                            ctx = Some(Agent::ctx(&snap, &p));
                             let wanted: Vec<&str> = p.services.iter().map(|s| s.service.as_str()).collect();
                             for old in slots.keys().filter(|k| !wanted.contains(&k.as_str())) {
                                 tracing::warn!(service = %old, "no longer in this host's desired state; leaving it as it is");
@@ -242,7 +336,7 @@ impl Agent {
                                 let slot = slots.entry(svc.service.clone()).or_default();
                                 slot.retry_at = None;
                                 slot.backoff = Duration::ZERO;
-                                if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, svc) }
+                                if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, svc, &ctx) }
                             }
                             plan = Some(p);
                         }
@@ -265,8 +359,22 @@ impl Agent {
                     slot.report(&name, result);
                     if slot.dirty
                         && let Some(svc) = plan.as_ref().and_then(|p| p.services.iter().find(|s| s.service == name))
-                    {
-                        spawn(&mut tasks, slot, svc);
+                                        {
+                        spawn(&mut tasks, slot, svc, &ctx);
+                    }
+                }
+                _ = beat.tick(), if self.deployer.gate().is_some() => {
+                    for a in self.heartbeat(plan.as_ref()).await {
+                        if a.action != "revert" { continue; }
+                        let slot = slots.entry(a.service.clone()).or_default();
+                        if slot.busy { continue; }
+                        tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator asks to revert");
+                        slot.busy = true;
+                        let (d, ctx) = (self.deployer.clone(), ctx.clone());
+                        tasks.spawn(async move {
+                            let r = d.revert(&a.service, &a.version, &a.reason, ctx.as_ref()).await;
+                            (a.service, r)
+                        });
                     }
                 }
                 _ = tick.tick() => {
@@ -279,8 +387,8 @@ impl Agent {
                             Some(at) => now >= at,
                             None => supervise,
                         };
-                        if !slot.busy && due {
-                            spawn(&mut tasks, slot, svc);
+                                                if !slot.busy && due {
+                            spawn(&mut tasks, slot, svc, &ctx);
                         }
                     }
                 }
@@ -432,7 +540,11 @@ impl Slot {
             ),
             Err(e) => (e.to_string(), true),
         };
-        if retry {
+        if let Ok(Outcome::Waiting { retry_after_ms, .. }) = &result {
+            // The coordinator says when to ask again.
+            self.retry_at =
+                Some(Instant::now() + Duration::from_millis((*retry_after_ms).max(200)));
+        } else if retry {
             self.backoff =
                 (self.backoff * 2).clamp(Duration::from_secs(5), Duration::from_secs(300));
             self.retry_at = Some(Instant::now() + self.backoff);
@@ -448,6 +560,7 @@ impl Slot {
             Ok(Outcome::Deployed { .. } | Outcome::Started { .. }) => {
                 tracing::info!(service = name, "{line}")
             }
+            Ok(Outcome::Waiting { .. }) => tracing::info!(service = name, "{line}"),
             Ok(
                 Outcome::RolledBack { .. }
                 | Outcome::SkippedFailed { .. }

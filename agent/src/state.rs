@@ -68,6 +68,21 @@ pub struct Deployment {
     pub started_at: String,
 }
 
+/// A coordinator lease held (or to be released) for this service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseState {
+    /// The lease id.
+    pub id: String,
+    /// A revert lease (its success is a rollback) rather than a deploy lease.
+    #[serde(default)]
+    pub revert: bool,
+    /// The outcome to report: `None` while the deploy runs.
+    pub success: Option<bool>,
+    /// The error to report with a failure.
+    pub message: Option<String>,
+}
+
 /// Everything the agent knows about one service on this host.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +103,12 @@ pub struct ServiceState {
     pub deployment: Option<Deployment>,
     /// The last error (deploy, rollback or supervision), cleared by a successful deploy.
     pub last_error: Option<String>,
+    /// The coordinator lease of the deploy in flight, or one whose release is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseState>,
+    /// A version waiting for its lease (approval, free slot…), to log its retries quietly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Last change (RFC 3339).
     pub updated_at: String,
 }
@@ -104,6 +125,8 @@ impl ServiceState {
             failed: None,
             deployment: None,
             last_error: None,
+            lease: None,
+            waiting: None,
             updated_at: fsutil::now_rfc3339(),
         }
     }

@@ -1,1 +1,28 @@
-//! drover coordinator (placeholder until the coordinator issue).
+//! drover coordinator: rolling-batch leases, approval gates, fleet view and audit, over an
+//! HTTP/JSON API (docs/protocol.md); and the `drover` operator CLI.
+//!
+//! With only the `client` feature, this crate is the protocol's types ([`wire`]) and a client
+//! ([`client`]) — what the agent depends on. The `server` feature adds the coordinator itself:
+//! the rollout state machine ([`rollout`]), the pure decisions over a state snapshot
+//! ([`core`]), the store ([`store`], SQLite), the actor that batches requests into store
+//! transactions ([`actor`]) and the HTTP layer ([`http`]).
+
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+pub mod wire;
+
+#[cfg(feature = "server")]
+pub mod actor;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod core;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub mod rollout;
+#[cfg(feature = "server")]
+pub mod store;

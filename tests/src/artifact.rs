@@ -86,6 +86,7 @@ pub fn hello_bytes(version: &str, env: &[&str]) -> Vec<u8> {
     let drain =
         b"#!/bin/sh\necho \"draining before $DROVER_VERSION replaces $DROVER_PREVIOUS_VERSION\"\n";
     let hang = b"#!/bin/sh\necho hanging\nsleep 600\n";
+    let slow = b"#!/bin/sh\nsleep 1\n";
     let fail = b"#!/bin/sh\necho migration failed >&2\nexit 7\n";
     let tmpl = b"GREETING=hello from {host} ({environment})\nPORT={port}\nSECRET={env.DROVER_TEST_SECRET}\n";
     tar_gz(&[
@@ -93,6 +94,7 @@ pub fn hello_bytes(version: &str, env: &[&str]) -> Vec<u8> {
         Entry::File("bin/hello", &hello, 0o755),
         Entry::File("bin/drain", drain, 0o755),
         Entry::File("bin/hang", hang, 0o755),
+        Entry::File("bin/slow", slow, 0o755),
         Entry::File("bin/fail", fail, 0o755),
         Entry::Dir("config/"),
         Entry::File("config/app.env.tmpl", tmpl, 0o644),

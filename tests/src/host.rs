@@ -24,6 +24,7 @@ install:
     - { src: config/app.env.tmpl, dest: config/app.env }
 run:
   command: ["bin/hello", "--port", "{port}"]
+  env: { HELLO_HOST: "{host}" }
   stop_timeout: 5s
 hooks:
   before_stop: bin/drain
@@ -87,13 +88,37 @@ impl Fleet {
 
     /// A host reading the repo as a local path.
     pub fn host(&self, name: &str) -> Host {
-        Host::new(
+        self.host_with(name, "test", "")
+    }
+
+    /// A host of environment `env` with `extra` config lines.
+    pub fn host_with(&self, name: &str, env: &str, extra: &str) -> Host {
+        let h = Host::new(
             self.dir.path(),
             name,
             self.repo.dir.to_str().expect("utf-8"),
             &self.art.url(),
-            "",
-        )
+            extra,
+        );
+        if env != "test" {
+            let cfg = std::fs::read_to_string(&h.config)
+                .expect("config")
+                .replace("environment: test\n", &format!("environment: {env}\n"));
+            std::fs::write(&h.config, cfg).expect("config");
+        }
+        h
+    }
+
+    /// Commits environment `env` with `policy` lines and hello pinned to `built`.
+    pub fn pin_env(&self, env: &str, policy: &str, built: &Built) -> String {
+        self.repo.write(
+            &format!("environments/{env}.yaml"),
+            &format!(
+                "environment: {env}\n{policy}services:\n  hello: {{ version: {}, sha256: {} }}\n",
+                built.version, built.sha256
+            ),
+        );
+        self.repo.commit(&format!("{env}: hello {}", built.version))
     }
 }
 

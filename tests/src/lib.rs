@@ -7,6 +7,7 @@
 //! under the test's directory and killed with it.
 
 pub mod artifact;
+pub mod coordinator;
 pub mod faulty;
 pub mod git;
 pub mod host;
@@ -96,19 +97,65 @@ pub fn wait_port(port: u16, limit: Duration) {
 
 /// A GET on 127.0.0.1, returning (status, body); `None` if nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path, &[], b"")
+}
+
+/// An HTTP/1.1 request on 127.0.0.1 with extra header lines; (status, body) or `None`.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: &[u8],
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    // A server refusing a large body may close early: that is still an answer.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let buf = String::from_utf8_lossy(&buf).into_owned();
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Some((status, body))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Pids of live processes whose environment contains `DROVER_INSTANCE=<prefix>…`.
@@ -175,5 +222,9 @@ impl Default for TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         kill_instances(self.dir.path());
+        if std::env::var_os("DROVER_TEST_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept test directory {}", dir.keep().display());
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! smart HTTP and git://, lighttpd serving artifacts), one module per area.
 
 mod artifacts;
+mod coordinator;
 mod deploy;
 mod git;
 mod recovery;

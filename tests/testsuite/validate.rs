@@ -82,8 +82,8 @@ fn every_problem_is_printed_with_file_and_line() {
         "services/broken.yaml:3:1: invalid YAML",
         "services/hello.yaml:3:8: artifact url `ftp://host/hello-{version}.tar.gz` has scheme `ftp`",
         "services/hello.yaml:7:3: unknown field `kep`",
-        "services/hello.yaml:18:12: invalid duration `5 s`",
-        "services/hello.yaml:19:3: unknown field `retries`",
+        "services/hello.yaml:19:12: invalid duration `5 s`",
+        "services/hello.yaml:20:3: unknown field `retries`",
         "environments/test.yaml:5:3: duplicate key `ghost`",
         "environments/prod.yaml:2:24: promotion.requires: environment `qa` is not defined",
     ] {

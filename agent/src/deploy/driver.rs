@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Action, Next, Phase, Recovery, decide, recover};
+use drover_coordinator::wire::Purpose;
+
 use crate::artifact::{ArtifactError, Fetcher};
+use crate::coordinator::{Ctx, Gate, GateError, Held, KeepAlive};
 use crate::failpoint;
 use crate::fsutil::{self, FileLock};
 use crate::health::{CheckError, Checker};
@@ -15,7 +18,9 @@ use crate::hooks::{self, HookError};
 use crate::release::{Layout, ReleaseError};
 use crate::service::{Manager, ServiceError};
 use crate::spec::{Digest, ResolvedService};
-use crate::state::{Deployment, Event, Failure, Release, ServiceState, StateError, Store};
+use crate::state::{
+    Deployment, Event, Failure, LeaseState, Release, ServiceState, StateError, Store,
+};
 
 /// Why a phase failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,9 @@ pub enum PhaseError {
     /// Health or smoke.
     #[error(transparent)]
     Check(#[from] CheckError),
+    /// No lease from the coordinator.
+    #[error(transparent)]
+    Gate(#[from] GateError),
     /// An injected test failure.
     #[error("{0}")]
     Injected(String),
@@ -60,6 +68,7 @@ impl PhaseError {
             PhaseError::Release(ReleaseError::Extract(crate::release::ExtractError::Io {
                 ..
             })) => true,
+            PhaseError::Gate(e) => e.retry_after().is_some(),
             _ => false,
         }
     }
@@ -135,6 +144,16 @@ pub enum Outcome {
         /// Why it failed.
         reason: String,
     },
+    /// The coordinator has not given a lease yet (approval, no free slot, unreachable…);
+    /// nothing was touched, it is asked again later.
+    Waiting {
+        /// Version.
+        version: String,
+        /// What the coordinator said.
+        reason: String,
+        /// When to ask again, in milliseconds.
+        retry_after_ms: u64,
+    },
     /// The deploy failed and so did its rollback.
     Broken {
         /// Version.
@@ -177,11 +196,26 @@ impl Outcome {
             Outcome::SkippedFailed { version, reason } => format!(
                 "{version} failed here before and is not retried until the desired version changes ({reason})"
             ),
+            Outcome::Waiting {
+                version, reason, ..
+            } => format!("{version} not deployed yet: {reason}"),
             Outcome::Broken { version, error } => {
                 format!("{version} failed and the rollback failed too; operator needed: {error}")
             }
         }
     }
+}
+
+/// The peers a deploy talks to, built once from the configuration.
+pub struct Peers {
+    /// The artifact store.
+    pub fetcher: Fetcher,
+    /// Health checks and smoke tests.
+    pub checker: Checker,
+    /// systemd or the process manager.
+    pub manager: Manager,
+    /// The coordinator, if configured.
+    pub gate: Option<Gate>,
 }
 
 /// Deploys services on this host.
@@ -194,6 +228,7 @@ pub struct Deployer {
     manager: Manager,
     env: Arc<BTreeMap<String, String>>,
     max_unpacked: u64,
+    gate: Option<Gate>,
 }
 
 impl Deployer {
@@ -201,21 +236,25 @@ impl Deployer {
     pub fn new(
         store: Store,
         host: String,
-        fetcher: Fetcher,
-        checker: Checker,
-        manager: Manager,
+        peers: Peers,
         env: Arc<BTreeMap<String, String>>,
         max_unpacked: u64,
     ) -> Deployer {
         Deployer {
             store,
             host,
-            fetcher,
-            checker,
-            manager,
+            fetcher: peers.fetcher,
+            checker: peers.checker,
+            manager: peers.manager,
             env,
             max_unpacked,
+            gate: peers.gate,
         }
+    }
+
+    /// The coordinator, if one is configured.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
     }
 
     /// The state store.
@@ -280,9 +319,14 @@ impl Deployer {
     /// Brings `desired` about on this host: recover an interrupted deploy, then deploy,
     /// start, or leave it as it is.
     #[tracing::instrument(skip_all, fields(service = %desired.service, version = %desired.version))]
-    pub async fn reconcile(&self, desired: &ResolvedService) -> Result<Outcome, DeployError> {
+    pub async fn reconcile(
+        &self,
+        desired: &ResolvedService,
+        ctx: Option<&Ctx>,
+    ) -> Result<Outcome, DeployError> {
         let _lock = self.lock(&desired.service).await?;
         let mut st = self.load(&desired.service, Some(&desired.root))?;
+        self.flush_release(&mut st).await?;
         let mut attempts = 0;
         if let Some(d) = st.deployment.clone() {
             match self.recover(&mut st, d, desired).await? {
@@ -298,7 +342,31 @@ impl Deployer {
                 reason,
             }),
             Action::EnsureRunning => self.ensure_running(&mut st, desired).await,
-            Action::Deploy => self.deploy(&mut st, desired, attempts).await,
+            Action::Deploy => self.deploy(&mut st, desired, attempts, ctx).await,
+        }
+    }
+
+    /// Sends a lease release that an earlier pass could not deliver.
+    async fn flush_release(&self, st: &mut ServiceState) -> Result<(), DeployError> {
+        let Some(l) = st.lease.clone() else {
+            return Ok(());
+        };
+        let Some(success) = l.success else {
+            return Ok(()); // held by a deploy in flight
+        };
+        let Some(gate) = &self.gate else {
+            st.lease = None;
+            return self.save(st);
+        };
+        match gate.release(&l.id, success, l.message.clone()).await {
+            Ok(()) => {
+                st.lease = None;
+                self.save(st)
+            }
+            Err(e) => {
+                tracing::warn!(lease = %l.id, error = %e, "cannot release the lease yet; will retry");
+                Ok(())
+            }
         }
     }
 
@@ -357,6 +425,7 @@ impl Deployer {
         st: &mut ServiceState,
         svc: &ResolvedService,
         prior_attempts: u32,
+        ctx: Option<&Ctx>,
     ) -> Result<Outcome, DeployError> {
         let layout = Layout::new(&svc.root);
         // The state may lag behind the disk (rebuilt, or `current` changed by hand): the
@@ -388,39 +457,65 @@ impl Deployer {
             error: None,
             started_at: fsutil::now_rfc3339(),
         };
-        self.drive(st, d, Phase::Fetch).await
+        self.drive(st, d, Phase::Fetch, ctx, None).await
     }
 
-    /// Runs phases from `start` until the deploy ends.
+    /// Runs phases from `start` until the deploy ends. `lease` is a lease already held (a
+    /// revert); otherwise the lease phase asks for one.
     async fn drive(
         &self,
         st: &mut ServiceState,
         mut d: Deployment,
         start: Phase,
+        ctx: Option<&Ctx>,
+        mut lease: Option<(Held, KeepAlive)>,
     ) -> Result<Outcome, DeployError> {
         let t0 = Instant::now();
         let mut phase = start;
-        let mut transient = false;
+        let mut last_error: Option<PhaseError> = None;
+        // Retrying a deploy that waits for its lease: the phases before the lease are quick
+        // no-ops (cached, staged); they are not logged again.
+        let quiet = st.waiting.as_deref() == Some(d.target.version.as_str());
         loop {
             d.phase = phase;
             st.deployment = Some(d.clone());
             self.save(st)?;
-            self.event(
-                &d.target.service,
-                &d.target.version,
-                phase.name(),
-                d.error.clone().filter(|_| phase == Phase::RollBack),
-            );
-            tracing::info!(phase = phase.name(), "phase");
+            if !quiet || phase.touches_host() {
+                self.event(
+                    &d.target.service,
+                    &d.target.version,
+                    phase.name(),
+                    d.error.clone().filter(|_| phase == Phase::RollBack),
+                );
+                tracing::info!(phase = phase.name(), "phase");
+            }
             let result = match failpoint::hit(phase.name()) {
                 Err(e) => Err(PhaseError::Injected(e)),
+                Ok(()) if phase == Phase::Lease => match self.lease(&d, ctx).await {
+                    Ok(held) => {
+                        if let Some((h, _)) = &held {
+                            st.lease = Some(LeaseState {
+                                id: h.id.clone(),
+                                revert: false,
+                                success: None,
+                                message: None,
+                            });
+                        }
+                        lease = held;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
                 Ok(()) => self.run_phase(phase, &d).await,
             };
             let next = match result {
                 Ok(()) => phase.on_success(),
                 Err(e) => {
-                    tracing::error!(phase = phase.name(), error = %e, "phase failed");
-                    transient = e.is_transient();
+                    if matches!(e, PhaseError::Gate(GateError::Wait { .. })) {
+                        tracing::debug!(error = %e, "no lease yet");
+                    } else {
+                        tracing::error!(phase = phase.name(), error = %e, "phase failed");
+                    }
                     let msg = format!("{}: {e}", phase.name());
                     d.error = Some(match (&d.error, phase) {
                         (Some(first), Phase::RollBack) => {
@@ -428,7 +523,9 @@ impl Deployer {
                         }
                         _ => msg,
                     });
-                    phase.on_failure()
+                    let next = phase.on_failure();
+                    last_error = Some(e);
+                    next
                 }
             };
             match next {
@@ -438,11 +535,28 @@ impl Deployer {
                         .expect("the phase machine only returns legal steps");
                 }
                 end => {
-                    tracing::info!(took_ms = t0.elapsed().as_millis() as u64, outcome = ?end, "deploy ended");
-                    return self.finish(st, d, end, transient);
+                    tracing::debug!(took_ms = t0.elapsed().as_millis() as u64, outcome = ?end, "deploy ended");
+                    drop(lease.take().map(|(_, keep)| keep));
+                    return self.finish(st, d, end, last_error).await;
                 }
             }
         }
+    }
+
+    /// The lease phase: asks the coordinator, if one is configured.
+    async fn lease(
+        &self,
+        d: &Deployment,
+        ctx: Option<&Ctx>,
+    ) -> Result<Option<(Held, KeepAlive)>, PhaseError> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        let held = gate.acquire(&d.target, ctx, Purpose::Deploy).await?;
+        Ok(held.map(|h| {
+            let keep = gate.keep_alive(&h);
+            (h, keep)
+        }))
     }
 
     /// Environment for hooks and smoke commands.
@@ -514,6 +628,7 @@ impl Deployer {
                     self.manager.stop(t).await?;
                 }
             }
+            Phase::Lease => unreachable!("drive runs the lease phase itself"),
             Phase::Switch => layout.switch(&d.dir)?,
             Phase::Start => {
                 if let Some(h) = &t.after_install {
@@ -577,17 +692,18 @@ impl Deployer {
         Ok(())
     }
 
-    /// Records how a deploy ended.
-    fn finish(
+    /// Records how a deploy ended, and releases its lease with the outcome.
+    async fn finish(
         &self,
         st: &mut ServiceState,
         d: Deployment,
         end: Next,
-        transient: bool,
+        last_error: Option<PhaseError>,
     ) -> Result<Outcome, DeployError> {
         let t = &d.target;
         let version = t.version.clone();
         let error = d.error.clone().unwrap_or_default();
+        let report = (!error.is_empty()).then(|| error.clone());
         let failure = || Failure {
             version: t.version.clone(),
             sha256: t.sha256.clone(),
@@ -595,6 +711,7 @@ impl Deployer {
             at: fsutil::now_rfc3339(),
         };
         st.deployment = None;
+        st.waiting = None;
         let outcome = match end {
             Next::Deployed => {
                 let new = Release {
@@ -614,17 +731,29 @@ impl Deployer {
                     from: d.from.as_ref().map(|f| f.version.clone()),
                 }
             }
-            Next::Abandoned => {
-                if !transient {
-                    st.failed = Some(failure());
+            Next::Abandoned => match &last_error {
+                Some(PhaseError::Gate(g)) if g.retry_after().is_some() => {
+                    st.waiting = Some(version.clone());
+                    st.last_error = Some(format!("{version}: {g}"));
+                    Outcome::Waiting {
+                        version,
+                        reason: g.to_string(),
+                        retry_after_ms: g.retry_after().unwrap_or_default().as_millis() as u64,
+                    }
                 }
-                st.last_error = Some(format!("{version}: {error}"));
-                Outcome::Abandoned {
-                    version,
-                    error,
-                    retry: transient,
+                _ => {
+                    let transient = last_error.as_ref().is_some_and(PhaseError::is_transient);
+                    if !transient {
+                        st.failed = Some(failure());
+                    }
+                    st.last_error = Some(format!("{version}: {error}"));
+                    Outcome::Abandoned {
+                        version,
+                        error,
+                        retry: transient,
+                    }
                 }
-            }
+            },
             Next::RolledBack => {
                 st.failed = Some(failure());
                 st.current = d.from.clone();
@@ -647,15 +776,28 @@ impl Deployer {
             }
             Next::Phase(_) => unreachable!("finish is called at the end"),
         };
+        if let Some(l) = &mut st.lease
+            && l.success.is_none()
+        {
+            l.success = Some(if l.revert {
+                matches!(outcome, Outcome::RolledBack { .. })
+            } else {
+                matches!(outcome, Outcome::Deployed { .. })
+            });
+            l.message = report;
+        }
         self.save(st)?;
         let (phase, detail) = match &outcome {
             Outcome::Deployed { from, .. } => ("deployed", from.clone()),
             Outcome::Abandoned { error, .. } => ("abandoned", Some(error.clone())),
             Outcome::RolledBack { error, .. } => ("rolled_back", Some(error.clone())),
             Outcome::Broken { error, .. } => ("broken", Some(error.clone())),
-            _ => ("ended", None),
+            _ => ("", None),
         };
-        self.event(&t.service, &t.version, phase, detail);
+        if !phase.is_empty() {
+            self.event(&t.service, &t.version, phase, detail);
+        }
+        self.flush_release(st).await?;
         if matches!(outcome, Outcome::Deployed { .. }) {
             self.cleanup(st, t);
         }
@@ -728,6 +870,7 @@ impl Deployer {
                 Ok(Resume::Continue { prior_attempts })
             }
             Recovery::ResumeStart | Recovery::FinishRollBack => {
+                // Finishing what was started needs no new lease: the host is already touched.
                 // Resuming is another attempt: a deploy that keeps crashing the agent is
                 // given up after MAX_ATTEMPTS.
                 d.attempts += 1;
@@ -736,7 +879,7 @@ impl Deployer {
                 } else {
                     Phase::RollBack
                 };
-                Ok(Resume::Done(self.drive(st, d, phase).await?))
+                Ok(Resume::Done(self.drive(st, d, phase, None, None).await?))
             }
             Recovery::GiveUp => {
                 d.error = Some(format!(
@@ -745,10 +888,14 @@ impl Deployer {
                     d.phase.name()
                 ));
                 if new_is_current {
-                    Ok(Resume::Done(self.drive(st, d, Phase::RollBack).await?))
+                    Ok(Resume::Done(
+                        self.drive(st, d, Phase::RollBack, None, None).await?,
+                    ))
                 } else {
                     self.restore(&layout, &d).await;
-                    Ok(Resume::Done(self.finish(st, d, Next::Abandoned, false)?))
+                    Ok(Resume::Done(
+                        self.finish(st, d, Next::Abandoned, None).await?,
+                    ))
                 }
             }
         }
@@ -772,8 +919,34 @@ impl Deployer {
     /// back from is marked failed, so it is not deployed again until the desired version
     /// changes.
     pub async fn rollback(&self, service: &str) -> Result<Outcome, DeployError> {
+        self.back(service, None, "rolled back by operator", None)
+            .await
+    }
+
+    /// Reverts `service` from `version` at the coordinator's request, under a revert lease.
+    /// Nothing is done if `version` is not the current release.
+    pub async fn revert(
+        &self,
+        service: &str,
+        version: &str,
+        reason: &str,
+        ctx: Option<&Ctx>,
+    ) -> Result<Outcome, DeployError> {
+        self.back(service, Some(version), reason, Some(ctx)).await
+    }
+
+    /// Goes back from the current release to the previous one. With `only_from`, only if that
+    /// version is current; with `revert`, under a revert lease.
+    async fn back(
+        &self,
+        service: &str,
+        only_from: Option<&str>,
+        why: &str,
+        revert: Option<Option<&Ctx>>,
+    ) -> Result<Outcome, DeployError> {
         let _lock = self.lock(service).await?;
         let mut st = self.load(service, None)?;
+        self.flush_release(&mut st).await?;
         let no = |reason: &str| DeployError::NoRollback {
             service: service.to_string(),
             reason: reason.to_string(),
@@ -785,6 +958,13 @@ impl Deployer {
             .current
             .clone()
             .ok_or_else(|| no("nothing is deployed"))?;
+        if let Some(v) = only_from
+            && current.version != v
+        {
+            return Ok(Outcome::UpToDate {
+                version: current.version,
+            });
+        }
         let previous = st
             .previous
             .clone()
@@ -798,16 +978,45 @@ impl Deployer {
                 previous.version
             )));
         }
+        let mut lease = None;
+        if let (Some(ctx), Some(gate)) = (revert, &self.gate) {
+            match gate.acquire(&spec, ctx, Purpose::Revert).await {
+                Ok(Some(h)) => {
+                    st.lease = Some(LeaseState {
+                        id: h.id.clone(),
+                        revert: true,
+                        success: None,
+                        message: None,
+                    });
+                    let keep = gate.keep_alive(&h);
+                    lease = Some((h, keep));
+                }
+                Ok(None) => {}
+                Err(GateError::Unavailable(e)) if e.kind() == "conflict" => {
+                    tracing::info!(error = %e, "nothing to revert");
+                    return Ok(Outcome::UpToDate {
+                        version: current.version,
+                    });
+                }
+                Err(e) => {
+                    return Ok(Outcome::Waiting {
+                        version: current.version,
+                        retry_after_ms: e.retry_after().unwrap_or_default().as_millis() as u64,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
         let d = Deployment {
             phase: Phase::RollBack,
             target: *spec,
             dir: current.dir.clone(),
             from: Some(previous),
             attempts: 1,
-            error: Some("rolled back by operator".into()),
+            error: Some(why.to_string()),
             started_at: fsutil::now_rfc3339(),
         };
-        let outcome = self.drive(&mut st, d, Phase::RollBack).await?;
+        let outcome = self.drive(&mut st, d, Phase::RollBack, None, lease).await?;
         if matches!(outcome, Outcome::RolledBack { .. }) {
             // The release rolled back from stays on disk as the new "previous".
             st.previous = Some(current);

@@ -1,7 +1,8 @@
 //! Deploying one service on this host: the phase machine and the pure decisions around it.
 //!
-//! A deploy goes through [`Phase`]s: fetch → stage → stop → switch → start → check. The first
-//! two never touch the running version; from `stop` on, any failure rolls back to the previous
+//! A deploy goes through [`Phase`]s: fetch → stage → lease → stop → switch → start → check.
+//! The first three never touch the running version (the lease is the coordinator's permission
+//! to go on); from `stop` on, any failure rolls back to the previous
 //! release. The phase is recorded *before* it runs, so after a crash [`recover`] can tell
 //! what may have happened and what to do. [`decide`] says what a service needs given the
 //! desired state and the local state. The I/O lives in [`driver`].
@@ -24,6 +25,8 @@ pub enum Phase {
     Fetch,
     /// Extracting and preparing `releases/<dir>.tmp`, then renaming it into place.
     Stage,
+    /// Getting a lease from the coordinator (if one is configured).
+    Lease,
     /// `before_stop` hook, then stopping the running version.
     Stop,
     /// Pointing `current` at the new release.
@@ -53,9 +56,10 @@ pub enum Next {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Fetch,
         Phase::Stage,
+        Phase::Lease,
         Phase::Stop,
         Phase::Switch,
         Phase::Start,
@@ -67,7 +71,8 @@ impl Phase {
     pub fn on_success(self) -> Next {
         match self {
             Phase::Fetch => Next::Phase(Phase::Stage),
-            Phase::Stage => Next::Phase(Phase::Stop),
+            Phase::Stage => Next::Phase(Phase::Lease),
+            Phase::Lease => Next::Phase(Phase::Stop),
             Phase::Stop => Next::Phase(Phase::Switch),
             Phase::Switch => Next::Phase(Phase::Start),
             Phase::Start => Next::Phase(Phase::Check),
@@ -79,7 +84,7 @@ impl Phase {
     /// Where this phase leads when it fails.
     pub fn on_failure(self) -> Next {
         match self {
-            Phase::Fetch | Phase::Stage => Next::Abandoned,
+            Phase::Fetch | Phase::Stage | Phase::Lease => Next::Abandoned,
             Phase::Stop | Phase::Switch | Phase::Start | Phase::Check => {
                 Next::Phase(Phase::RollBack)
             }
@@ -89,7 +94,7 @@ impl Phase {
 
     /// Whether the running version may have been touched once this phase started.
     pub fn touches_host(self) -> bool {
-        !matches!(self, Phase::Fetch | Phase::Stage)
+        !matches!(self, Phase::Fetch | Phase::Stage | Phase::Lease)
     }
 
     /// The phase's name, as in logs and events.
@@ -97,6 +102,7 @@ impl Phase {
         match self {
             Phase::Fetch => "fetch",
             Phase::Stage => "stage",
+            Phase::Lease => "lease",
             Phase::Stop => "stop",
             Phase::Switch => "switch",
             Phase::Start => "start",
@@ -151,7 +157,7 @@ pub fn recover(phase: Phase, attempts: u32, new_is_current: bool) -> Recovery {
         return Recovery::GiveUp;
     }
     match phase {
-        Phase::Fetch | Phase::Stage => Recovery::Redeploy,
+        Phase::Fetch | Phase::Stage | Phase::Lease => Recovery::Redeploy,
         _ if new_is_current => Recovery::ResumeStart,
         _ => Recovery::RestoreThenRedeploy,
     }
@@ -218,6 +224,7 @@ mod tests {
             [
                 Phase::Fetch,
                 Phase::Stage,
+                Phase::Lease,
                 Phase::Stop,
                 Phase::Switch,
                 Phase::Start,
@@ -232,12 +239,15 @@ mod tests {
     fn failures_before_stop_abandon_and_after_roll_back() {
         for p in Phase::ALL {
             let expect = match p {
-                Phase::Fetch | Phase::Stage => Next::Abandoned,
+                Phase::Fetch | Phase::Stage | Phase::Lease => Next::Abandoned,
                 Phase::RollBack => Next::Broken,
                 _ => Next::Phase(Phase::RollBack),
             };
             assert_eq!(p.on_failure(), expect, "{p:?}");
-            assert_eq!(p.touches_host(), !matches!(p, Phase::Fetch | Phase::Stage));
+            assert_eq!(
+                p.touches_host(),
+                !matches!(p, Phase::Fetch | Phase::Stage | Phase::Lease)
+            );
         }
     }
 
@@ -245,7 +255,8 @@ mod tests {
     fn every_transition_pair_is_checked() {
         let legal = [
             (Phase::Fetch, Phase::Stage),
-            (Phase::Stage, Phase::Stop),
+            (Phase::Stage, Phase::Lease),
+            (Phase::Lease, Phase::Stop),
             (Phase::Stop, Phase::Switch),
             (Phase::Switch, Phase::Start),
             (Phase::Start, Phase::Check),
@@ -268,6 +279,7 @@ mod tests {
         for (phase, new_current, expect) in [
             (Phase::Fetch, false, Redeploy),
             (Phase::Stage, false, Redeploy),
+            (Phase::Lease, false, Redeploy),
             (Phase::Stop, false, RestoreThenRedeploy),
             (Phase::Switch, false, RestoreThenRedeploy),
             (Phase::Switch, true, ResumeStart),

@@ -71,6 +71,8 @@ pub enum GitError {
 pub struct Snapshot {
     /// The commit id (hex).
     pub commit: String,
+    /// Its committer time, ms since the epoch.
+    pub commit_time_ms: u64,
     /// `services/*.yaml` and `environments/*.yaml`, as (path, content).
     pub files: Vec<(String, String)>,
 }
@@ -180,11 +182,16 @@ impl Mirror {
         };
         let repo = gix::open(&self.path).map_err(|e| self.mirror_err(e))?;
         let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| read_err(&e))?;
-        let tree = repo
+        let commit_obj = repo
             .find_object(id)
             .map_err(|e| read_err(&e))?
-            .peel_to_tree()
+            .peel_to_commit()
             .map_err(|e| read_err(&e))?;
+        let commit_time_ms = commit_obj
+            .time()
+            .map(|t| (t.seconds.max(0) as u64) * 1000)
+            .map_err(|e| read_err(&e))?;
+        let tree = commit_obj.tree().map_err(|e| read_err(&e))?;
         let mut files = Vec::new();
         for dir in ["services", "environments"] {
             let Some(entry) = tree.find_entry(dir) else {
@@ -212,6 +219,7 @@ impl Mirror {
         }
         Ok(Snapshot {
             commit: commit.to_string(),
+            commit_time_ms,
             files,
         })
     }

@@ -10,7 +10,8 @@
 //! "broken" build is the same binary with a different `release.env`:
 //! `VERSION=1.2.0`, `FAIL_HEALTH=1`, `ERROR_RATE=0.05` (fraction of `/` answered 500),
 //! `LATENCY_MS=20` (added to `/`), `EXIT_AT_START=1` (exit at once with status 3),
-//! `HANG_HEALTH=1` (`/health` never answers).
+//! `HANG_HEALTH=1` (`/health` never answers), `FAIL_ON_HOSTS=h3,h4` (`/health` fails when
+//! the environment variable `HELLO_HOST` is one of them: a version broken on some hosts only).
 //! Environment variables of the same names override the file.
 
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ fn settings() -> Settings {
         "ERROR_RATE",
         "LATENCY_MS",
         "EXIT_AT_START",
+        "FAIL_ON_HOSTS",
     ] {
         if let Ok(v) = std::env::var(key) {
             vars.insert(key.to_string(), v);
@@ -67,7 +69,11 @@ fn settings() -> Settings {
     }
     Settings {
         version: vars.get("VERSION").cloned().unwrap_or_else(|| "dev".into()),
-        fail_health: vars.get("FAIL_HEALTH").is_some_and(|v| v == "1"),
+        fail_health: vars.get("FAIL_HEALTH").is_some_and(|v| v == "1")
+            || vars.get("FAIL_ON_HOSTS").is_some_and(|hosts| {
+                let me = std::env::var("HELLO_HOST").unwrap_or_default();
+                hosts.split(',').any(|h| !me.is_empty() && h.trim() == me)
+            }),
         hang_health: vars.get("HANG_HEALTH").is_some_and(|v| v == "1"),
         error_rate: vars
             .get("ERROR_RATE")

@@ -1,0 +1,240 @@
+//! The agent's side of the coordinator (docs/protocol.md): a lease before touching the host,
+//! renewed while the deploy runs and released with its outcome; heartbeats; reverts.
+//!
+//! The wire types and the HTTP client come from `drover_coordinator` (its `client` feature).
+
+use std::time::Duration;
+
+use drover_coordinator::client::{Client, ClientError};
+use drover_coordinator::wire::{self, AcquireRequest, Outcome, Purpose, ReleaseRequest};
+
+use crate::spec::{EnvPolicy, ResolvedService};
+
+pub use drover_coordinator::wire::Policy;
+
+/// Where a desired state came from: what a lease request needs besides the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ctx {
+    /// The desired-state commit.
+    pub commit: String,
+    /// Its commit time, ms since the epoch.
+    pub commit_time_ms: u64,
+    /// The environment's policy.
+    pub policy: Policy,
+}
+
+/// The wire form of an environment policy.
+pub fn policy(p: &EnvPolicy) -> Policy {
+    Policy {
+        max_parallel: p.rollout.max_parallel,
+        max_failures: p.rollout.max_failures,
+        approval_required: p.approval.required,
+        approvers: p.approval.approvers.clone(),
+        approval_timeout_ms: p.approval.timeout.0.as_millis() as u64,
+        promotion_requires: p.promotion_requires.clone(),
+    }
+}
+
+/// Why no lease was obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// Not now: try again later.
+    #[error("waiting for the coordinator ({reason}): {message}")]
+    Wait {
+        /// Why (`no_slot`, `approval_required`, `upstream_missing`, `paused`, `stale`…).
+        reason: String,
+        /// What the coordinator said.
+        message: String,
+        /// When to ask again.
+        retry_after: Duration,
+    },
+    /// Never: this version is not to be deployed.
+    #[error("the coordinator refused this version ({reason}): {message}")]
+    Rejected {
+        /// Why (`failed`, `aborted`, `superseded`).
+        reason: String,
+        /// What the coordinator said.
+        message: String,
+    },
+    /// The coordinator could not be reached or answered an error; the host is not touched.
+    #[error("no lease, the running version stays: {0}")]
+    Unavailable(ClientError),
+}
+
+impl GateError {
+    /// When to try again (None: never, for this version).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GateError::Wait { retry_after, .. } => Some(*retry_after),
+            GateError::Rejected { .. } => None,
+            GateError::Unavailable(_) => Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// A lease held by this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Its id.
+    pub id: String,
+    /// Its TTL.
+    pub ttl: Duration,
+}
+
+/// The coordinator, as the deployer sees it.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    client: Client,
+    host: String,
+    environment: String,
+    required: bool,
+}
+
+impl Gate {
+    /// A gate for `host` through `client`; with `required: false` an unreachable coordinator
+    /// does not block deploys.
+    pub fn new(client: Client, host: &str, environment: &str, required: bool) -> Gate {
+        Gate {
+            client,
+            host: host.to_string(),
+            environment: environment.to_string(),
+            required,
+        }
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Asks for a lease on `svc`. `Ok(None)`: go on without one (coordinator unreachable and
+    /// not required).
+    pub async fn acquire(
+        &self,
+        svc: &ResolvedService,
+        ctx: Option<&Ctx>,
+        purpose: Purpose,
+    ) -> Result<Option<Held>, GateError> {
+        let Some(ctx) = ctx else {
+            return Err(GateError::Wait {
+                reason: "no_desired_state".into(),
+                message: "the desired state has not been read yet; a lease is asked for once it is"
+                    .into(),
+                retry_after: Duration::from_secs(2),
+            });
+        };
+        let req = AcquireRequest {
+            host: self.host.clone(),
+            environment: self.environment.clone(),
+            service: svc.service.clone(),
+            version: svc.version.clone(),
+            purpose,
+            commit: ctx.commit.clone(),
+            commit_time_ms: ctx.commit_time_ms,
+            policy: ctx.policy.clone(),
+        };
+        match self.client.acquire(&req).await {
+            Ok(g) => {
+                tracing::info!(lease = %g.lease.id, rollout_state = %g.rollout.state, "lease granted");
+                Ok(Some(Held {
+                    id: g.lease.id,
+                    ttl: Duration::from_millis(g.lease.ttl_ms),
+                }))
+            }
+            Err(e) => {
+                if let Some((reason, retry_after)) = e.wait() {
+                    return Err(GateError::Wait {
+                        reason: reason.to_string(),
+                        message: e.to_string(),
+                        retry_after,
+                    });
+                }
+                if let Some(reason) = e.rejected() {
+                    return Err(GateError::Rejected {
+                        reason: reason.to_string(),
+                        message: e.to_string(),
+                    });
+                }
+                if matches!(e, ClientError::Unreachable { .. }) && !self.required {
+                    tracing::warn!(error = %e, "coordinator unreachable; deploying without a lease (coordinator.required: false)");
+                    return Ok(None);
+                }
+                Err(GateError::Unavailable(e))
+            }
+        }
+    }
+
+    /// Keeps `lease` alive until the returned guard is dropped.
+    pub fn keep_alive(&self, lease: &Held) -> KeepAlive {
+        let client = self.client.clone();
+        let id = lease.id.clone();
+        let every = (lease.ttl / 3).max(Duration::from_millis(200));
+        KeepAlive(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match client.renew(&id).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == "lease_lost" => {
+                        tracing::warn!(lease = %id, "lease lost (expired); finishing the deploy under way");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(lease = %id, error = %e, "cannot renew the lease; retrying")
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Releases a lease with its outcome. `Ok` also when the coordinator no longer knows it.
+    pub async fn release(
+        &self,
+        id: &str,
+        success: bool,
+        message: Option<String>,
+    ) -> Result<(), ClientError> {
+        let req = ReleaseRequest {
+            outcome: if success {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            message,
+        };
+        match self.client.release(id, &req).await {
+            Ok(r) => {
+                tracing::info!(lease = %id, rollout_state = %r.rollout.state, "lease released");
+                Ok(())
+            }
+            Err(e) if e.kind() == "lease_lost" => {
+                tracing::warn!(lease = %id, "the coordinator had already dropped this lease");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a heartbeat; returns the coordinator's actions for this host.
+    pub async fn heartbeat(
+        &self,
+        services: Vec<wire::ServiceReport>,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<wire::Action>, ClientError> {
+        let hb = wire::Heartbeat {
+            environment: self.environment.clone(),
+            labels: labels.clone(),
+            agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+            services,
+        };
+        Ok(self.client.heartbeat(&self.host, &hb).await?.actions)
+    }
+}
+
+/// Renews a lease in the background; stops when dropped.
+pub struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,239 @@
+//! Coordinator benchmark: lease acquire+release throughput and latency with 100 concurrent
+//! clients, then the coordinator's memory with 10,000 hosts heartbeating every 30 s.
+//!
+//!     cargo bench -p drover-coordinator --bench leases [-- SECONDS]
+//!
+//! It builds and starts the real `drover-coordinator` (release build, SQLite store with
+//! `synchronous = FULL`) and drives it over loopback HTTP with the crate's own client.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use drover_coordinator::auth::hash_token;
+use drover_coordinator::client::Client;
+use drover_coordinator::wire::{
+    AcquireRequest, Heartbeat, Outcome, Policy, Purpose, ReleaseRequest, ServiceReport,
+};
+
+const CLIENTS: usize = 100;
+const HOSTS: usize = 10_000;
+
+fn main() {
+    let secs: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "drover-coordinator",
+            "--bin",
+            "drover-coordinator",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo")
+        .success();
+    assert!(ok, "building drover-coordinator failed");
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("drover-coordinator");
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = "bench-token";
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nheartbeat_interval: 30s\ntokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
+            dir.path().join("c.db").display(),
+            hash_token(token)
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("c.yaml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coordinator starts");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    rt.block_on(async {
+        let c = Client::new(&url, token).unwrap();
+        for _ in 0..100 {
+            if c.status().await.is_ok() || c.heartbeat("probe", &hb("probe")).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        leases(&url, token, secs).await;
+        heartbeats(&url, token, server.id()).await;
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn hb(host: &str) -> Heartbeat {
+    Heartbeat {
+        environment: "bench".into(),
+        labels: [("role".to_string(), "web".to_string())].into(),
+        agent_version: Some("bench".into()),
+        services: vec![ServiceReport {
+            service: "hello".into(),
+            desired: Some("1.0.0".into()),
+            actual: Some(format!("1.0.{}", host.len() % 3)),
+            healthy: true,
+            phase: None,
+            last_error: None,
+        }],
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn leases(url: &str, token: &str, secs: u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let policy = Policy {
+        max_parallel: 1000,
+        max_failures: 1_000_000,
+        approval_required: false,
+        approvers: vec![],
+        approval_timeout_ms: 60_000,
+        promotion_requires: None,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let (stop, policy) = (stop.clone(), policy.clone());
+        let c = Client::new(url, token).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let req = AcquireRequest {
+                    host: format!("h{i}-{n}"),
+                    environment: "bench".into(),
+                    service: format!("svc{i}"),
+                    version: "1.0.0".into(),
+                    purpose: Purpose::Deploy,
+                    commit: "c".into(),
+                    commit_time_ms: 1,
+                    policy: policy.clone(),
+                };
+                let t = Instant::now();
+                let g = c.acquire(&req).await.expect("acquire");
+                lat.push(t.elapsed());
+                let t = Instant::now();
+                c.release(
+                    &g.lease.id,
+                    &ReleaseRequest {
+                        outcome: Outcome::Success,
+                        message: None,
+                    },
+                )
+                .await
+                .expect("release");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    // Warm up, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat: Vec<Duration> = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let elapsed = t0.elapsed() + Duration::from_secs(1);
+    lat.sort();
+    println!(
+        "leases: {CLIENTS} concurrent clients, {:.0} ops/s (acquire + release, {} ops in {:.1}s), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms   target ≥ 5000 ops/s",
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        lat.len(),
+        elapsed.as_secs_f64(),
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3
+    );
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+async fn heartbeats(url: &str, token: &str, pid: u32) {
+    let before = rss_mib(pid);
+    // Register every host, 100 at a time.
+    let clients: Vec<Client> = (0..100).map(|_| Client::new(url, token).unwrap()).collect();
+    let t0 = Instant::now();
+    for chunk in 0..HOSTS / 100 {
+        let mut js = Vec::new();
+        for (j, c) in clients.iter().enumerate() {
+            let host = format!("host-{:05}", chunk * 100 + j);
+            let c = c.clone();
+            js.push(tokio::spawn(async move {
+                c.heartbeat(&host, &hb(&host)).await.expect("heartbeat")
+            }));
+        }
+        for j in js {
+            j.await.unwrap();
+        }
+    }
+    let registered = t0.elapsed();
+    // Then a steady 30 s cycle: every host once, spread evenly (333/s).
+    let t0 = Instant::now();
+    let every = Duration::from_secs(30) / HOSTS as u32;
+    let mut ticker = tokio::time::interval(every);
+    let mut js = Vec::new();
+    for i in 0..HOSTS {
+        ticker.tick().await;
+        let host = format!("host-{i:05}");
+        let c = clients[i % 100].clone();
+        js.push(tokio::spawn(async move {
+            c.heartbeat(&host, &hb(&host)).await.expect("heartbeat")
+        }));
+    }
+    for j in js {
+        j.await.unwrap();
+    }
+    println!(
+        "hosts: {HOSTS} registered in {:.1}s, then a 30 s heartbeat cycle in {:.1}s; coordinator RSS {:.1} MiB (was {:.1} MiB before the hosts)",
+        registered.as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        rss_mib(pid),
+        before
+    );
+}

@@ -1,0 +1,261 @@
+//! `drover`: the operator CLI of the coordinator — fleet status, approvals, pause/resume/abort,
+//! history.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_coordinator::client::{Client, ClientError};
+use drover_coordinator::wire::{RolloutReply, RolloutView, Status};
+
+/// Operate a drover fleet through its coordinator.
+#[derive(Parser)]
+#[command(name = "drover", version, about)]
+struct Cli {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    url: String,
+    /// A file holding the bearer token (else the DROVER_TOKEN environment variable).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hosts and rollouts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a rollout waiting for approval.
+    Approve {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+        /// Version.
+        version: String,
+    },
+    /// Reject a rollout waiting for approval (it is aborted).
+    Reject {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+        /// Version.
+        version: String,
+    },
+    /// Pause the service's running rollout: no new host starts.
+    Pause {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+    },
+    /// Resume a paused rollout.
+    Resume {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+    },
+    /// Abort the service's unfinished rollout.
+    Abort {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+    },
+    /// The audit trail: transitions, approvals (who, when), leases, reverts, denied calls.
+    History {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many entries (newest).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let token = match &cli.token_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot read token file {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => std::env::var("DROVER_TOKEN").unwrap_or_default(),
+    };
+    if token.trim().is_empty() {
+        eprintln!("error: no token: pass --token-file FILE or set DROVER_TOKEN");
+        return ExitCode::from(2);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(run(cli, &token)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
+    let c = Client::new(&cli.url, token)?;
+    match cli.command {
+        Command::Status { json } => {
+            let s = c.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).expect("json"));
+            } else {
+                print!("{}", status_table(&s));
+            }
+        }
+        Command::Approve {
+            env,
+            service,
+            version,
+        } => {
+            print_rollout(&c.decide(&env, &service, &version, true).await?);
+        }
+        Command::Reject {
+            env,
+            service,
+            version,
+        } => {
+            print_rollout(&c.decide(&env, &service, &version, false).await?);
+        }
+        Command::Pause { env, service } => {
+            print_rollout(&c.operate(&env, &service, "pause").await?)
+        }
+        Command::Resume { env, service } => {
+            print_rollout(&c.operate(&env, &service, "resume").await?)
+        }
+        Command::Abort { env, service } => {
+            print_rollout(&c.operate(&env, &service, "abort").await?)
+        }
+        Command::History { json, limit } => {
+            let h = c.history(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h).expect("json"));
+            } else {
+                for e in h.entries {
+                    println!(
+                        "{}  {:<12} {:<16} {:<28} {}",
+                        time(e.at_ms),
+                        e.actor,
+                        e.action,
+                        e.subject,
+                        e.detail
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_rollout(r: &RolloutReply) {
+    println!("{}", rollout_line(&r.rollout));
+}
+
+fn rollout_line(r: &RolloutView) -> String {
+    let mut s = format!(
+        "{}/{}/{} {} (leases {}, ok {}, failed {}, reverted {})",
+        r.environment,
+        r.service,
+        r.version,
+        r.state,
+        r.leases,
+        r.succeeded.len(),
+        r.failed.len(),
+        r.reverted.len()
+    );
+    if let Some(d) = &r.decision {
+        s.push_str(&format!(
+            "; {} by {} at {}",
+            if d.approved { "approved" } else { "rejected" },
+            d.by,
+            time(d.at_ms)
+        ));
+    }
+    if let Some(why) = &r.reason {
+        s.push_str(&format!("; {why}"));
+    }
+    s
+}
+
+/// `HH:MM:SS` UTC of a millisecond timestamp, with the date.
+fn time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn status_table(s: &Status) -> String {
+    let mut out = String::from("HOSTS\n");
+    out.push_str(&format!(
+        "  {:<16} {:<12} {:<12} {:<10} {:<10} {:<8} {}\n",
+        "HOST", "ENVIRONMENT", "SERVICE", "DESIRED", "ACTUAL", "HEALTH", "NOTE"
+    ));
+    for h in &s.hosts {
+        for svc in &h.services {
+            let note = match (&svc.phase, &svc.last_error, h.stale) {
+                (_, _, true) => "stale (no heartbeat)".to_string(),
+                (Some(p), _, _) => format!("deploying ({p})"),
+                (_, Some(e), _) => e.chars().take(60).collect(),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "  {:<16} {:<12} {:<12} {:<10} {:<10} {:<8} {}\n",
+                h.host,
+                h.environment,
+                svc.service,
+                svc.desired.as_deref().unwrap_or("-"),
+                svc.actual.as_deref().unwrap_or("-"),
+                if svc.healthy { "ok" } else { "DOWN" },
+                note
+            ));
+        }
+        if h.services.is_empty() {
+            out.push_str(&format!(
+                "  {:<16} {:<12} (no services)\n",
+                h.host, h.environment
+            ));
+        }
+    }
+    out.push_str("ROLLOUTS\n");
+    for r in &s.rollouts {
+        out.push_str(&format!("  {}\n", rollout_line(r)));
+    }
+    out
+}

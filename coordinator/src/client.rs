@@ -1,0 +1,259 @@
+//! An HTTP client for the coordinator (docs/protocol.md), used by the agent and the CLI.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::wire::{
+    AcquireRequest, ErrorBody, Granted, Heartbeat, HeartbeatReply, History, PROTOCOL,
+    PROTOCOL_HEADER, ReleaseRequest, Renewed, RolloutReply, Status,
+};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer (connection refused, timeout, DNS…).
+    #[error("coordinator {url} unreachable: {message}")]
+    Unreachable {
+        /// The coordinator's URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The coordinator answered with an error.
+    #[error("{}", body.message)]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// The answer could not be understood.
+    #[error("coordinator answered HTTP {status} with an unexpected body: {message}")]
+    Protocol {
+        /// HTTP status.
+        status: u16,
+        /// What was wrong with it.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// A bounded name for the error, for logs and metric labels.
+    pub fn kind(&self) -> &str {
+        match self {
+            ClientError::Unreachable { .. } => "unreachable",
+            ClientError::Protocol { .. } => "protocol",
+            ClientError::Api { body, .. } => match body.kind.as_str() {
+                "wait" => "wait",
+                "rejected" => "rejected",
+                "lease_lost" => "lease_lost",
+                "forbidden" => "forbidden",
+                "unauthorized" => "unauthorized",
+                "not_found" => "not_found",
+                "conflict" => "conflict",
+                "bad_request" => "bad_request",
+                "payload_too_large" => "payload_too_large",
+                "internal" => "internal",
+                _ => "other",
+            },
+        }
+    }
+
+    /// For a `wait` answer: (reason, retry after).
+    pub fn wait(&self) -> Option<(&str, Duration)> {
+        match self {
+            ClientError::Api { body, .. } if body.kind == "wait" => Some((
+                body.reason.as_deref().unwrap_or("wait"),
+                Duration::from_millis(body.retry_after_ms.unwrap_or(2000)),
+            )),
+            _ => None,
+        }
+    }
+
+    /// For a `rejected` answer: the reason.
+    pub fn rejected(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } if body.kind == "rejected" => {
+                Some(body.reason.as_deref().unwrap_or("rejected"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A coordinator client.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+fn path_part(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'+' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    /// A client for the coordinator at `base` (e.g. `http://coordinator:7070`) with `token`.
+    pub fn new(base: &str, token: &str) -> Result<Client, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                url: base.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http,
+        })
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.token)
+            .header(PROTOCOL_HEADER, PROTOCOL);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: chain(&e),
+        })?;
+        if (200..300).contains(&status) {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+                status,
+                message: e.to_string(),
+            })
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => Err(ClientError::Api { status, body }),
+                Err(_) => Err(ClientError::Protocol {
+                    status,
+                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                }),
+            }
+        }
+    }
+
+    /// `POST /v1/hosts/{host}/heartbeat`.
+    pub async fn heartbeat(
+        &self,
+        host: &str,
+        hb: &Heartbeat,
+    ) -> Result<HeartbeatReply, ClientError> {
+        let path = format!("/v1/hosts/{}/heartbeat", path_part(host));
+        self.call(reqwest::Method::POST, &path, Some(hb)).await
+    }
+
+    /// `POST /v1/leases`.
+    pub async fn acquire(&self, req: &AcquireRequest) -> Result<Granted, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/leases", Some(req))
+            .await
+    }
+
+    /// `POST /v1/leases/{id}/renew`.
+    pub async fn renew(&self, id: &str) -> Result<Renewed, ClientError> {
+        let path = format!("/v1/leases/{}/renew", path_part(id));
+        self.call::<(), _>(reqwest::Method::POST, &path, None).await
+    }
+
+    /// `POST /v1/leases/{id}/release`.
+    pub async fn release(
+        &self,
+        id: &str,
+        req: &ReleaseRequest,
+    ) -> Result<RolloutReply, ClientError> {
+        let path = format!("/v1/leases/{}/release", path_part(id));
+        self.call(reqwest::Method::POST, &path, Some(req)).await
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call::<(), _>(reqwest::Method::GET, "/v1/status", None)
+            .await
+    }
+
+    /// `GET /v1/history?limit=N`.
+    pub async fn history(&self, limit: u32) -> Result<History, ClientError> {
+        let path = format!("/v1/history?limit={limit}");
+        self.call::<(), _>(reqwest::Method::GET, &path, None).await
+    }
+
+    /// Approves or rejects (environment, service, version).
+    pub async fn decide(
+        &self,
+        env: &str,
+        service: &str,
+        version: &str,
+        approve: bool,
+    ) -> Result<RolloutReply, ClientError> {
+        let verb = if approve { "approve" } else { "reject" };
+        let path = format!(
+            "/v1/rollouts/{}/{}/{}/{verb}",
+            path_part(env),
+            path_part(service),
+            path_part(version)
+        );
+        self.call::<(), _>(reqwest::Method::POST, &path, None).await
+    }
+
+    /// `pause`, `resume` or `abort` the newest unfinished rollout of (environment, service).
+    pub async fn operate(
+        &self,
+        env: &str,
+        service: &str,
+        verb: &str,
+    ) -> Result<RolloutReply, ClientError> {
+        let path = format!(
+            "/v1/rollouts/{}/{}/{verb}",
+            path_part(env),
+            path_part(service)
+        );
+        self.call::<(), _>(reqwest::Method::POST, &path, None).await
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

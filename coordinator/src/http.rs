@@ -1,0 +1,362 @@
+//! The HTTP layer: routes of docs/protocol.md, authentication, body limits, JSON errors. Each
+//! handler checks the caller and the body, then hands a [`Command`] to the actor.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use crate::actor::{Command, Reply};
+use crate::auth::{Caller, Need, Tokens};
+use crate::core::ApiError;
+use crate::wire::{AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 256 << 10;
+
+/// Shared by the handlers.
+#[derive(Clone)]
+pub struct App {
+    tx: mpsc::Sender<Command>,
+    tokens: Arc<Tokens>,
+    requests: Arc<[AtomicU64; 6]>,
+}
+
+impl App {
+    /// Handlers sending to the actor through `tx`, checking `tokens`.
+    pub fn new(tx: mpsc::Sender<Command>, tokens: Tokens) -> App {
+        App {
+            tx,
+            tokens: Arc::new(tokens),
+            requests: Arc::new(Default::default()),
+        }
+    }
+}
+
+/// The router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/hosts/{host}/heartbeat", post(heartbeat))
+        .route("/v1/leases", post(acquire))
+        .route("/v1/leases/{id}/renew", post(renew))
+        .route("/v1/leases/{id}/release", post(release))
+        .route("/v1/status", get(status))
+        .route("/v1/history", get(history))
+        .route(
+            "/v1/rollouts/{env}/{service}/{version}/{verb}",
+            post(decide),
+        )
+        .route("/v1/rollouts/{env}/{service}/{verb}", post(operate))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
+        .with_state(app)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(status, &self.body)
+    }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).expect("response serializes");
+    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+fn count(app: &App, status: u16) {
+    let i = match status {
+        200..=299 => 0,
+        401 | 403 => 1,
+        409 => 2,
+        400..=499 => 3,
+        500..=599 => 4,
+        _ => 5,
+    };
+    app.requests[i].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Checks the protocol header and the token; audits denials.
+fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Caller, ApiError> {
+    match headers.get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(PROTOCOL) => {}
+        Some(other) => {
+            return Err(ApiError {
+                status: 400,
+                body: crate::wire::ErrorBody {
+                    kind: "protocol".into(),
+                    message: format!(
+                        "{PROTOCOL_HEADER}: {other} is not supported; this coordinator speaks {PROTOCOL}"
+                    ),
+                    reason: None,
+                    retry_after_ms: None,
+                },
+            });
+        }
+        None => {
+            return Err(ApiError {
+                status: 400,
+                body: crate::wire::ErrorBody {
+                    kind: "protocol".into(),
+                    message: format!("missing {PROTOCOL_HEADER}: {PROTOCOL} header"),
+                    reason: None,
+                    retry_after_ms: None,
+                },
+            });
+        }
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let deny = |who: &str, why: String, status: u16, kind: &str| {
+        let _ = app.tx.send(Command::Denied {
+            who: who.into(),
+            what: what.into(),
+            why: why.clone(),
+        });
+        ApiError {
+            status,
+            body: crate::wire::ErrorBody {
+                kind: kind.into(),
+                message: why,
+                reason: None,
+                retry_after_ms: None,
+            },
+        }
+    };
+    let Some(token) = token else {
+        return Err(deny(
+            "unknown",
+            "missing bearer token".into(),
+            401,
+            "unauthorized",
+        ));
+    };
+    let Some(c) = app.tokens.check(token) else {
+        return Err(deny("unknown", "unknown token".into(), 401, "unauthorized"));
+    };
+    if !need.allows(c.role) {
+        let why = format!(
+            "token {} has role {}; this needs {}",
+            c.name,
+            c.role.name(),
+            need.roles()
+        );
+        return Err(deny(&c.name, why, 403, "forbidden"));
+    }
+    Ok(c.clone())
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes.
+async fn body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError {
+            status: 413,
+            body: crate::wire::ErrorBody {
+                kind: "payload_too_large".into(),
+                message: format!("request body over {MAX_BODY} bytes"),
+                reason: None,
+                retry_after_ms: None,
+            },
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Sends a command and waits for its answer.
+async fn ask<T>(app: &App, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    app.tx
+        .send(make(tx))
+        .map_err(|_| ApiError::internal("the coordinator is shutting down"))?;
+    rx.await
+        .map_err(|_| ApiError::internal("the coordinator is shutting down"))?
+}
+
+fn answer<T: Serialize>(app: &App, r: Result<T, ApiError>) -> Response {
+    let resp = match r {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    };
+    count(app, resp.status().as_u16());
+    resp
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    match ask(&app, Command::Metrics).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    match ask(&app, Command::Metrics).await {
+        Ok(mut text) => {
+            text.push_str("# TYPE drover_coordinator_http_responses_total counter\n");
+            for (i, class) in ["2xx", "auth", "wait", "4xx", "5xx", "other"]
+                .iter()
+                .enumerate()
+            {
+                text.push_str(&format!(
+                    "drover_coordinator_http_responses_total{{class=\"{class}\"}} {}\n",
+                    app.requests[i].load(Ordering::Relaxed)
+                ));
+            }
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn heartbeat(
+    State(app): State<App>,
+    Path(host): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> Response {
+    let r = async {
+        caller(&app, &headers, Need::Agent, &format!("heartbeat {host}"))?;
+        let hb: Heartbeat = body(b).await?;
+        ask(&app, |r| Command::Heartbeat(host, hb, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn acquire(State(app): State<App>, headers: HeaderMap, b: Body) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Agent, "acquire lease")?;
+        let req: AcquireRequest = body(b).await?;
+        ask(&app, |r| Command::Acquire(req, who, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn renew(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let r = async {
+        caller(&app, &headers, Need::Agent, &format!("renew lease {id}"))?;
+        ask(&app, |r| Command::Renew(id, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn release(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> Response {
+    let r = async {
+        caller(&app, &headers, Need::Agent, &format!("release lease {id}"))?;
+        let req: ReleaseRequest = body(b).await?;
+        ask(&app, |r| Command::Release(id, req, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
+    let r = async {
+        caller(&app, &headers, Need::Read, "status")?;
+        ask(&app, Command::Status).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    let r = async {
+        caller(&app, &headers, Need::Read, "history")?;
+        let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+        ask(&app, |r| Command::History(limit, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn decide(
+    State(app): State<App>,
+    Path((env, service, version, verb)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let r = async {
+        let approve = match verb.as_str() {
+            "approve" => true,
+            "reject" => false,
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "unknown verb `{verb}`: approve or reject"
+                )));
+            }
+        };
+        let who = caller(
+            &app,
+            &headers,
+            Need::Approve,
+            &format!("{verb} {env}/{service}/{version}"),
+        )?;
+        ask(&app, |reply| Command::Decide {
+            env,
+            service,
+            version,
+            approve,
+            caller: who,
+            reply,
+        })
+        .await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn operate(
+    State(app): State<App>,
+    Path((env, service, verb)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let r = async {
+        if !matches!(verb.as_str(), "pause" | "resume" | "abort") {
+            return Err(ApiError::not_found(format!(
+                "unknown verb `{verb}`: pause, resume or abort"
+            )));
+        }
+        let who = caller(
+            &app,
+            &headers,
+            Need::Operate,
+            &format!("{verb} {env}/{service}"),
+        )?;
+        ask(&app, |reply| Command::Operate {
+            env,
+            service,
+            verb,
+            caller: who,
+            reply,
+        })
+        .await
+    }
+    .await;
+    answer(&app, r)
+}

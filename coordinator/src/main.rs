@@ -1,0 +1,150 @@
+//! `drover-coordinator`: the coordinator server (`serve`) and its helpers.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover_coordinator::actor::{self, now_ms};
+use drover_coordinator::auth::hash_token;
+use drover_coordinator::config::Config;
+use drover_coordinator::core::Core;
+use drover_coordinator::http::{App, router};
+use drover_coordinator::store::{Sqlite, Store};
+
+/// drover's coordinator: rolling-batch leases, approval gates, fleet view, audit.
+#[derive(Parser)]
+#[command(name = "drover-coordinator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve {
+        /// Configuration file.
+        #[arg(long, default_value = "/etc/drover/coordinator.yaml")]
+        config: PathBuf,
+    },
+    /// Check the configuration and exit.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, default_value = "/etc/drover/coordinator.yaml")]
+        config: PathBuf,
+    },
+    /// Print the sha256 line for a token read from stdin (for the `tokens:` list).
+    HashToken,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("DROVER_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_to_string(&mut token)
+                .context("reading the token from stdin")?;
+            if token.trim().is_empty() {
+                anyhow::bail!("no token on stdin: echo -n TOKEN | drover-coordinator hash-token");
+            }
+            println!("sha256: {}", hash_token(&token));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("ok: listen {}, store {}", c.listen, c.sqlite.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: invalid coordinator configuration:\n{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: invalid coordinator configuration:\n{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            serve(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let mut store = Sqlite::open(&config.sqlite)?;
+    let snap = store.load()?;
+    let (leases, rollouts) = (snap.leases.len(), snap.rollouts.len());
+    let core = Core::new(
+        snap,
+        config.lease_ttl.as_millis() as u64,
+        config.heartbeat.as_millis() as u64,
+        now_ms(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = std::thread::Builder::new()
+        .name("state".into())
+        .spawn(move || {
+            actor::run(
+                core,
+                Box::new(store) as Box<dyn Store>,
+                rx,
+                Duration::from_millis(250),
+            )
+        })
+        .context("starting the state thread")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tracing::info!(listen = %config.listen, store = %config.sqlite.display(), rollouts, leases, "coordinator serving");
+        let app = App::new(tx, config.tokens.clone());
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                tracing::info!("shutting down");
+            })
+            .await
+            .context("serving")
+    })?;
+    // The router (and its senders) are gone: the actor finishes its last batch and stops.
+    let _ = state.join();
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! A real `drover-coordinator` process for the tests, with one token per role.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The tokens the test coordinator knows (name, role, groups).
+pub const TOKENS: &[(&str, &str, &str)] = &[
+    ("fleet", "agent", ""),
+    ("alice", "approver", "release-managers"),
+    ("bob", "approver", "qa"),
+    ("ops", "operator", ""),
+    ("watcher", "viewer", ""),
+    ("root", "admin", ""),
+];
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// Its port.
+    pub port: u16,
+    /// Its directory (config, database, token files).
+    pub dir: PathBuf,
+    child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// The secret token of `name` (deterministic for tests).
+pub fn token(name: &str) -> String {
+    format!("token-of-{name}")
+}
+
+impl Coordinator {
+    /// Writes a config under `dir/coordinator` and starts it; `extra` is appended to the config.
+    pub fn start(dir: &Path, extra: &str) -> Coordinator {
+        let dir = dir.join("coordinator");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let port = crate::free_port();
+        let mut cfg = format!(
+            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\n{extra}tokens:\n",
+            dir.join("coordinator.db").display()
+        );
+        for (name, role, groups) in TOKENS {
+            let groups = if groups.is_empty() {
+                String::new()
+            } else {
+                format!(", groups: [{groups}]")
+            };
+            cfg.push_str(&format!(
+                "  - {{ name: {name}, role: {role}{groups}, sha256: {} }}\n",
+                crate::artifact::sha256(token(name).as_bytes())
+            ));
+            std::fs::write(dir.join(format!("{name}.token")), token(name)).expect("token file");
+        }
+        std::fs::write(dir.join("coordinator.yaml"), cfg).expect("config");
+        let mut c = Coordinator {
+            port,
+            log: dir.join("coordinator.log"),
+            dir,
+            child: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts it again (same port, same database).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(crate::bin("drover-coordinator"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("coordinator.yaml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("coordinator starts");
+        self.child = Some(child);
+        crate::wait_for("the coordinator", Duration::from_secs(20), || {
+            crate::http_get(self.port, "/healthz").filter(|(s, _)| *s == 200)
+        });
+    }
+
+    /// Kills it with SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The token file of `name`.
+    pub fn token_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.token"))
+    }
+
+    /// The agent config block pointing at this coordinator.
+    pub fn agent_config(&self) -> String {
+        format!(
+            "coordinator: {{ url: \"{}\", token_file: \"{}\", heartbeat_interval: 500ms }}\n",
+            self.url(),
+            self.token_file("fleet").display()
+        )
+    }
+
+    /// Runs the `drover` CLI as `who`.
+    pub fn cli(&self, who: &str, args: &[&str]) -> crate::host::Out {
+        Command::new(crate::bin("drover"))
+            .arg("--url")
+            .arg(self.url())
+            .arg("--token-file")
+            .arg(self.token_file(who))
+            .args(args)
+            .output()
+            .expect("drover runs")
+            .into()
+    }
+
+    /// `drover status --json` as admin.
+    pub fn status(&self) -> Value {
+        let out = self.cli("root", &["status", "--json"]);
+        assert_eq!(out.code, 0, "{}", out.all());
+        serde_json::from_str(&out.stdout).expect("json")
+    }
+
+    /// The rollout of (env, version) of hello, from status.
+    pub fn rollout(&self, env: &str, version: &str) -> Option<Value> {
+        self.status()["rollouts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["environment"] == env && r["version"] == version)
+            .cloned()
+    }
+
+    /// The state of that rollout.
+    pub fn state(&self, env: &str, version: &str) -> Option<String> {
+        self.rollout(env, version)
+            .and_then(|r| r["state"].as_str().map(str::to_string))
+    }
+
+    /// `drover history --json` entries.
+    pub fn history(&self) -> Vec<Value> {
+        let out = self.cli("root", &["history", "--json", "--limit", "10000"]);
+        assert_eq!(out.code, 0, "{}", out.all());
+        let v: Value = serde_json::from_str(&out.stdout).expect("json");
+        v["entries"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A raw HTTP request: (status, body).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+        protocol: bool,
+    ) -> (u16, Value) {
+        let mut headers = Vec::new();
+        if let Some(t) = token {
+            headers.push(format!("Authorization: Bearer {t}"));
+        }
+        if protocol {
+            headers.push("Drover-Protocol: 1".to_string());
+        }
+        let (status, text) =
+            crate::http_request(self.port, method, path, &headers, body.as_bytes())
+                .expect("coordinator answers");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone())),
+        )
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,585 @@
+//! The coordinator with real agents: leases limit how many hosts deploy at once, a failing
+//! rollout halts and reverts, approvals and promotion gate rollouts, crashes of the
+//! coordinator or of an agent lose nothing, bad requests change nothing.
+
+use std::time::{Duration, Instant};
+
+use drover_tests::coordinator::{Coordinator, token};
+use drover_tests::host::{Fleet, Host, Running};
+use drover_tests::wait_for;
+use serde_json::Value;
+
+/// [start, end] of each host's deploy of `version`, from "stop" (the host is touched) to the
+/// end of the deploy, from the agents' own event logs.
+fn windows(hosts: &[Host], version: &str) -> Vec<(String, f64, f64)> {
+    let ts = |e: &Value| {
+        let s = e["at"].as_str().unwrap();
+        // 2026-11-27T03:15:38.005Z → seconds of the day with millis (tests run within a day;
+        // a deploy spanning midnight would only make the check more lenient).
+        let t = &s[11..23];
+        let h: f64 = t[0..2].parse().unwrap();
+        let m: f64 = t[3..5].parse().unwrap();
+        let sec: f64 = t[6..].parse().unwrap();
+        h * 3600.0 + m * 60.0 + sec
+    };
+    let mut out = Vec::new();
+    for h in hosts {
+        let mut start = None;
+        for e in h.events() {
+            if e["version"] != version {
+                continue;
+            }
+            match e["phase"].as_str().unwrap() {
+                "stop" => start = Some(ts(&e)),
+                "deployed" | "rolled_back" | "broken" => {
+                    if let Some(s) = start.take() {
+                        out.push((h.name.clone(), s, ts(&e)));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The most windows open at the same moment.
+fn max_overlap(w: &[(String, f64, f64)]) -> usize {
+    let mut points: Vec<(f64, i32)> = w.iter().flat_map(|(_, s, e)| [(*s, 1), (*e, -1)]).collect();
+    // Ends before starts at the same millisecond: a released slot is reusable.
+    points.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+    let (mut cur, mut max) = (0, 0);
+    for (_, d) in points {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+fn start_hosts(f: &Fleet, c: &Coordinator, names: &[&str], env: &str) -> (Vec<Host>, Vec<Running>) {
+    let hosts: Vec<Host> = names
+        .iter()
+        .map(|n| f.host_with(n, env, &c.agent_config()))
+        .collect();
+    let agents = hosts.iter().map(|h| h.spawn(&[])).collect();
+    (hosts, agents)
+}
+
+fn wait_all(hosts: &[Host], version: &str, limit: Duration) {
+    for h in hosts {
+        h.wait_current(version, limit);
+    }
+}
+
+#[test]
+fn ten_agents_deploy_two_at_a_time() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "");
+    let names: Vec<String> = (1..=10).map(|i| format!("host-{i:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    f.pin_env(
+        "test",
+        "rollout: { max_parallel: 2 }\n",
+        &f.hello("1.0.0", &[]),
+    );
+    let (hosts, agents) = start_hosts(&f, &c, &names, "test");
+    wait_all(&hosts, "1.0.0", Duration::from_secs(120));
+    let v2 = f.hello("2.0.0", &[]);
+    let t0 = Instant::now();
+    f.pin_env("test", "rollout: { max_parallel: 2 }\n", &v2);
+    wait_all(&hosts, "2.0.0", Duration::from_secs(120));
+    eprintln!("commit → 10 hosts on 2.0.0: {:?}", t0.elapsed());
+    for v in ["1.0.0", "2.0.0"] {
+        let w = windows(&hosts, v);
+        assert_eq!(w.len(), 10, "{v}: every host deployed once: {w:?}");
+        let max = max_overlap(&w);
+        assert!(
+            max <= 2,
+            "{v}: {max} hosts were between stop and healthy at once: {w:?}"
+        );
+    }
+    // The coordinator agrees: leases granted and released, the rollout succeeded.
+    wait_for("the rollout to succeed", Duration::from_secs(30), || {
+        (c.state("test", "2.0.0").as_deref() == Some("SUCCESS")).then_some(())
+    });
+    let hist = c.history();
+    let granted = hist
+        .iter()
+        .filter(|e| e["action"] == "lease_granted" && e["subject"] == "test/hello/2.0.0")
+        .count();
+    assert_eq!(granted, 10);
+    let out = c.cli("watcher", &["status"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("test/hello/2.0.0 SUCCESS"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("host-10"), "{}", out.stdout);
+    drop(agents);
+}
+
+#[test]
+fn a_failing_rollout_halts_and_the_upgraded_hosts_revert() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "");
+    let policy = "rollout: { max_parallel: 2, max_failures: 0 }\n";
+    f.pin_env("test", policy, &f.hello("1.0.0", &[]));
+    let (first, _a1) = start_hosts(&f, &c, &["h1", "h2"], "test");
+    let (later, later_agents) = start_hosts(&f, &c, &["h3", "h4", "h5"], "test");
+    wait_all(&first, "1.0.0", Duration::from_secs(60));
+    wait_all(&later, "1.0.0", Duration::from_secs(60));
+    // h3..h5 sit out the first part, so h1 and h2 are the first batch.
+    for a in later_agents {
+        assert_eq!(a.stop(), 0);
+    }
+    // 2.0.0 fails its health check on h3 only.
+    f.pin_env("test", policy, &f.hello("2.0.0", &["FAIL_ON_HOSTS=h3"]));
+    wait_all(&first, "2.0.0", Duration::from_secs(60));
+    let third = &later[0..1];
+    let _a3: Vec<Running> = third.iter().map(|h| h.spawn(&[])).collect();
+    wait_for("the rollout to fail", Duration::from_secs(60), || {
+        matches!(
+            c.state("test", "2.0.0").as_deref(),
+            Some("ROLLING_BACK" | "ABORTED")
+        )
+        .then_some(())
+    });
+    let rest = &later[1..];
+    let _a4: Vec<Running> = rest.iter().map(|h| h.spawn(&[])).collect();
+    // h1 and h2 are told to revert, and do; h3 rolled back by itself; h4, h5 never touch 2.0.0.
+    wait_all(&first, "1.0.0", Duration::from_secs(60));
+    wait_all(third, "1.0.0", Duration::from_secs(60));
+    for h in rest {
+        wait_for("the host to give 2.0.0 up", Duration::from_secs(60), || {
+            (h.hello()["failed"]["version"] == "2.0.0").then_some(())
+        });
+    }
+    wait_for(
+        "the rollout to be rolled back",
+        Duration::from_secs(30),
+        || (c.state("test", "2.0.0").as_deref() == Some("ABORTED")).then_some(()),
+    );
+    let r = c.rollout("test", "2.0.0").unwrap();
+    assert_eq!(r["reason"], "rolled back");
+    assert_eq!(r["reverted"], serde_json::json!(["h1", "h2"]));
+    assert_eq!(r["failed"], serde_json::json!(["h3"]));
+    for h in rest {
+        assert!(
+            !h.phases()
+                .iter()
+                .any(|p| ["stop", "switch", "start", "check", "rollback"]
+                    .iter()
+                    .any(|phase| p == &format!("2.0.0:{phase}"))),
+            "{} touched 2.0.0: {:?}",
+            h.name,
+            h.phases()
+        );
+        assert_eq!(h.hello()["failed"]["version"], "2.0.0");
+    }
+    for h in first.iter().chain(&later) {
+        assert_eq!(h.version().as_deref(), Some("1.0.0"), "{}", h.name);
+    }
+    let hist = c.history();
+    assert!(
+        hist.iter().any(|e| e["action"] == "lease_granted"
+            && e["detail"].as_str().unwrap().starts_with("revert"))
+    );
+    // The reverts also respected max_parallel.
+    let w: Vec<_> = windows(&first, "2.0.0");
+    assert!(max_overlap(&w) <= 2);
+}
+
+#[test]
+fn approvals_gate_the_rollout_and_wrong_roles_are_refused() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "");
+    let policy = "approval: { required: true, approvers: [release-managers], timeout: 3s }\n";
+    f.pin_env("prod", policy, &f.hello("1.0.0", &[]));
+    let (hosts, _agents) = start_hosts(&f, &c, &["p1", "p2"], "prod");
+    wait_for(
+        "the rollout to wait for approval",
+        Duration::from_secs(30),
+        || (c.state("prod", "1.0.0").as_deref() == Some("APPROVAL_REQUIRED")).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    for h in &hosts {
+        assert!(
+            h.hello()["current"].is_null(),
+            "{} moved before approval",
+            h.name
+        );
+        assert!(!h.phases().iter().any(|p| p == "1.0.0:stop"));
+        assert!(
+            h.hello()["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("approval_required")
+        );
+    }
+    // Wrong roles and groups: 403, audited.
+    for who in ["fleet", "watcher", "ops", "bob"] {
+        let out = c.cli(who, &["approve", "prod", "hello", "1.0.0"]);
+        assert_eq!(out.code, 1, "{who} must not approve: {}", out.all());
+        assert!(out.stderr.contains("error:"), "{}", out.stderr);
+    }
+    let denied: Vec<Value> = c
+        .history()
+        .into_iter()
+        .filter(|e| e["action"] == "denied")
+        .collect();
+    assert!(denied.len() >= 4, "{denied:?}");
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["actor"] == "bob"
+                && e["detail"].as_str().unwrap().contains("release-managers"))
+    );
+    let out = c.cli("alice", &["approve", "prod", "hello", "1.0.0"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("RUNNING") && out.stdout.contains("approved by alice"),
+        "{}",
+        out.stdout
+    );
+    wait_all(&hosts, "1.0.0", Duration::from_secs(60));
+    let hist = c.history();
+    assert!(
+        hist.iter()
+            .any(|e| e["action"] == "approve" && e["actor"] == "alice")
+    );
+
+    // A rejection aborts: nobody deploys 1.1.0.
+    f.pin_env("prod", policy, &f.hello("1.1.0", &[]));
+    wait_for("1.1.0 to wait", Duration::from_secs(30), || {
+        (c.state("prod", "1.1.0").as_deref() == Some("APPROVAL_REQUIRED")).then_some(())
+    });
+    let out = c.cli("alice", &["reject", "prod", "hello", "1.1.0"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("ABORTED"), "{}", out.stdout);
+    for h in &hosts {
+        wait_for("the host to give 1.1.0 up", Duration::from_secs(30), || {
+            (h.hello()["failed"]["version"] == "1.1.0").then_some(())
+        });
+        assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    }
+    // Nobody answers: the approval times out.
+    f.pin_env("prod", policy, &f.hello("1.2.0", &[]));
+    wait_for("1.2.0 to time out", Duration::from_secs(30), || {
+        (c.state("prod", "1.2.0").as_deref() == Some("ABORTED")).then_some(())
+    });
+    assert!(
+        c.rollout("prod", "1.2.0").unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("approval timed out")
+    );
+    for h in &hosts {
+        assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    }
+}
+
+#[test]
+fn prod_waits_for_a_success_in_staging() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "");
+    let v1 = f.hello("1.0.0", &[]);
+    f.pin_env("prod", "promotion: { requires: staging }\n", &v1);
+    f.repo.write(
+        "environments/staging.yaml",
+        "environment: staging\nservices: {}\n",
+    );
+    f.repo.commit("staging, empty");
+    let (prod, _a) = start_hosts(&f, &c, &["p1"], "prod");
+    wait_for("prod to wait for staging", Duration::from_secs(30), || {
+        prod[0].hello()["last_error"]
+            .as_str()
+            .filter(|e| e.contains("has not succeeded in staging yet"))
+            .map(str::to_string)
+    });
+    assert!(prod[0].hello()["current"].is_null());
+    f.pin_env("staging", "", &v1);
+    let (staging, _b) = start_hosts(&f, &c, &["s1"], "staging");
+    wait_all(&staging, "1.0.0", Duration::from_secs(60));
+    wait_all(&prod, "1.0.0", Duration::from_secs(60));
+    assert_eq!(c.state("staging", "1.0.0").as_deref(), Some("SUCCESS"));
+}
+
+#[test]
+fn a_coordinator_crash_mid_rollout_loses_and_doubles_nothing() {
+    let f = Fleet::new();
+    let mut c = Coordinator::start(f.dir.path(), "");
+    // A slow drain keeps each host in its deploy for a while.
+    f.repo.write(
+        "services/hello.yaml",
+        &drover_tests::host::SERVICE.replace(
+            "  before_stop: bin/drain\n",
+            "  before_stop: { command: [bin/slow], timeout: 10s }\n",
+        ),
+    );
+    let policy = "rollout: { max_parallel: 1 }\n";
+    f.pin_env("test", policy, &f.hello("1.0.0", &[]));
+    let (hosts, _agents) = start_hosts(&f, &c, &["h1", "h2", "h3", "h4"], "test");
+    wait_all(&hosts, "1.0.0", Duration::from_secs(90));
+    f.pin_env("test", policy, &f.hello("2.0.0", &[]));
+    wait_for("a lease on 2.0.0", Duration::from_secs(30), || {
+        c.rollout("test", "2.0.0")
+            .filter(|r| r["leases"] == 1)
+            .map(|_| ())
+    });
+    c.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    c.restart();
+    wait_all(&hosts, "2.0.0", Duration::from_secs(120));
+    let w = windows(&hosts, "2.0.0");
+    assert_eq!(w.len(), 4, "{w:?}");
+    assert_eq!(max_overlap(&w), 1, "{w:?}");
+    let hist = c.history();
+    let granted: Vec<&Value> = hist
+        .iter()
+        .filter(|e| e["action"] == "lease_granted" && e["subject"] == "test/hello/2.0.0")
+        .collect();
+    assert_eq!(
+        granted.len(),
+        4,
+        "one lease per host, none doubled: {granted:?}"
+    );
+    assert!(
+        !hist.iter().any(|e| e["action"] == "lease_expired"),
+        "no lease lost"
+    );
+}
+
+#[test]
+fn a_dead_agent_loses_its_lease_after_the_ttl() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "lease_ttl: 2s\n");
+    f.repo.write(
+        "services/hello.yaml",
+        &drover_tests::host::SERVICE.replace(
+            "  before_stop: bin/drain\n",
+            "  before_stop: { command: [bin/hang], timeout: 5m }\n",
+        ),
+    );
+    let policy = "rollout: { max_parallel: 1 }\n";
+    f.pin_env("test", policy, &f.hello("1.0.0", &[]));
+    let (hosts, mut agents) = start_hosts(&f, &c, &["h1", "h2"], "test");
+    wait_all(&hosts, "1.0.0", Duration::from_secs(60));
+    f.pin_env("test", policy, &f.hello("2.0.0", &[]));
+    // One of them takes the lease and hangs in its hook.
+    let holder = wait_for("a lease holder", Duration::from_secs(30), || {
+        hosts
+            .iter()
+            .position(|h| h.phases().contains(&"2.0.0:stop".to_string()))
+    });
+    assert_eq!(c.rollout("test", "2.0.0").unwrap()["leases"], 1);
+    agents.remove(holder).kill();
+    wait_for("the lease to expire", Duration::from_secs(20), || {
+        c.history()
+            .iter()
+            .any(|e| e["action"] == "lease_expired")
+            .then_some(())
+    });
+    // The other host gets the slot now (it then hangs in the same hook: the point is the slot).
+    let other = &hosts[1 - holder];
+    wait_for("the other host to start", Duration::from_secs(30), || {
+        other
+            .phases()
+            .contains(&"2.0.0:stop".to_string())
+            .then_some(())
+    });
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let f = Fleet::new();
+    let c = Coordinator::start(f.dir.path(), "");
+    let agent = token("fleet");
+    let policy = r#"{"max_parallel":1,"max_failures":0,"approval_required":false,"approvers":[],"approval_timeout_ms":1000}"#;
+    let acquire = format!(
+        r#"{{"host":"h1","environment":"test","service":"hello","version":"1.0","purpose":"deploy","commit":"c","commit_time_ms":1,"policy":{policy}}}"#
+    );
+    let (s, body) = c.http("POST", "/v1/leases", Some(&agent), &acquire, true);
+    assert_eq!(s, 200, "{body}");
+    let id = body["lease"]["id"].as_str().unwrap().to_string();
+    let before = c.status();
+    let cases: Vec<(&str, String, Option<String>, String, bool, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            "{\"host\": ".into(),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown field",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            acquire.replace("\"purpose\"", "\"porpoise\""),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown rollout",
+            "/v1/rollouts/test/hello/9.9/approve".into(),
+            Some(token("alice")),
+            String::new(),
+            true,
+            404,
+            "not_found",
+        ),
+        (
+            "stale lease",
+            "/v1/leases/0000dead/release".into(),
+            Some(agent.clone()),
+            r#"{"outcome":"success"}"#.into(),
+            true,
+            410,
+            "lease_lost",
+        ),
+        (
+            "oversized body",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            format!("{{\"host\": \"{}\"}}", "x".repeat(300 << 10)),
+            true,
+            413,
+            "payload_too_large",
+        ),
+        (
+            "missing token",
+            "/v1/leases".into(),
+            None,
+            acquire.clone(),
+            true,
+            401,
+            "unauthorized",
+        ),
+        (
+            "wrong token",
+            "/v1/leases".into(),
+            Some("nope".into()),
+            acquire.clone(),
+            true,
+            401,
+            "unauthorized",
+        ),
+        (
+            "no protocol header",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            acquire.clone(),
+            false,
+            400,
+            "protocol",
+        ),
+        (
+            "viewer acquiring",
+            "/v1/leases".into(),
+            Some(token("watcher")),
+            acquire.clone(),
+            true,
+            403,
+            "forbidden",
+        ),
+        (
+            "agent pausing",
+            "/v1/rollouts/test/hello/pause".into(),
+            Some(agent.clone()),
+            String::new(),
+            true,
+            403,
+            "forbidden",
+        ),
+    ];
+    for (what, path, tok, body, proto, status, kind) in cases {
+        let (s, b) = c.http("POST", &path, tok.as_deref(), &body, proto);
+        assert_eq!(s, status, "{what}: {b}");
+        assert_eq!(b["kind"], kind, "{what}: {b}");
+        assert!(
+            !b["message"].as_str().unwrap_or("").is_empty(),
+            "{what}: {b}"
+        );
+    }
+    assert_eq!(
+        c.status()["rollouts"],
+        before["rollouts"],
+        "state unchanged"
+    );
+    // A release, then the same release replayed.
+    let (s, _) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/release"),
+        Some(&agent),
+        r#"{"outcome":"success"}"#,
+        true,
+    );
+    assert_eq!(s, 200);
+    let after = c.status();
+    let (s, b) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/release"),
+        Some(&agent),
+        r#"{"outcome":"failure"}"#,
+        true,
+    );
+    assert_eq!((s, b["kind"].as_str()), (410, Some("lease_lost")));
+    assert_eq!(
+        c.status()["rollouts"],
+        after["rollouts"],
+        "a replayed release changes nothing"
+    );
+    let denied = c
+        .history()
+        .iter()
+        .filter(|e| e["action"] == "denied")
+        .count();
+    assert_eq!(denied, 4, "every denied call is audited");
+}
+
+#[test]
+fn an_unreachable_coordinator_keeps_the_running_version() {
+    let f = Fleet::new();
+    let mut c = Coordinator::start(f.dir.path(), "");
+    f.pin(&f.hello("1.0.0", &[]));
+    let h = f.host_with("h1", "test", &c.agent_config());
+    let agent = h.spawn(&[]);
+    h.wait_current("1.0.0", Duration::from_secs(60));
+    let pid = h.app_pids()[0];
+    c.kill();
+    f.pin(&f.hello("2.0.0", &[]));
+    wait_for(
+        "the agent to report the coordinator unreachable",
+        Duration::from_secs(30),
+        || {
+            h.hello()["last_error"]
+                .as_str()
+                .filter(|e| e.contains("unreachable"))
+                .map(str::to_string)
+        },
+    );
+    assert_eq!(h.app_pids(), vec![pid]);
+    assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    c.restart();
+    h.wait_current("2.0.0", Duration::from_secs(60));
+    drop(agent);
+
+    // With `required: false` an unreachable coordinator does not block deploys.
+    let lax = f.host_with(
+        "h2",
+        "test",
+        &c.agent_config()
+            .replace("heartbeat_interval", "required: false, heartbeat_interval"),
+    );
+    c.kill();
+    let out = lax.once();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stderr.contains("deploying without a lease"),
+        "{}",
+        out.stderr
+    );
+}
