@@ -320,6 +320,11 @@ impl Agent {
                 );
             };
         loop {
+            let next_retry = slots
+                .values()
+                .filter(|s| !s.busy)
+                .filter_map(|s| s.retry_at)
+                .min();
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
@@ -377,17 +382,23 @@ impl Agent {
                         });
                     }
                 }
-                _ = tick.tick() => {
+                                _ = tick.tick() => {
+                    // Supervision: process-managed apps that died are started again.
                     let Some(p) = &plan else { continue };
-                    let now = Instant::now();
-                    let supervise = matches!(self.config.service_manager, ServiceManager::Process);
+                    if !matches!(self.config.service_manager, ServiceManager::Process) { continue; }
                     for svc in &p.services {
                         let slot = slots.entry(svc.service.clone()).or_default();
-                        let due = match slot.retry_at {
-                            Some(at) => now >= at,
-                            None => supervise,
-                        };
-                                                if !slot.busy && due {
+                        if !slot.busy && slot.retry_at.is_none() {
+                            spawn(&mut tasks, slot, svc, &ctx);
+                        }
+                    }
+                }
+                _ = until(next_retry) => {
+                    let Some(p) = &plan else { continue };
+                    let now = Instant::now();
+                    for svc in &p.services {
+                        let slot = slots.entry(svc.service.clone()).or_default();
+                        if !slot.busy && slot.retry_at.is_some_and(|at| at <= now) {
                             spawn(&mut tasks, slot, svc, &ctx);
                         }
                     }
@@ -512,6 +523,14 @@ impl Agent {
             "repo": self.store.repo_status(),
             "services": services,
         })
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

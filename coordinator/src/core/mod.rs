@@ -452,7 +452,7 @@ impl Core {
         if self.leases_of(&k) >= max {
             return Err(ApiError::wait(
                 "no_slot",
-                1000,
+                300,
                 format!("{k}: {max} host(s) already deploying (max_parallel {max})"),
             ));
         }
