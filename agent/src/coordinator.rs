@@ -192,6 +192,7 @@ impl Gate {
         id: &str,
         success: bool,
         message: Option<String>,
+        verification: Option<wire::Verification>,
     ) -> Result<(), ClientError> {
         let req = ReleaseRequest {
             outcome: if success {
@@ -200,6 +201,7 @@ impl Gate {
                 Outcome::Failure
             },
             message,
+            verification,
         };
         match self.client.release(id, &req).await {
             Ok(r) => {

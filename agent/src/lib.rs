@@ -20,4 +20,5 @@ pub mod service;
 pub mod spec;
 pub mod state;
 pub mod telemetry;
+pub mod verify;
 pub mod yaml;

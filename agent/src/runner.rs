@@ -508,6 +508,10 @@ impl Agent {
                         })),
                         "process": running,
                         "last_error": st.last_error,
+                        "verdict": st.verdict.as_ref().map(|(v, verdict)| serde_json::json!({
+                            "version": v, "risk": verdict.risk, "summary": verdict.summary,
+                            "metrics": verdict.metrics,
+                        })),
                         "root": st.root,
                         "updated_at": st.updated_at,
                     })

@@ -64,6 +64,10 @@ pub struct Deployment {
     pub attempts: u32,
     /// Why the deploy is rolling back, once it is.
     pub error: Option<String>,
+    /// When the running version was first touched (ms since the epoch): the end of the
+    /// "before the switch" baseline window of metric verification.
+    #[serde(default)]
+    pub touched_at_ms: Option<u64>,
     /// When it started (RFC 3339).
     pub started_at: String,
 }
@@ -81,6 +85,9 @@ pub struct LeaseState {
     pub success: Option<bool>,
     /// The error to report with a failure.
     pub message: Option<String>,
+    /// The verification verdict to report.
+    #[serde(default)]
+    pub verification: Option<drover_coordinator::wire::Verification>,
 }
 
 /// Everything the agent knows about one service on this host.
@@ -109,6 +116,9 @@ pub struct ServiceState {
     /// A version waiting for its lease (approval, free slot…), to log its retries quietly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// The last metric verification verdict (and the version it was for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<(String, crate::verify::Verdict)>,
     /// Last change (RFC 3339).
     pub updated_at: String,
 }
@@ -127,6 +137,7 @@ impl ServiceState {
             last_error: None,
             lease: None,
             waiting: None,
+            verdict: None,
             updated_at: fsutil::now_rfc3339(),
         }
     }

@@ -153,6 +153,7 @@ async fn leases(url: &str, token: &str, secs: u64) {
                     &ReleaseRequest {
                         outcome: Outcome::Success,
                         message: None,
+                        verification: None,
                     },
                 )
                 .await

@@ -177,6 +177,9 @@ pub struct RolloutView {
     pub failed: Vec<String>,
     /// Hosts that reverted from it.
     pub reverted: Vec<String>,
+    /// Metric verification verdicts, by host.
+    #[serde(default)]
+    pub verdicts: BTreeMap<String, String>,
     /// Who approved or rejected, and when.
     #[serde(default)]
     pub decision: Option<Decision>,
@@ -235,6 +238,19 @@ pub struct ReleaseRequest {
     /// Details (the error).
     #[serde(default)]
     pub message: Option<String>,
+    /// The metric verification of the host, if it ran one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// A host's metric verification verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// `low`, `medium` or `high`. A medium risk on a successful deploy pauses the rollout.
+    pub risk: String,
+    /// Per-metric medians, p-values and judgements, in one line.
+    pub summary: String,
 }
 
 /// An answer carrying a rollout.

@@ -7,3 +7,4 @@ mod deploy;
 mod git;
 mod recovery;
 mod validate;
+mod verify;

@@ -21,6 +21,7 @@ use crate::spec::{Digest, ResolvedService};
 use crate::state::{
     Deployment, Event, Failure, LeaseState, Release, ServiceState, StateError, Store,
 };
+use crate::verify::{self, Prometheus};
 
 /// Why a phase failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,9 @@ pub enum PhaseError {
     /// No lease from the coordinator.
     #[error(transparent)]
     Gate(#[from] GateError),
+    /// The metric verification judged the new version too risky.
+    #[error("metric verification: {0}")]
+    Verify(String),
     /// An injected test failure.
     #[error("{0}")]
     Injected(String),
@@ -118,6 +122,8 @@ pub enum Outcome {
         version: String,
         /// The version it replaced.
         from: Option<String>,
+        /// Something to tell (a medium-risk verification that paused the rollout).
+        note: Option<String>,
     },
     /// The deploy failed before touching the running version.
     Abandoned {
@@ -177,10 +183,20 @@ impl Outcome {
         match self {
             Outcome::UpToDate { version } => format!("{version} running (up to date)"),
             Outcome::Started { version } => format!("{version} was not running; started"),
-            Outcome::Deployed { version, from } => match from {
-                Some(f) => format!("deployed {version} (was {f})"),
-                None => format!("deployed {version} (first install)"),
-            },
+            Outcome::Deployed {
+                version,
+                from,
+                note,
+            } => {
+                let mut s = match from {
+                    Some(f) => format!("deployed {version} (was {f})"),
+                    None => format!("deployed {version} (first install)"),
+                };
+                if let Some(n) = note {
+                    s.push_str(&format!("; {n}"));
+                }
+                s
+            }
             Outcome::Abandoned {
                 version,
                 error,
@@ -358,7 +374,10 @@ impl Deployer {
             st.lease = None;
             return self.save(st);
         };
-        match gate.release(&l.id, success, l.message.clone()).await {
+        match gate
+            .release(&l.id, success, l.message.clone(), l.verification.clone())
+            .await
+        {
             Ok(()) => {
                 st.lease = None;
                 self.save(st)
@@ -455,6 +474,7 @@ impl Deployer {
             from,
             attempts: prior_attempts + 1,
             error: None,
+            touched_at_ms: None,
             started_at: fsutil::now_rfc3339(),
         };
         self.drive(st, d, Phase::Fetch, ctx, None).await
@@ -473,11 +493,15 @@ impl Deployer {
         let t0 = Instant::now();
         let mut phase = start;
         let mut last_error: Option<PhaseError> = None;
+        let mut note: Option<String> = None;
         // Retrying a deploy that waits for its lease: the phases before the lease are quick
         // no-ops (cached, staged); they are not logged again.
         let quiet = st.waiting.as_deref() == Some(d.target.version.as_str());
         loop {
             d.phase = phase;
+            if phase == Phase::Stop && d.touched_at_ms.is_none() {
+                d.touched_at_ms = Some(now_ms());
+            }
             st.deployment = Some(d.clone());
             self.save(st)?;
             if !quiet || phase.touches_host() {
@@ -499,9 +523,17 @@ impl Deployer {
                                 revert: false,
                                 success: None,
                                 message: None,
+                                verification: None,
                             });
                         }
                         lease = held;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Ok(()) if phase == Phase::Verify => match self.verify(st, &d).await {
+                    Ok(n) => {
+                        note = n;
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -537,9 +569,59 @@ impl Deployer {
                 end => {
                     tracing::debug!(took_ms = t0.elapsed().as_millis() as u64, outcome = ?end, "deploy ended");
                     drop(lease.take().map(|(_, keep)| keep));
-                    return self.finish(st, d, end, last_error).await;
+                    return self.finish(st, d, end, last_error, note).await;
                 }
             }
+        }
+    }
+
+    /// The verify phase: metric analysis, if the service has `verify`. Records the verdict;
+    /// a medium risk under `on_medium: pause` keeps the version and returns a note.
+    async fn verify(
+        &self,
+        st: &mut ServiceState,
+        d: &Deployment,
+    ) -> Result<Option<String>, PhaseError> {
+        let t = &d.target;
+        let Some(v) = &t.verify else {
+            return Ok(None);
+        };
+        let source = Prometheus::new(self.checker.client().clone(), &v.prometheus);
+        let touched = d
+            .touched_at_ms
+            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+            .unwrap_or_else(std::time::SystemTime::now);
+        tracing::info!(duration = %v.duration, metrics = v.metrics.len(), "verifying metrics");
+        let verdict = verify::run(
+            &source,
+            v,
+            &t.version,
+            d.from.as_ref().map(|f| f.version.as_str()),
+            touched,
+        )
+        .await;
+        tracing::info!(risk = %verdict.risk, "{}", verdict.summary);
+        self.event(
+            &t.service,
+            &t.version,
+            "verified",
+            Some(verdict.summary.clone()),
+        );
+        if let Some(l) = &mut st.lease {
+            l.verification = Some(drover_coordinator::wire::Verification {
+                risk: verdict.risk.to_string(),
+                summary: verdict.summary.clone(),
+            });
+        }
+        let decision = verify::decide(verdict.risk, v.on_medium);
+        let summary = verdict.summary.clone();
+        st.verdict = Some((t.version.clone(), verdict));
+        match decision {
+            verify::Decision::Continue => Ok(None),
+            verify::Decision::Pause => Ok(Some(format!(
+                "verification {summary}; kept for a human to decide (the rollout is paused)"
+            ))),
+            verify::Decision::RollBack => Err(PhaseError::Verify(summary)),
         }
     }
 
@@ -628,7 +710,7 @@ impl Deployer {
                     self.manager.stop(t).await?;
                 }
             }
-            Phase::Lease => unreachable!("drive runs the lease phase itself"),
+            Phase::Lease | Phase::Verify => unreachable!("drive runs this phase itself"),
             Phase::Switch => layout.switch(&d.dir)?,
             Phase::Start => {
                 if let Some(h) = &t.after_install {
@@ -699,6 +781,7 @@ impl Deployer {
         d: Deployment,
         end: Next,
         last_error: Option<PhaseError>,
+        note: Option<String>,
     ) -> Result<Outcome, DeployError> {
         let t = &d.target;
         let version = t.version.clone();
@@ -729,6 +812,7 @@ impl Deployer {
                 Outcome::Deployed {
                     version,
                     from: d.from.as_ref().map(|f| f.version.clone()),
+                    note,
                 }
             }
             Next::Abandoned => match &last_error {
@@ -894,7 +978,7 @@ impl Deployer {
                 } else {
                     self.restore(&layout, &d).await;
                     Ok(Resume::Done(
-                        self.finish(st, d, Next::Abandoned, None).await?,
+                        self.finish(st, d, Next::Abandoned, None, None).await?,
                     ))
                 }
             }
@@ -987,6 +1071,7 @@ impl Deployer {
                         revert: true,
                         success: None,
                         message: None,
+                        verification: None,
                     });
                     let keep = gate.keep_alive(&h);
                     lease = Some((h, keep));
@@ -1014,6 +1099,7 @@ impl Deployer {
             from: Some(previous),
             attempts: 1,
             error: Some(why.to_string()),
+            touched_at_ms: None,
             started_at: fsutil::now_rfc3339(),
         };
         let outcome = self.drive(&mut st, d, Phase::RollBack, None, lease).await?;
@@ -1024,6 +1110,13 @@ impl Deployer {
         }
         Ok(outcome)
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What reconcile does after recovery.

@@ -1,6 +1,7 @@
 //! Deploying one service on this host: the phase machine and the pure decisions around it.
 //!
-//! A deploy goes through [`Phase`]s: fetch → stage → lease → stop → switch → start → check.
+//! A deploy goes through [`Phase`]s: fetch → stage → lease → stop → switch → start → check →
+//! verify.
 //! The first three never touch the running version (the lease is the coordinator's permission
 //! to go on); from `stop` on, any failure rolls back to the previous
 //! release. The phase is recorded *before* it runs, so after a crash [`recover`] can tell
@@ -33,8 +34,10 @@ pub enum Phase {
     Switch,
     /// `after_install` hook, then starting the new version.
     Start,
-    /// Health check, smoke tests, verification.
+    /// Health check and smoke tests.
     Check,
+    /// Metric analysis against the baseline (when `verify` is set).
+    Verify,
     /// Putting the previous release back.
     RollBack,
 }
@@ -56,7 +59,7 @@ pub enum Next {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Fetch,
         Phase::Stage,
         Phase::Lease,
@@ -64,6 +67,7 @@ impl Phase {
         Phase::Switch,
         Phase::Start,
         Phase::Check,
+        Phase::Verify,
         Phase::RollBack,
     ];
 
@@ -76,7 +80,8 @@ impl Phase {
             Phase::Stop => Next::Phase(Phase::Switch),
             Phase::Switch => Next::Phase(Phase::Start),
             Phase::Start => Next::Phase(Phase::Check),
-            Phase::Check => Next::Deployed,
+            Phase::Check => Next::Phase(Phase::Verify),
+            Phase::Verify => Next::Deployed,
             Phase::RollBack => Next::RolledBack,
         }
     }
@@ -85,7 +90,7 @@ impl Phase {
     pub fn on_failure(self) -> Next {
         match self {
             Phase::Fetch | Phase::Stage | Phase::Lease => Next::Abandoned,
-            Phase::Stop | Phase::Switch | Phase::Start | Phase::Check => {
+            Phase::Stop | Phase::Switch | Phase::Start | Phase::Check | Phase::Verify => {
                 Next::Phase(Phase::RollBack)
             }
             Phase::RollBack => Next::Broken,
@@ -107,6 +112,7 @@ impl Phase {
             Phase::Switch => "switch",
             Phase::Start => "start",
             Phase::Check => "check",
+            Phase::Verify => "verify",
             Phase::RollBack => "rollback",
         }
     }
@@ -228,10 +234,11 @@ mod tests {
                 Phase::Stop,
                 Phase::Switch,
                 Phase::Start,
-                Phase::Check
+                Phase::Check,
+                Phase::Verify
             ]
         );
-        assert_eq!(Phase::Check.on_success(), Next::Deployed);
+        assert_eq!(Phase::Verify.on_success(), Next::Deployed);
         assert_eq!(Phase::RollBack.on_success(), Next::RolledBack);
     }
 
@@ -260,6 +267,8 @@ mod tests {
             (Phase::Stop, Phase::Switch),
             (Phase::Switch, Phase::Start),
             (Phase::Start, Phase::Check),
+            (Phase::Check, Phase::Verify),
+            (Phase::Verify, Phase::RollBack),
             (Phase::Stop, Phase::RollBack),
             (Phase::Switch, Phase::RollBack),
             (Phase::Start, Phase::RollBack),
@@ -285,6 +294,7 @@ mod tests {
             (Phase::Switch, true, ResumeStart),
             (Phase::Start, true, ResumeStart),
             (Phase::Check, true, ResumeStart),
+            (Phase::Verify, true, ResumeStart),
             (Phase::RollBack, true, FinishRollBack),
             (Phase::RollBack, false, FinishRollBack),
         ] {
@@ -350,6 +360,7 @@ mod tests {
             from: Some(release("1")),
             attempts: 1,
             error: None,
+            touched_at_ms: None,
             started_at: "t".into(),
         });
         assert_eq!(decide(&svc("3"), &st, Some("1")), Action::Recover);

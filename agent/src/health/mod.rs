@@ -78,6 +78,11 @@ impl Checker {
         Checker { client }
     }
 
+    /// The HTTP client (shared with metric queries).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// Polls the health URL until it passes, `exited` reports the process gone, or the
     /// timeout expires. Returns how long it took.
     pub async fn wait_healthy(

@@ -19,6 +19,7 @@ pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
     ResolvedSmoke, resolve,
 };
+pub use resolve::{ResolvedMetric, ResolvedVerify};
 pub use template::{BUILTINS, Template, Vars, render_str};
 
 /// A service definition, `services/<service>.yaml`.
@@ -47,6 +48,119 @@ pub struct ServiceSpec {
     /// Smoke tests run once after the health check passes.
     #[serde(default)]
     pub smoke: Vec<Smoke>,
+    /// Metric analysis after health and smoke tests pass.
+    pub verify: Option<Verify>,
+}
+
+/// `verify:` — metric analysis against Prometheus after health and smoke tests.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// How long to watch the new version.
+    pub duration: Dur,
+    /// Sample step. Default: a twentieth of `duration`, between 1s and 60s.
+    pub interval: Option<Dur>,
+    /// Prometheus base URL; a template.
+    pub prometheus: Template,
+    /// What a medium risk does: `pause` (default: keep the version, pause the rollout for a
+    /// human) or `rollback`.
+    #[serde(default)]
+    pub on_medium: OnMedium,
+    /// Go on when metrics cannot be read (Prometheus down, no data). Default false: missing
+    /// data is never a pass.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Fewest samples per side for a conclusion. Default 6.
+    #[serde(default = "default_min_points")]
+    pub min_points: u32,
+    /// The metrics.
+    pub metrics: Vec<Metric>,
+}
+
+fn default_min_points() -> u32 {
+    6
+}
+
+/// What a medium-risk verdict does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMedium {
+    /// Keep the new version and pause the rollout for a human.
+    #[default]
+    Pause,
+    /// Roll back, like a high risk.
+    Rollback,
+}
+
+/// Which way a metric gets worse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Higher is worse (errors, latency).
+    #[default]
+    Increase,
+    /// Lower is worse (throughput, success rate).
+    Decrease,
+    /// Any change is worse.
+    Either,
+}
+
+/// What a metric is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    /// The old version: hosts still on it over the same window (when the query uses
+    /// `{version}`), else this host before the switch.
+    Baseline,
+}
+
+/// One metric of `verify.metrics`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metric {
+    /// Its name, for reports.
+    pub name: String,
+    /// PromQL returning one or more series; a template (`{version}` is the version measured).
+    pub query: Template,
+    /// Highest acceptable median.
+    pub max: Option<f64>,
+    /// Lowest acceptable median.
+    pub min: Option<f64>,
+    /// Compare with the old version.
+    pub compare: Option<Compare>,
+    /// Which way is worse. Default increase.
+    #[serde(default)]
+    pub direction: Direction,
+    /// Relative change tolerated (0.1 = 10%). Default 0.1.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// Absolute change tolerated on top (for metrics near zero). Default 0.
+    #[serde(default)]
+    pub tolerance_abs: f64,
+}
+
+fn default_tolerance() -> f64 {
+    0.1
+}
+
+/// An environment's override of a service's `verify` (every field optional).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyOverride {
+    /// Replaces `duration`.
+    pub duration: Option<Dur>,
+    /// Replaces `interval`.
+    pub interval: Option<Dur>,
+    /// Replaces `prometheus`.
+    pub prometheus: Option<Template>,
+    /// Replaces `on_medium`.
+    pub on_medium: Option<OnMedium>,
+    /// Replaces `fail_open`.
+    pub fail_open: Option<bool>,
+    /// Replaces `min_points`.
+    pub min_points: Option<u32>,
+    /// Replaces the whole metric list.
+    pub metrics: Option<Vec<Metric>>,
 }
 
 /// What kind of target a service runs on.
@@ -271,6 +385,9 @@ pub struct Environment {
     /// The desired version of each service in this environment.
     #[serde(default)]
     pub services: BTreeMap<String, Spanned<Pin>>,
+    /// Per-service overrides of `verify` in this environment.
+    #[serde(default)]
+    pub verify: BTreeMap<String, Spanned<VerifyOverride>>,
 }
 
 /// `rollout:` — how many hosts deploy at once and how many may fail.
@@ -511,7 +628,49 @@ fn templates_of(s: &ServiceSpec) -> Vec<&Template> {
         out.extend(sm.command.iter().flatten());
         out.extend(sm.expect_body.iter());
     }
+    if let Some(v) = &s.verify {
+        out.push(&v.prometheus);
+        out.extend(v.metrics.iter().map(|m| &m.query));
+    }
     out
+}
+
+fn check_verify(
+    prometheus: Option<&Template>,
+    metrics: &[Metric],
+    at: &Mark,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(p) = prometheus {
+        check_url(p, &["http", "https"], "verify.prometheus", problems);
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for m in metrics {
+        if !names.insert(m.name.as_str()) {
+            problems.push(Problem::new(
+                m.query.mark().clone(),
+                format!("verify: metric `{}` is listed twice", m.name),
+            ));
+        }
+        if m.max.is_none() && m.min.is_none() && m.compare.is_none() {
+            problems.push(Problem::new(
+                m.query.mark().clone(),
+                format!(
+                    "verify: metric `{}` checks nothing: give `max`, `min` and/or `compare: baseline`",
+                    m.name
+                ),
+            ));
+        }
+        if !(m.tolerance >= 0.0 && m.tolerance_abs >= 0.0) {
+            problems.push(Problem::new(
+                m.query.mark().clone(),
+                format!("verify: metric `{}`: tolerances cannot be negative", m.name),
+            ));
+        }
+    }
+    if metrics.is_empty() {
+        problems.push(Problem::new(at.clone(), "verify: `metrics` is empty"));
+    }
 }
 
 /// Renders `t` with every name set to a dummy value (to check URL syntax without a host).
@@ -649,6 +808,15 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
     if let Some(h) = &s.health {
         check_url(&h.url, &["http", "https"], "health url", problems);
     }
+    if let Some(v) = &s.verify {
+        check_verify(Some(&v.prometheus), &v.metrics, at, problems);
+        if v.duration.0.is_zero() {
+            problems.push(Problem::new(
+                at.clone(),
+                "verify.duration must be more than 0s",
+            ));
+        }
+    }
     for sm in &s.smoke {
         match (&sm.url, &sm.command) {
             (Some(u), None) => check_url(u, &["http", "https"], "smoke url", problems),
@@ -707,6 +875,27 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
                 p.requires.mark.clone(),
                 format!("promotion.requires: environment `{up}` is not defined (no environments/{up}.yaml)"),
             ));
+        }
+    }
+    for (service, o) in &env.verify {
+        match repo.services.get(service) {
+            None => problems.push(Problem::new(
+                o.mark.clone(),
+                format!("verify: service `{service}` is not defined"),
+            )),
+            Some(spec) if spec.verify.is_none() && o.value.metrics.is_none() => {
+                problems.push(Problem::new(
+                    o.mark.clone(),
+                    format!(
+                        "verify: service `{service}` has no `verify:` block to override; give `metrics`, `duration` and `prometheus` here or in services/{service}.yaml"
+                    ),
+                ))
+            }
+            Some(_) => {
+                if let Some(m) = &o.value.metrics {
+                    check_verify(o.value.prometheus.as_ref(), m, &o.mark, problems);
+                }
+            }
         }
     }
     for (service, pin) in &env.services {

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Approval, Digest, Dur, Kind, RelPath, Repo, Rollout, ServiceSpec, Template, Vars};
+use super::{
+    Approval, Compare, Digest, Direction, Dur, Kind, OnMedium, RelPath, Repo, Rollout, ServiceSpec,
+    Template, Vars, VerifyOverride,
+};
 use crate::config::ServiceManager;
 use crate::yaml::{Mark, Problem, Problems};
 
@@ -84,8 +87,56 @@ pub struct ResolvedService {
     pub health: Option<ResolvedHealth>,
     /// Smoke tests.
     pub smoke: Vec<ResolvedSmoke>,
+    /// Metric analysis.
+    #[serde(default)]
+    pub verify: Option<ResolvedVerify>,
     /// Template names and values (built-ins and host vars), for template files.
     pub vars: BTreeMap<String, String>,
+}
+
+/// Metric analysis, rendered for the host (queries keep `{version}`, filled in per side).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedVerify {
+    /// How long to watch.
+    pub duration: Dur,
+    /// Sample step.
+    pub interval: Dur,
+    /// Prometheus base URL.
+    pub prometheus: String,
+    /// What a medium risk does.
+    pub on_medium: OnMedium,
+    /// Pass when metrics cannot be read.
+    pub fail_open: bool,
+    /// Fewest samples per side.
+    pub min_points: u32,
+    /// The metrics.
+    pub metrics: Vec<ResolvedMetric>,
+}
+
+/// One metric, rendered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedMetric {
+    /// Name.
+    pub name: String,
+    /// PromQL; `{version}` is still to be filled in.
+    pub query: String,
+    /// Whether the query selects by `{version}` (then the baseline is the old version's
+    /// hosts over the same window).
+    pub by_version: bool,
+    /// Highest acceptable median.
+    pub max: Option<f64>,
+    /// Lowest acceptable median.
+    pub min: Option<f64>,
+    /// Compare with the old version.
+    pub baseline: bool,
+    /// Which way is worse.
+    pub direction: Direction,
+    /// Relative tolerance.
+    pub tolerance: f64,
+    /// Absolute tolerance.
+    pub tolerance_abs: f64,
 }
 
 /// How to run the service.
@@ -195,7 +246,8 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
             },
             problems: &mut problems,
         };
-        if let Some(s) = render_service(spec, &mut r, host, sha256, &names) {
+        let over = env.verify.get(name).map(|o| &o.value);
+        if let Some(s) = render_service(spec, over, &mut r, host, sha256, &names) {
             services.push(s);
         }
     }
@@ -239,6 +291,7 @@ impl Renderer<'_> {
 
 fn render_service(
     spec: &ServiceSpec,
+    over: Option<&VerifyOverride>,
     r: &mut Renderer,
     host: &Host,
     sha256: Digest,
@@ -321,6 +374,78 @@ fn render_service(
         after_install,
         health,
         smoke,
+        verify: render_verify(spec, over, r, names),
         vars: names.clone(),
+    })
+}
+
+/// Merges the service's `verify` with the environment's override and renders it.
+fn render_verify(
+    spec: &ServiceSpec,
+    over: Option<&VerifyOverride>,
+    r: &mut Renderer,
+    names: &BTreeMap<String, String>,
+) -> Option<ResolvedVerify> {
+    let base = spec.verify.as_ref();
+    if base.is_none() && over.is_none() {
+        return None;
+    }
+    let o = over.cloned().unwrap_or_default();
+    let at = spec.service.mark.clone();
+    let duration = o.duration.or(base.map(|b| b.duration));
+    let prometheus = o.prometheus.or(base.map(|b| b.prometheus.clone()));
+    let metrics = o
+        .metrics
+        .or(base.map(|b| b.metrics.clone()))
+        .unwrap_or_default();
+    let (Some(duration), Some(prometheus)) = (duration, prometheus) else {
+        r.problems.push(Problem::new(
+            at,
+            "verify: `duration` and `prometheus` are needed (in the service or the environment override)",
+        ));
+        return None;
+    };
+    let interval = o
+        .interval
+        .or(base.and_then(|b| b.interval))
+        .unwrap_or(Dur((duration.0 / 20).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        )));
+    // `{version}` is filled in later, once for the new version and once for the old one.
+    let mut keep_version = names.clone();
+    keep_version.insert("version".into(), "{version}".into());
+    let vars = Vars {
+        names: &keep_version,
+        env: None,
+    };
+    let metrics = metrics
+        .iter()
+        .map(|m| ResolvedMetric {
+            name: m.name.clone(),
+            query: m.query.render(&vars).unwrap_or_else(|e| {
+                r.problems.push(Problem::new(m.query.mark().clone(), e));
+                String::new()
+            }),
+            by_version: m.query.names().any(|n| n == "version"),
+            max: m.max,
+            min: m.min,
+            baseline: m.compare == Some(Compare::Baseline),
+            direction: m.direction,
+            tolerance: m.tolerance,
+            tolerance_abs: m.tolerance_abs,
+        })
+        .collect();
+    Some(ResolvedVerify {
+        duration,
+        interval,
+        prometheus: r.url(&prometheus, &["http", "https"], "verify.prometheus"),
+        on_medium: o
+            .on_medium
+            .or(base.map(|b| b.on_medium))
+            .unwrap_or_default(),
+        fail_open: o.fail_open.or(base.map(|b| b.fail_open)).unwrap_or(false),
+        min_points: o.min_points.or(base.map(|b| b.min_points)).unwrap_or(6),
+        metrics,
     })
 }

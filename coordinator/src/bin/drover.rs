@@ -196,6 +196,9 @@ fn rollout_line(r: &RolloutView) -> String {
     if let Some(why) = &r.reason {
         s.push_str(&format!("; {why}"));
     }
+    for (host, v) in &r.verdicts {
+        s.push_str(&format!("\n      verification on {host}: {v}"));
+    }
     s
 }
 

@@ -40,6 +40,9 @@ pub struct Rollout {
     /// Hosts that deployed it and then reported it running healthy.
     #[serde(default)]
     pub verified: BTreeSet<String>,
+    /// Metric verification verdicts reported with releases, by host.
+    #[serde(default)]
+    pub verdicts: BTreeMap<String, String>,
     /// Approval decision.
     pub decision: Option<Decision>,
     /// Why it is in its state.
@@ -304,6 +307,7 @@ impl Core {
             succeeded: r.succeeded.iter().cloned().collect(),
             failed: r.failed.iter().cloned().collect(),
             reverted: r.reverted.iter().cloned().collect(),
+            verdicts: r.verdicts.clone(),
             decision: r.decision.clone(),
             reason: r.reason.clone(),
             created_at_ms: r.created_at_ms,
@@ -524,6 +528,7 @@ impl Core {
                 failed: BTreeSet::new(),
                 reverted: BTreeSet::new(),
                 verified: BTreeSet::new(),
+                verdicts: BTreeMap::new(),
                 decision: None,
                 reason: None,
                 approval_deadline_ms: None,
@@ -647,8 +652,21 @@ impl Core {
             (Purpose::Revert, Outcome::Failure) => {}
         }
         r.updated_at_ms = now;
+        if let Some(v) = &req.verification {
+            r.verdicts
+                .insert(lease.host.clone(), format!("{}: {}", v.risk, v.summary));
+        }
         let (state, failures, max) = (r.state, r.failed.len() as u32, r.policy.max_failures);
         self.save(&k);
+        if let Some(v) = &req.verification {
+            self.audit(
+                now,
+                &lease.host,
+                "verification",
+                &k,
+                format!("risk {}: {}", v.risk, v.summary),
+            );
+        }
         match (lease.purpose, req.outcome) {
             (Purpose::Deploy, Outcome::Failure) if failures > max => {
                 if matches!(state, RolloutState::Running | RolloutState::Verifying) {
@@ -662,6 +680,26 @@ impl Core {
                         now,
                     );
                 }
+            }
+            (Purpose::Deploy, Outcome::Success)
+                if req
+                    .verification
+                    .as_ref()
+                    .is_some_and(|v| v.risk == "medium")
+                    && matches!(state, RolloutState::Running | RolloutState::Verifying) =>
+            {
+                // The host kept the version but its metrics were not conclusive: a human
+                // decides (`drover resume` or `drover abort`).
+                self.set_state(
+                    &k,
+                    RolloutState::Paused,
+                    Some(format!(
+                        "verification on {} was not conclusive (medium risk); resume or abort",
+                        lease.host
+                    )),
+                    "coordinator",
+                    now,
+                );
             }
             (Purpose::Revert, Outcome::Failure) if state == RolloutState::RollingBack => {
                 self.set_state(

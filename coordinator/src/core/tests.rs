@@ -51,6 +51,7 @@ fn ok(o: Outcome) -> ReleaseRequest {
     ReleaseRequest {
         outcome: o,
         message: Some(format!("{o:?}")),
+        verification: None,
     }
 }
 
@@ -447,4 +448,36 @@ fn bad_requests_are_refused_without_changes() {
     assert_eq!(c.acquire(&r, &agent(), T0).unwrap_err().status, 404);
     assert!(c.take_changes().is_empty());
     assert!(c.status(T0).rollouts.is_empty());
+}
+
+#[test]
+fn a_medium_verdict_pauses_the_rollout() {
+    let mut c = core();
+    let p = policy(2, 0);
+    let g = c
+        .acquire(&req("h1", "prod", "1.0", &p), &agent(), T0)
+        .unwrap();
+    let mut r = ok(Outcome::Success);
+    r.verification = Some(crate::wire::Verification {
+        risk: "medium".into(),
+        summary: "error_rate: inconclusive".into(),
+    });
+    let v = c.release(&g.lease.id, &r, T0 + 1).unwrap();
+    assert_eq!(v.state, RolloutState::Paused);
+    assert!(v.verdicts["h1"].starts_with("medium"));
+    let e = c
+        .acquire(&req("h2", "prod", "1.0", &p), &agent(), T0 + 2)
+        .unwrap_err();
+    assert_eq!(e.body.reason.as_deref(), Some("paused"));
+    let op = person("ops", Role::Operator, &[]);
+    assert_eq!(
+        c.operate("prod", "hello", "resume", &op, T0 + 3)
+            .unwrap()
+            .state,
+        RolloutState::Running
+    );
+    assert!(
+        c.acquire(&req("h2", "prod", "1.0", &p), &agent(), T0 + 4)
+            .is_ok()
+    );
 }

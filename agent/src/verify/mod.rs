@@ -1,0 +1,397 @@
+//! Continuous verification (DESIGN.md §5): after health and smoke tests pass, the new version's
+//! metrics are read from a [`MetricSource`] (Prometheus) over `verify.duration`, checked
+//! against thresholds and compared with a baseline (the old version) with a Mann-Whitney U
+//! test; the result is a risk — low: go on, medium: pause for a human (or roll back, by
+//! config), high: roll back. Too little data is *inconclusive* (medium), never a pass.
+//!
+//! [`judge`] and [`verdict`] are pure; [`run`] does the waiting and the queries.
+
+mod prometheus;
+pub mod stats;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+pub use prometheus::Prometheus;
+use stats::{mann_whitney, median};
+
+use crate::spec::{Direction, OnMedium, ResolvedMetric, ResolvedVerify};
+
+/// Significance for a failure.
+const P_FAIL: f64 = 0.01;
+/// Significance for a marginal result.
+const P_MARGINAL: f64 = 0.05;
+
+/// Why samples could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetricError {
+    /// The source did not answer.
+    #[error("metric `{metric}`: cannot reach {url}: {message}")]
+    Unreachable {
+        /// Metric name.
+        metric: String,
+        /// Source URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The source refused the query.
+    #[error("metric `{metric}`: query rejected: {message} (query: {query})")]
+    Query {
+        /// Metric name.
+        metric: String,
+        /// The query.
+        query: String,
+        /// What the source said.
+        message: String,
+    },
+}
+
+/// Where metric samples come from (Prometheus; CloudWatch could follow).
+pub trait MetricSource {
+    /// Samples of `query` from `start` to `end`, one per `step`, all series pooled; NaN and
+    /// infinite values are dropped.
+    fn range(
+        &self,
+        metric: &str,
+        query: &str,
+        start: SystemTime,
+        end: SystemTime,
+        step: Duration,
+    ) -> impl std::future::Future<Output = Result<Vec<f64>, MetricError>> + Send;
+}
+
+/// How bad a change is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    /// Go on.
+    Low,
+    /// Pause for a human (or roll back, by config).
+    Medium,
+    /// Roll back.
+    High,
+}
+
+impl fmt::Display for Risk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Risk::Low => "low",
+            Risk::Medium => "medium",
+            Risk::High => "high",
+        })
+    }
+}
+
+/// One metric's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judgement {
+    /// Within thresholds and not significantly worse.
+    Pass,
+    /// Worse beyond tolerance, with weak significance.
+    Marginal,
+    /// Over a threshold, or worse beyond tolerance with strong significance.
+    Fail,
+    /// Too few samples (or none) to say.
+    Inconclusive,
+}
+
+impl Judgement {
+    /// The judgement's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Judgement::Pass => "pass",
+            Judgement::Marginal => "marginal",
+            Judgement::Fail => "fail",
+            Judgement::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// The analysis of one metric.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricVerdict {
+    /// Metric name.
+    pub name: String,
+    /// Result.
+    pub judgement: Judgement,
+    /// Samples of the new version.
+    pub canary_points: usize,
+    /// Median of the new version.
+    pub canary: Option<f64>,
+    /// Samples of the baseline.
+    pub baseline_points: usize,
+    /// Median of the baseline.
+    pub baseline: Option<f64>,
+    /// Mann-Whitney p-value.
+    pub p_value: Option<f64>,
+    /// Why, in words.
+    pub detail: String,
+}
+
+/// The verdict of a verification.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The risk.
+    pub risk: Risk,
+    /// Per metric.
+    pub metrics: Vec<MetricVerdict>,
+    /// A one-line summary.
+    pub summary: String,
+}
+
+/// Samples read for one metric.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Samples {
+    /// The new version.
+    pub canary: Vec<f64>,
+    /// The old version, if compared.
+    pub baseline: Option<Vec<f64>>,
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == 0.0 || (v.abs() >= 0.01 && v.abs() < 1e6) {
+        format!("{v:.4}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else {
+        format!("{v:.3e}")
+    }
+}
+
+/// Judges one metric from its samples. Pure.
+pub fn judge(m: &ResolvedMetric, s: &Samples, min_points: usize) -> MetricVerdict {
+    let mut v = MetricVerdict {
+        name: m.name.clone(),
+        judgement: Judgement::Pass,
+        canary_points: s.canary.len(),
+        canary: None,
+        baseline_points: s.baseline.as_ref().map_or(0, Vec::len),
+        baseline: None,
+        p_value: None,
+        detail: String::new(),
+    };
+    if s.canary.len() < min_points {
+        v.judgement = Judgement::Inconclusive;
+        v.detail = format!(
+            "{} sample(s) of the new version, {min_points} needed (is there traffic?)",
+            s.canary.len()
+        );
+        return v;
+    }
+    let c = median(&s.canary);
+    v.canary = Some(c);
+    if let Some(max) = m.max
+        && c > max
+    {
+        v.judgement = Judgement::Fail;
+        v.detail = format!("median {} is over the maximum {}", fmt_num(c), fmt_num(max));
+        return v;
+    }
+    if let Some(min) = m.min
+        && c < min
+    {
+        v.judgement = Judgement::Fail;
+        v.detail = format!(
+            "median {} is under the minimum {}",
+            fmt_num(c),
+            fmt_num(min)
+        );
+        return v;
+    }
+    let Some(base) = s.baseline.as_ref().filter(|_| m.baseline) else {
+        v.detail = format!("median {} within thresholds", fmt_num(c));
+        return v;
+    };
+    if base.len() < min_points {
+        v.judgement = Judgement::Inconclusive;
+        v.detail = format!(
+            "{} baseline sample(s), {min_points} needed (no host on the old version and no history before the switch?)",
+            base.len()
+        );
+        return v;
+    }
+    let b = median(base);
+    v.baseline = Some(b);
+    let diff = c - b;
+    let allowed = (m.tolerance * b.abs()).max(m.tolerance_abs);
+    let worse = match m.direction {
+        Direction::Increase => diff > allowed,
+        Direction::Decrease => -diff > allowed,
+        Direction::Either => diff.abs() > allowed,
+    };
+    let p = mann_whitney(&s.canary, base).map(|r| r.p);
+    v.p_value = p;
+    let change = if b != 0.0 {
+        format!("{:+.1}%", diff / b.abs() * 100.0)
+    } else {
+        format!("{:+}", fmt_num(diff))
+    };
+    let sig = p
+        .map(|p| format!("p = {p:.2e}"))
+        .unwrap_or_else(|| "all samples equal".into());
+    v.detail = format!(
+        "median {} vs baseline {} ({change}, tolerance {}; {sig})",
+        fmt_num(c),
+        fmt_num(b),
+        if m.tolerance_abs > 0.0 {
+            format!(
+                "{:.0}% or {}",
+                m.tolerance * 100.0,
+                fmt_num(m.tolerance_abs)
+            )
+        } else {
+            format!("{:.0}%", m.tolerance * 100.0)
+        }
+    );
+    v.judgement = match (worse, p) {
+        (true, Some(p)) if p < P_FAIL => Judgement::Fail,
+        (true, Some(p)) if p < P_MARGINAL => Judgement::Marginal,
+        _ => Judgement::Pass,
+    };
+    v
+}
+
+/// The risk of a set of metric results. Pure.
+pub fn verdict(metrics: Vec<MetricVerdict>) -> Verdict {
+    let risk = if metrics.iter().any(|m| m.judgement == Judgement::Fail) {
+        Risk::High
+    } else if metrics
+        .iter()
+        .any(|m| matches!(m.judgement, Judgement::Marginal | Judgement::Inconclusive))
+    {
+        Risk::Medium
+    } else {
+        Risk::Low
+    };
+    let parts: Vec<String> = metrics
+        .iter()
+        .map(|m| format!("{}: {} — {}", m.name, m.judgement.name(), m.detail))
+        .collect();
+    Verdict {
+        risk,
+        summary: format!("risk {risk}: {}", parts.join("; ")),
+        metrics,
+    }
+}
+
+/// What the deploy does with a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on.
+    Continue,
+    /// Keep the version; pause the rollout for a human.
+    Pause,
+    /// Roll back.
+    RollBack,
+}
+
+/// The decision for `risk` under `on_medium`. Pure.
+pub fn decide(risk: Risk, on_medium: OnMedium) -> Decision {
+    match (risk, on_medium) {
+        (Risk::Low, _) => Decision::Continue,
+        (Risk::Medium, OnMedium::Pause) => Decision::Pause,
+        (Risk::Medium, OnMedium::Rollback) | (Risk::High, _) => Decision::RollBack,
+    }
+}
+
+/// Watches the new version for `v.duration` (from now), then reads and judges every metric.
+/// `old` is the version replaced (for `{version}` baselines); `touched` is when the old
+/// version stopped (the end of the "before the switch" baseline window).
+pub async fn run<S: MetricSource>(
+    source: &S,
+    v: &ResolvedVerify,
+    new: &str,
+    old: Option<&str>,
+    touched: SystemTime,
+) -> Verdict {
+    let start = SystemTime::now();
+    tokio::time::sleep(v.duration.0).await;
+    let end = SystemTime::now();
+    analyze(source, v, new, old, touched, start, end).await
+}
+
+/// Reads and judges every metric over [`start`, `end`].
+pub async fn analyze<S: MetricSource>(
+    source: &S,
+    v: &ResolvedVerify,
+    new: &str,
+    old: Option<&str>,
+    touched: SystemTime,
+    start: SystemTime,
+    end: SystemTime,
+) -> Verdict {
+    let step = v.interval.0;
+    let min = v.min_points as usize;
+    let mut results = Vec::new();
+    let mut errors = Vec::new();
+    for m in &v.metrics {
+        let q_new = m.query.replace("{version}", new);
+        let canary = match source.range(&m.name, &q_new, start, end, step).await {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push((m.name.clone(), e));
+                continue;
+            }
+        };
+        let mut baseline = None;
+        if m.baseline {
+            let q_old = old.map(|o| m.query.replace("{version}", o));
+            // The old version's other hosts over the same window…
+            let mut b = Vec::new();
+            if let (true, Some(q)) = (m.by_version, &q_old) {
+                match source.range(&m.name, q, start, end, step).await {
+                    Ok(s) => b = s,
+                    Err(e) => {
+                        errors.push((m.name.clone(), e));
+                        continue;
+                    }
+                }
+            }
+            // …or, when there is none, this host before the switch.
+            if b.len() < min {
+                let q = q_old.as_deref().unwrap_or(&q_new);
+                let window = end.duration_since(start).unwrap_or(v.duration.0);
+                let before = touched.checked_sub(window).unwrap_or(touched);
+                match source.range(&m.name, q, before, touched, step).await {
+                    Ok(s) if s.len() > b.len() => b = s,
+                    Ok(_) => {}
+                    Err(e) => {
+                        errors.push((m.name.clone(), e));
+                        continue;
+                    }
+                }
+            }
+            baseline = Some(b);
+        }
+        results.push(judge(m, &Samples { canary, baseline }, min));
+    }
+    for (name, e) in errors {
+        results.push(MetricVerdict {
+            name,
+            judgement: if v.fail_open {
+                Judgement::Pass
+            } else {
+                Judgement::Inconclusive
+            },
+            canary_points: 0,
+            canary: None,
+            baseline_points: 0,
+            baseline: None,
+            p_value: None,
+            detail: if v.fail_open {
+                format!("{e} (ignored: fail_open)")
+            } else {
+                format!("{e}; missing data is not a pass (fail_open: true would let it through)")
+            },
+        });
+    }
+    verdict(results)
+}
+
+#[cfg(test)]
+mod tests;

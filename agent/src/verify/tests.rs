@@ -1,0 +1,205 @@
+use super::*;
+use crate::spec::Dur;
+
+fn metric(baseline: bool) -> ResolvedMetric {
+    ResolvedMetric {
+        name: "error_rate".into(),
+        query: r#"rate(errors{version="{version}"}[1m])"#.into(),
+        by_version: true,
+        max: None,
+        min: None,
+        baseline,
+        direction: Direction::Increase,
+        tolerance: 0.1,
+        tolerance_abs: 0.0,
+    }
+}
+
+fn samples(canary: &[f64], baseline: Option<&[f64]>) -> Samples {
+    Samples {
+        canary: canary.to_vec(),
+        baseline: baseline.map(<[f64]>::to_vec),
+    }
+}
+
+#[test]
+fn too_few_points_is_inconclusive_never_a_pass() {
+    let v = judge(&metric(true), &samples(&[0.0; 3], Some(&[0.0; 10])), 6);
+    assert_eq!(v.judgement, Judgement::Inconclusive);
+    assert!(v.detail.contains("is there traffic"), "{}", v.detail);
+    let v = judge(&metric(true), &samples(&[0.0; 10], Some(&[0.0; 2])), 6);
+    assert_eq!(v.judgement, Judgement::Inconclusive);
+    assert_eq!(verdict(vec![v]).risk, Risk::Medium);
+}
+
+#[test]
+fn thresholds() {
+    let mut m = metric(false);
+    m.max = Some(0.01);
+    let v = judge(&m, &samples(&[0.05; 10], None), 6);
+    assert_eq!(v.judgement, Judgement::Fail);
+    assert!(v.detail.contains("over the maximum 0.01"), "{}", v.detail);
+    let v = judge(&m, &samples(&[0.001; 10], None), 6);
+    assert_eq!(v.judgement, Judgement::Pass);
+    m.max = None;
+    m.min = Some(100.0);
+    assert_eq!(
+        judge(&m, &samples(&[50.0; 10], None), 6).judgement,
+        Judgement::Fail
+    );
+}
+
+#[test]
+fn a_significantly_worse_canary_fails() {
+    // 5% errors against none.
+    let v = judge(&metric(true), &samples(&[0.05; 12], Some(&[0.0; 12])), 6);
+    assert_eq!(v.judgement, Judgement::Fail, "{}", v.detail);
+    assert!(v.p_value.unwrap() < 0.001);
+    assert_eq!(verdict(vec![v]).risk, Risk::High);
+}
+
+#[test]
+fn a_change_within_tolerance_passes_even_if_significant() {
+    let mut m = metric(true);
+    m.name = "latency".into();
+    m.tolerance = 0.5;
+    let base: Vec<f64> = (0..20).map(|i| 0.020 + f64::from(i) * 0.0001).collect();
+    let canary: Vec<f64> = base.iter().map(|v| v * 1.2).collect();
+    let v = judge(&m, &samples(&canary, Some(&base)), 6);
+    assert!(v.p_value.unwrap() < 0.01, "it is significant");
+    assert_eq!(v.judgement, Judgement::Pass, "{}", v.detail);
+    // With 10% tolerance the same data fails.
+    m.tolerance = 0.1;
+    assert_eq!(
+        judge(&m, &samples(&canary, Some(&base)), 6).judgement,
+        Judgement::Fail
+    );
+}
+
+#[test]
+fn direction_matters() {
+    let mut m = metric(true);
+    m.direction = Direction::Decrease;
+    let base = [100.0, 101.0, 99.0, 100.5, 100.2, 99.8, 100.1, 99.9];
+    let higher: Vec<f64> = base.iter().map(|v| v * 1.5).collect();
+    assert_eq!(
+        judge(&m, &samples(&higher, Some(&base)), 6).judgement,
+        Judgement::Pass
+    );
+    let lower: Vec<f64> = base.iter().map(|v| v * 0.5).collect();
+    assert_eq!(
+        judge(&m, &samples(&lower, Some(&base)), 6).judgement,
+        Judgement::Fail
+    );
+    m.direction = Direction::Either;
+    assert_eq!(
+        judge(&m, &samples(&higher, Some(&base)), 6).judgement,
+        Judgement::Fail
+    );
+}
+
+#[test]
+fn decisions() {
+    assert_eq!(decide(Risk::Low, OnMedium::Pause), Decision::Continue);
+    assert_eq!(decide(Risk::Medium, OnMedium::Pause), Decision::Pause);
+    assert_eq!(decide(Risk::Medium, OnMedium::Rollback), Decision::RollBack);
+    assert_eq!(decide(Risk::High, OnMedium::Pause), Decision::RollBack);
+}
+
+/// Canned answers, to test the baseline fallbacks without a server (the Prometheus client is
+/// tested against a real Prometheus in tests/).
+struct Canned(Vec<(String, bool, Result<Vec<f64>, MetricError>)>);
+
+impl MetricSource for Canned {
+    async fn range(
+        &self,
+        _metric: &str,
+        query: &str,
+        start: SystemTime,
+        _end: SystemTime,
+        _step: Duration,
+    ) -> Result<Vec<f64>, MetricError> {
+        let before_switch = start < SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        self.0
+            .iter()
+            .find(|(q, b, _)| query.contains(q.as_str()) && *b == before_switch)
+            .map(|(_, _, r)| r.clone())
+            .unwrap_or(Ok(vec![]))
+    }
+}
+
+fn verify_block(fail_open: bool) -> ResolvedVerify {
+    ResolvedVerify {
+        duration: Dur::secs(60),
+        interval: Dur::secs(5),
+        prometheus: "http://x".into(),
+        on_medium: OnMedium::Pause,
+        fail_open,
+        min_points: 6,
+        metrics: vec![metric(true)],
+    }
+}
+
+fn at(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+}
+
+#[tokio::test]
+async fn the_baseline_falls_back_to_before_the_switch() {
+    // No host still runs 1.0 in the window; the host's own history before the switch does.
+    let src = Canned(vec![
+        ("\"2.0\"".into(), false, Ok(vec![0.0; 12])),
+        ("\"1.0\"".into(), false, Ok(vec![])),
+        ("\"1.0\"".into(), true, Ok(vec![0.0; 12])),
+    ]);
+    let v = analyze(
+        &src,
+        &verify_block(false),
+        "2.0",
+        Some("1.0"),
+        at(1000),
+        at(1000),
+        at(1060),
+    )
+    .await;
+    assert_eq!(v.risk, Risk::Low, "{}", v.summary);
+    assert_eq!(v.metrics[0].baseline_points, 12);
+}
+
+#[tokio::test]
+async fn errors_are_inconclusive_unless_fail_open() {
+    let err = MetricError::Unreachable {
+        metric: "error_rate".into(),
+        url: "http://x".into(),
+        message: "connection refused".into(),
+    };
+    let src = Canned(vec![("\"2.0\"".into(), false, Err(err))]);
+    let v = analyze(
+        &src,
+        &verify_block(false),
+        "2.0",
+        Some("1.0"),
+        at(1000),
+        at(1000),
+        at(1060),
+    )
+    .await;
+    assert_eq!(v.risk, Risk::Medium);
+    assert!(v.summary.contains("connection refused"), "{}", v.summary);
+    assert!(
+        v.summary.contains("missing data is not a pass"),
+        "{}",
+        v.summary
+    );
+    let v = analyze(
+        &src,
+        &verify_block(true),
+        "2.0",
+        Some("1.0"),
+        at(1000),
+        at(1000),
+        at(1060),
+    )
+    .await;
+    assert_eq!(v.risk, Risk::Low);
+}
