@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod git_watch;
 pub mod health;
 pub mod hooks;
+pub mod notify;
 pub mod release;
 pub mod runner;
 pub mod service;

@@ -102,7 +102,8 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let agent = Agent::new(config)?;
+    let notify = drover_agent::notify::Notifier::from_env(&config.env);
+    let agent = Agent::new(config, notify)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

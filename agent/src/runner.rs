@@ -16,6 +16,7 @@ use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
 use crate::deploy::{Action, decide};
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
+use crate::notify::Notifier;
 use crate::release::Layout;
 use crate::service::{Manager, Process, Systemd};
 use crate::spec::{self, Host, HostPlan, Kind, ResolvedService};
@@ -31,11 +32,12 @@ pub struct Agent {
     store: Store,
     deployer: Deployer,
     mirror: Arc<Mirror>,
+    notify: Notifier,
 }
 
 impl Agent {
     /// Builds the agent; fails if the state directory cannot be created.
-    pub fn new(config: Config) -> anyhow::Result<Agent> {
+    pub fn new(config: Config, notify: Notifier) -> anyhow::Result<Agent> {
         if config.mode == Mode::Ecs {
             bail!("mode: ecs is not available in this build yet; use mode: vm");
         }
@@ -45,7 +47,9 @@ impl Agent {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
             .build()
-            .context("cannot build the HTTP client")?;
+            .context(
+                "cannot build the HTTP client (TLS needs the system's CA certificates: install the ca-certificates package)",
+            )?;
         let fetcher = Fetcher::new(
             http.clone(),
             store.cache_dir(),
@@ -77,6 +81,7 @@ impl Agent {
                 checker: Checker::new(http),
                 manager,
                 gate,
+                notify: notify.clone(),
             },
             Arc::new(config.env.clone()),
             config.limits.max_unpacked_size,
@@ -92,6 +97,7 @@ impl Agent {
             store,
             deployer,
             mirror,
+            notify,
         })
     }
 
@@ -295,6 +301,15 @@ impl Agent {
             repo = %self.config.repo.url,
             "agent running"
         );
+        self.notify.ready(&format!(
+            "watching {} ({})",
+            self.config.repo.url, self.config.repo.branch
+        ));
+        let mut dog = tokio::time::interval(
+            self.notify
+                .watchdog_every()
+                .unwrap_or(Duration::from_secs(3600)),
+        );
         let mut plan: Option<HostPlan> = None;
         let mut ctx: Option<Ctx> = None;
         let mut slots: HashMap<String, Slot> = HashMap::new();
@@ -403,12 +418,14 @@ impl Agent {
                         }
                     }
                 }
+                                _ = dog.tick(), if self.notify.watchdog_every().is_some() => self.notify.watchdog(),
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { break; }
                 }
             }
         }
         tracing::info!("stopping; waiting for deploys in flight");
+        self.notify.stopping();
         let wait = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(90), wait)
             .await

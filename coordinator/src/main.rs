@@ -100,7 +100,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Tells systemd (`Type=notify`) about readiness and shutdown; a no-op outside systemd.
+struct SystemdNotify(Option<std::path::PathBuf>);
+
+impl SystemdNotify {
+    fn from_env() -> SystemdNotify {
+        // Read once at start. Abstract sockets (`@…`) are not used by systemd for services.
+        SystemdNotify(
+            std::env::var_os("NOTIFY_SOCKET")
+                .map(std::path::PathBuf::from)
+                .filter(|p| !p.to_string_lossy().starts_with('@')),
+        )
+    }
+
+    fn send(&self, msg: &str) {
+        if let Some(path) = &self.0 {
+            let sent = std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.send_to(msg.as_bytes(), path));
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "sd_notify failed");
+            }
+        }
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
+    let notify = SystemdNotify::from_env();
     let mut store = Sqlite::open(&config.sqlite)?;
     let snap = store.load()?;
     let (leases, rollouts) = (snap.leases.len(), snap.rollouts.len());
@@ -132,14 +157,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         tracing::info!(listen = %config.listen, store = %config.sqlite.display(), rollouts, leases, "coordinator serving");
-        let app = App::new(tx, config.tokens.clone());
+                let app = App::new(tx, config.tokens.clone());
+        notify.send(&format!("READY=1\nSTATUS=serving on {}", config.listen));
         axum::serve(listener, router(app))
-            .with_graceful_shutdown(async {
+            .with_graceful_shutdown(async move {
                 use tokio::signal::unix::{SignalKind, signal};
                 let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
                 let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                 tracing::info!("shutting down");
+                notify.send("STOPPING=1");
             })
             .await
             .context("serving")

@@ -12,6 +12,7 @@ pub mod faulty;
 pub mod git;
 pub mod host;
 pub mod lighttpd;
+pub mod nspawn;
 pub mod prometheus;
 
 use std::net::TcpListener;

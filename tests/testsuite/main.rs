@@ -5,6 +5,7 @@ mod artifacts;
 mod coordinator;
 mod deploy;
 mod git;
+mod packaging;
 mod recovery;
 mod validate;
 mod verify;

@@ -15,6 +15,7 @@ use crate::failpoint;
 use crate::fsutil::{self, FileLock};
 use crate::health::{CheckError, Checker};
 use crate::hooks::{self, HookError};
+use crate::notify::Notifier;
 use crate::release::{Layout, ReleaseError};
 use crate::service::{Manager, ServiceError};
 use crate::spec::{Digest, ResolvedService};
@@ -232,6 +233,8 @@ pub struct Peers {
     pub manager: Manager,
     /// The coordinator, if configured.
     pub gate: Option<Gate>,
+    /// systemd notifications (the phase in `systemctl status`).
+    pub notify: Notifier,
 }
 
 /// Deploys services on this host.
@@ -245,6 +248,7 @@ pub struct Deployer {
     env: Arc<BTreeMap<String, String>>,
     max_unpacked: u64,
     gate: Option<Gate>,
+    notify: Notifier,
 }
 
 impl Deployer {
@@ -265,6 +269,7 @@ impl Deployer {
             env,
             max_unpacked,
             gate: peers.gate,
+            notify: peers.notify,
         }
     }
 
@@ -505,6 +510,12 @@ impl Deployer {
             st.deployment = Some(d.clone());
             self.save(st)?;
             if !quiet || phase.touches_host() {
+                self.notify.status(&format!(
+                    "deploying {} {}: {}",
+                    d.target.service,
+                    d.target.version,
+                    phase.name()
+                ));
                 self.event(
                     &d.target.service,
                     &d.target.version,
@@ -880,6 +891,8 @@ impl Deployer {
         };
         if !phase.is_empty() {
             self.event(&t.service, &t.version, phase, detail);
+            self.notify
+                .status(&format!("{}: {}", t.service, outcome.summary()));
         }
         self.flush_release(st).await?;
         if matches!(outcome, Outcome::Deployed { .. }) {
