@@ -71,6 +71,15 @@ struct Input {
     download: DownloadInput,
     /// The coordinator (optional): leases and approvals.
     coordinator: Option<CoordinatorInput>,
+    /// The ECS cluster this agent deploys (mode: ecs).
+    ecs: Option<EcsInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EcsInput {
+    cluster: String,
+    region: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +204,8 @@ pub struct Config {
     pub download: Download,
     /// The coordinator, if one is configured.
     pub coordinator: Option<CoordinatorConfig>,
+    /// The ECS cluster (mode: ecs).
+    pub ecs: Option<EcsConfig>,
     /// The agent's environment variables, captured once, for `{env.NAME}` in template files.
     pub env: BTreeMap<String, String>,
     /// The files the configuration was read from.
@@ -212,6 +223,16 @@ pub struct RepoConfig {
     pub poll_interval: Duration,
     /// For a repo on this machine, its path: watched for instant reaction.
     pub local_path: Option<PathBuf>,
+}
+
+/// The ECS cluster of an agent in ECS mode. AWS credentials come from the SDK's default
+/// chain (instance or task role); `AWS_ENDPOINT_URL` and friends are honoured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EcsConfig {
+    /// Cluster name or ARN.
+    pub cluster: String,
+    /// AWS region.
+    pub region: String,
 }
 
 /// How to reach the coordinator.
@@ -457,6 +478,21 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             heartbeat: c.heartbeat_interval.0,
         }
     });
+    let ecs = i.ecs.map(|e| EcsConfig {
+        cluster: e.cluster,
+        region: e.region,
+    });
+    match (i.mode, &ecs) {
+        (Mode::Ecs, None) => problems.push(Problem::new(
+            Mark::file_start(""),
+            "mode: ecs needs `ecs: { cluster: NAME, region: REGION }`",
+        )),
+        (Mode::Vm, Some(_)) => problems.push(Problem::new(
+            Mark::file_start(""),
+            "`ecs:` is only for mode: ecs (this agent is mode: vm)",
+        )),
+        _ => {}
+    }
     Config {
         host,
         environment: i.environment.as_str().to_string(),
@@ -481,6 +517,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             timeout: i.download.timeout.0,
         },
         coordinator,
+        ecs,
         env,
         files: Vec::new(),
     }

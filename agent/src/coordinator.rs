@@ -8,7 +8,8 @@ use std::time::Duration;
 use drover_coordinator::client::{Client, ClientError};
 use drover_coordinator::wire::{self, AcquireRequest, Outcome, Purpose, ReleaseRequest};
 
-use crate::spec::{EnvPolicy, ResolvedService};
+use crate::spec::EnvPolicy;
+use crate::state::LeaseState;
 
 pub use drover_coordinator::wire::Policy;
 
@@ -111,7 +112,8 @@ impl Gate {
     /// not required).
     pub async fn acquire(
         &self,
-        svc: &ResolvedService,
+        service: &str,
+        version: &str,
         ctx: Option<&Ctx>,
         purpose: Purpose,
     ) -> Result<Option<Held>, GateError> {
@@ -126,8 +128,8 @@ impl Gate {
         let req = AcquireRequest {
             host: self.host.clone(),
             environment: self.environment.clone(),
-            service: svc.service.clone(),
-            version: svc.version.clone(),
+            service: service.to_string(),
+            version: version.to_string(),
             purpose,
             commit: ctx.commit.clone(),
             commit_time_ms: ctx.commit_time_ms,
@@ -229,6 +231,32 @@ impl Gate {
             services,
         };
         Ok(self.client.heartbeat(&self.host, &hb).await?.actions)
+    }
+}
+
+/// Sends the release a deploy could not deliver (`lease.success` set). Returns whether the
+/// lease record is done with (released, or no coordinator any more).
+pub async fn flush(gate: Option<&Gate>, lease: &LeaseState) -> bool {
+    let Some(success) = lease.success else {
+        return false; // held by a deploy in flight
+    };
+    let Some(gate) = gate else {
+        return true;
+    };
+    match gate
+        .release(
+            &lease.id,
+            success,
+            lease.message.clone(),
+            lease.verification.clone(),
+        )
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(lease = %lease.id, error = %e, "cannot release the lease yet; will retry");
+            false
+        }
     }
 }
 

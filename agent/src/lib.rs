@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod config;
 pub mod coordinator;
 pub mod deploy;
+pub mod ecs;
 pub mod failpoint;
 pub mod fsutil;
 pub mod git_watch;

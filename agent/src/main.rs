@@ -103,12 +103,12 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     let notify = drover_agent::notify::Notifier::from_env(&config.env);
-    let agent = Agent::new(config, notify)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let agent = Agent::new(config, notify).await?;
         match cli.command {
             Command::Run => {
                 let (tx, rx) = tokio::sync::watch::channel(false);

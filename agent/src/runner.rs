@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -14,12 +14,14 @@ use crate::config::{Config, Mode, ServiceManager};
 use crate::coordinator::{self, Ctx, Gate};
 use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
 use crate::deploy::{Action, decide};
+use crate::ecs::aws::Aws;
+use crate::ecs::driver::EcsDeployer;
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
 use crate::notify::Notifier;
 use crate::release::Layout;
 use crate::service::{Manager, Process, Systemd};
-use crate::spec::{self, Host, HostPlan, Kind, ResolvedService};
+use crate::spec::{self, Host, HostPlan, Kind, ResolvedEcsService, ResolvedService};
 use crate::state::Store;
 use crate::yaml::Problems;
 
@@ -33,14 +35,12 @@ pub struct Agent {
     deployer: Deployer,
     mirror: Arc<Mirror>,
     notify: Notifier,
+    ecs: Option<EcsDeployer>,
 }
 
 impl Agent {
     /// Builds the agent; fails if the state directory cannot be created.
-    pub fn new(config: Config, notify: Notifier) -> anyhow::Result<Agent> {
-        if config.mode == Mode::Ecs {
-            bail!("mode: ecs is not available in this build yet; use mode: vm");
-        }
+    pub async fn new(config: Config, notify: Notifier) -> anyhow::Result<Agent> {
         let store = Store::open(&config.state_dir)
             .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
         let http = reqwest::Client::builder()
@@ -64,6 +64,7 @@ impl Agent {
                 store.log_dir(),
             )),
         };
+        let http_for_ecs = http.clone();
         let gate = match &config.coordinator {
             Some(c) => Some(Gate::new(
                 drover_coordinator::client::Client::new(&c.url, &c.token)?,
@@ -78,7 +79,7 @@ impl Agent {
             config.host.clone(),
             Peers {
                 fetcher,
-                checker: Checker::new(http),
+                checker: Checker::new(http.clone()),
                 manager,
                 gate,
                 notify: notify.clone(),
@@ -92,12 +93,24 @@ impl Agent {
             &config.repo.url,
             &config.repo.branch,
         ));
+        let ecs = match &config.ecs {
+            Some(c) if config.mode == Mode::Ecs => Some(EcsDeployer::new(
+                Aws::new(&c.region).await,
+                store.clone(),
+                config.host.clone(),
+                deployer.gate().cloned(),
+                notify.clone(),
+                http_for_ecs,
+            )),
+            _ => None,
+        };
         Ok(Agent {
             config,
             store,
             deployer,
             mirror,
             notify,
+            ecs,
         })
     }
 
@@ -124,6 +137,20 @@ impl Agent {
                 },
             },
         )
+    }
+
+    /// The services this agent keeps: the host's (vm), or its cluster's (ecs).
+    fn jobs(&self, plan: &HostPlan) -> Vec<Job> {
+        match (&self.ecs, &self.config.ecs) {
+            (Some(_), Some(c)) => plan
+                .ecs
+                .iter()
+                .filter(|s| s.ecs.cluster == c.cluster)
+                .cloned()
+                .map(Job::Ecs)
+                .collect(),
+            _ => plan.services.iter().cloned().map(Job::Vm).collect(),
+        }
     }
 
     /// What a lease request needs to know about `snap` and its plan.
@@ -181,6 +208,28 @@ impl Agent {
                 last_error: st.and_then(|s| s.last_error),
             });
         }
+        if let (Some(ecs), Some(p)) = (&self.ecs, plan) {
+            for job in self.jobs(p) {
+                let Job::Ecs(svc) = job else { continue };
+                let st = ecs.load(&svc.service).ok();
+                reports.push(drover_coordinator::wire::ServiceReport {
+                    service: svc.service.clone(),
+                    desired: Some(svc.version.clone()),
+                    actual: st
+                        .as_ref()
+                        .and_then(|s| s.current.as_ref())
+                        .map(|c| c.version.clone()),
+                    healthy: st
+                        .as_ref()
+                        .is_some_and(|s| s.current.is_some() && s.deployment.is_none()),
+                    phase: st
+                        .as_ref()
+                        .and_then(|s| s.deployment.as_ref())
+                        .map(|d| d.phase.name()),
+                    last_error: st.and_then(|s| s.last_error),
+                });
+            }
+        }
         match gate.heartbeat(reports, &self.config.labels).await {
             Ok(actions) => actions,
             Err(e) => {
@@ -202,6 +251,18 @@ impl Agent {
     /// running, from the local state alone (no Git needed).
     pub async fn recover(&self) -> Vec<(String, Result<Outcome, DeployError>)> {
         let mut out = Vec::new();
+        if let Some(ecs) = &self.ecs {
+            // An ECS deploy in flight is finished or undone from its record and AWS.
+            for name in ecs.services() {
+                if let Ok(st) = ecs.load(&name)
+                    && let Some(d) = st.deployment
+                {
+                    let r = ecs.reconcile(&d.target, None).await;
+                    out.push((name, r));
+                }
+            }
+            return out;
+        }
         for name in self.store.services().unwrap_or_default() {
             let st = match self.store.load(&name) {
                 Ok(Some(s)) => s,
@@ -247,9 +308,18 @@ impl Agent {
         let ctx = Agent::ctx(&snap, &plan);
         self.heartbeat(Some(&plan)).await;
         let mut tasks = JoinSet::new();
-        for svc in plan.services.clone() {
-            let (d, ctx) = (self.deployer.clone(), ctx.clone());
-            tasks.spawn(async move { (svc.service.clone(), d.reconcile(&svc, Some(&ctx)).await) });
+        for job in self.jobs(&plan) {
+            let (d, e, ctx) = (self.deployer.clone(), self.ecs.clone(), ctx.clone());
+            tasks.spawn(async move {
+                let r = match &job {
+                    Job::Vm(s) => d.reconcile(s, Some(&ctx)).await,
+                    Job::Ecs(s) => {
+                        let e = e.expect("ECS jobs only in ECS mode");
+                        e.reconcile(s, Some(&ctx)).await
+                    }
+                };
+                (job.name().to_string(), r)
+            });
         }
         let mut results = Vec::new();
         while let Some(r) = tasks.join_next().await {
@@ -324,16 +394,23 @@ impl Agent {
             .unwrap_or(Duration::from_secs(3600));
         let mut beat = tokio::time::interval(beat_every);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let spawn =
-            |tasks: &mut JoinSet<_>, slot: &mut Slot, svc: &ResolvedService, ctx: &Option<Ctx>| {
-                slot.busy = true;
-                slot.dirty = false;
-                let d = self.deployer.clone();
-                let (svc, ctx) = (svc.clone(), ctx.clone());
-                tasks.spawn(
-                    async move { (svc.service.clone(), d.reconcile(&svc, ctx.as_ref()).await) },
-                );
-            };
+        let mut jobs: Vec<Job> = Vec::new();
+        let spawn = |tasks: &mut JoinSet<_>, slot: &mut Slot, job: &Job, ctx: &Option<Ctx>| {
+            slot.busy = true;
+            slot.dirty = false;
+            let (d, e) = (self.deployer.clone(), self.ecs.clone());
+            let (job, ctx) = (job.clone(), ctx.clone());
+            tasks.spawn(async move {
+                let r = match &job {
+                    Job::Vm(s) => d.reconcile(s, ctx.as_ref()).await,
+                    Job::Ecs(s) => {
+                        let e = e.expect("ECS jobs only in ECS mode");
+                        e.reconcile(s, ctx.as_ref()).await
+                    }
+                };
+                (job.name().to_string(), r)
+            });
+        };
         loop {
             let next_retry = slots
                 .values()
@@ -344,19 +421,20 @@ impl Agent {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
                     let Some(snap) = snapshots.borrow_and_update().clone() else { continue };
-                                        match self.plan_for(&snap) {
+                    match self.plan_for(&snap) {
                         Ok(p) => {
                             ctx = Some(Agent::ctx(&snap, &p));
-                            let wanted: Vec<&str> = p.services.iter().map(|s| s.service.as_str()).collect();
+                            jobs = self.jobs(&p);
+                            let wanted: Vec<&str> = jobs.iter().map(Job::name).collect();
                             for old in slots.keys().filter(|k| !wanted.contains(&k.as_str())) {
                                 tracing::warn!(service = %old, "no longer in this host's desired state; leaving it as it is");
                             }
                             slots.retain(|k, _| wanted.contains(&k.as_str()));
-                            for svc in &p.services {
-                                let slot = slots.entry(svc.service.clone()).or_default();
+                            for job in &jobs {
+                                let slot = slots.entry(job.name().to_string()).or_default();
                                 slot.retry_at = None;
                                 slot.backoff = Duration::ZERO;
-                                if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, svc, &ctx) }
+                                if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, job, &ctx) }
                             }
                             plan = Some(p);
                         }
@@ -377,15 +455,13 @@ impl Agent {
                     let Some(slot) = slots.get_mut(&name) else { continue };
                     slot.busy = false;
                     slot.report(&name, result);
-                    if slot.dirty
-                        && let Some(svc) = plan.as_ref().and_then(|p| p.services.iter().find(|s| s.service == name))
-                                        {
-                        spawn(&mut tasks, slot, svc, &ctx);
+                    if slot.dirty && let Some(job) = jobs.iter().find(|j| j.name() == name) {
+                        spawn(&mut tasks, slot, job, &ctx);
                     }
                 }
                 _ = beat.tick(), if self.deployer.gate().is_some() => {
                     for a in self.heartbeat(plan.as_ref()).await {
-                        if a.action != "revert" { continue; }
+                        if a.action != "revert" || self.ecs.is_some() { continue; }
                         let slot = slots.entry(a.service.clone()).or_default();
                         if slot.busy { continue; }
                         tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator asks to revert");
@@ -397,28 +473,26 @@ impl Agent {
                         });
                     }
                 }
-                                _ = tick.tick() => {
+                _ = tick.tick() => {
                     // Supervision: process-managed apps that died are started again.
-                    let Some(p) = &plan else { continue };
-                    if !matches!(self.config.service_manager, ServiceManager::Process) { continue; }
-                    for svc in &p.services {
-                        let slot = slots.entry(svc.service.clone()).or_default();
+                    if !matches!(self.config.service_manager, ServiceManager::Process) || self.ecs.is_some() { continue; }
+                    for job in &jobs {
+                        let slot = slots.entry(job.name().to_string()).or_default();
                         if !slot.busy && slot.retry_at.is_none() {
-                            spawn(&mut tasks, slot, svc, &ctx);
+                            spawn(&mut tasks, slot, job, &ctx);
                         }
                     }
                 }
                 _ = until(next_retry) => {
-                    let Some(p) = &plan else { continue };
                     let now = Instant::now();
-                    for svc in &p.services {
-                        let slot = slots.entry(svc.service.clone()).or_default();
+                    for job in &jobs {
+                        let slot = slots.entry(job.name().to_string()).or_default();
                         if !slot.busy && slot.retry_at.is_some_and(|at| at <= now) {
-                            spawn(&mut tasks, slot, svc, &ctx);
+                            spawn(&mut tasks, slot, job, &ctx);
                         }
                     }
                 }
-                                _ = dog.tick(), if self.notify.watchdog_every().is_some() => self.notify.watchdog(),
+                _ = dog.tick(), if self.notify.watchdog_every().is_some() => self.notify.watchdog(),
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { break; }
                 }
@@ -455,6 +529,17 @@ impl Agent {
             self.config.host,
             self.config.environment
         );
+        if let Some(ecs) = &self.ecs {
+            for job in self.jobs(&plan) {
+                if let Job::Ecs(svc) = job {
+                    out.push_str(&format!("  {}: {}\n", svc.service, ecs.plan(&svc).await));
+                }
+            }
+            if plan.ecs.is_empty() {
+                out.push_str("  no ECS services in this environment\n");
+            }
+            return Ok(out);
+        }
         for svc in &plan.services {
             let st = match self.store.load(&svc.service) {
                 Ok(s) => s.unwrap_or_else(|| crate::state::ServiceState::new(&svc.service)),
@@ -542,8 +627,45 @@ impl Agent {
             "host": self.config.host,
             "environment": self.config.environment,
             "repo": self.store.repo_status(),
-            "services": services,
+                        "services": services,
+            "ecs": self.ecs.as_ref().map(|e| {
+                e.services()
+                    .into_iter()
+                    .map(|n| {
+                        let v = match e.load(&n) {
+                            Ok(st) => serde_json::json!({
+                                "current": st.current,
+                                "failed": st.failed,
+                                "deploying": st.deployment.as_ref().map(|d| serde_json::json!({
+                                    "version": d.target.version, "phase": d.phase.name(), "live": d.live,
+                                })),
+                                "last_error": st.last_error,
+                            }),
+                            Err(err) => serde_json::json!({ "error": err.to_string() }),
+                        };
+                        (n, v)
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            }),
         })
+    }
+}
+
+/// One service to keep in its desired state.
+#[derive(Clone, Debug)]
+enum Job {
+    /// A service of this host.
+    Vm(ResolvedService),
+    /// An ECS service of this agent's cluster.
+    Ecs(ResolvedEcsService),
+}
+
+impl Job {
+    fn name(&self) -> &str {
+        match self {
+            Job::Vm(s) => &s.service,
+            Job::Ecs(s) => &s.service,
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod artifact;
 pub mod coordinator;
+pub mod ecs;
 pub mod faulty;
 pub mod git;
 pub mod host;

@@ -4,6 +4,7 @@
 mod artifacts;
 mod coordinator;
 mod deploy;
+mod ecs;
 mod git;
 mod packaging;
 mod recovery;

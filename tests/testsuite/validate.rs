@@ -163,3 +163,33 @@ fn check_config_reports_every_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_examples_are_valid() {
+    for (dir, vars) in [
+        (
+            "examples/fleet",
+            vec![
+                "--var",
+                "port",
+                "--var",
+                "artifact_port",
+                "--var",
+                "hosts_dir",
+            ],
+        ),
+        ("examples/ecs", vec![]),
+    ] {
+        let out = Command::new(bin("drover-agent"))
+            .arg("validate")
+            .arg(drover_tests::workspace().join(dir))
+            .args(vars)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{dir}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -369,29 +369,13 @@ impl Deployer {
 
     /// Sends a lease release that an earlier pass could not deliver.
     async fn flush_release(&self, st: &mut ServiceState) -> Result<(), DeployError> {
-        let Some(l) = st.lease.clone() else {
-            return Ok(());
-        };
-        let Some(success) = l.success else {
-            return Ok(()); // held by a deploy in flight
-        };
-        let Some(gate) = &self.gate else {
-            st.lease = None;
-            return self.save(st);
-        };
-        match gate
-            .release(&l.id, success, l.message.clone(), l.verification.clone())
-            .await
+        if let Some(l) = st.lease.clone()
+            && crate::coordinator::flush(self.gate.as_ref(), &l).await
         {
-            Ok(()) => {
-                st.lease = None;
-                self.save(st)
-            }
-            Err(e) => {
-                tracing::warn!(lease = %l.id, error = %e, "cannot release the lease yet; will retry");
-                Ok(())
-            }
+            st.lease = None;
+            self.save(st)?;
         }
+        Ok(())
     }
 
     /// Makes sure the current release of `svc` runs; starts it if not.
@@ -645,7 +629,9 @@ impl Deployer {
         let Some(gate) = &self.gate else {
             return Ok(None);
         };
-        let held = gate.acquire(&d.target, ctx, Purpose::Deploy).await?;
+        let held = gate
+            .acquire(&d.target.service, &d.target.version, ctx, Purpose::Deploy)
+            .await?;
         Ok(held.map(|h| {
             let keep = gate.keep_alive(&h);
             (h, keep)
@@ -1077,7 +1063,10 @@ impl Deployer {
         }
         let mut lease = None;
         if let (Some(ctx), Some(gate)) = (revert, &self.gate) {
-            match gate.acquire(&spec, ctx, Purpose::Revert).await {
+            match gate
+                .acquire(&spec.service, &spec.version, ctx, Purpose::Revert)
+                .await
+            {
                 Ok(Some(h)) => {
                     st.lease = Some(LeaseState {
                         id: h.id.clone(),

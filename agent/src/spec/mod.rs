@@ -19,7 +19,7 @@ pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
     ResolvedSmoke, resolve,
 };
-pub use resolve::{ResolvedMetric, ResolvedVerify};
+pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedMetric, ResolvedVerify};
 pub use template::{BUILTINS, Template, Vars, render_str};
 
 /// A service definition, `services/<service>.yaml`.
@@ -48,8 +48,110 @@ pub struct ServiceSpec {
     /// Smoke tests run once after the health check passes.
     #[serde(default)]
     pub smoke: Vec<Smoke>,
-    /// Metric analysis after health and smoke tests pass.
+    /// Metric analysis after health and smoke tests pass (vm), at each traffic step (ecs).
     pub verify: Option<Verify>,
+    /// The ECS service, blue-green or canary behind an ALB (kind: ecs).
+    pub ecs: Option<Ecs>,
+}
+
+/// `ecs:` — an ECS service deployed by the cluster's agent through weighted target groups.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ecs {
+    /// The cluster (name or ARN).
+    pub cluster: Template,
+    /// Task definition family (it exists; drover registers new revisions of it).
+    pub task_family: Template,
+    /// The container whose image changes.
+    pub container: Template,
+    /// The image; must use `{version}`.
+    pub image: Template,
+    /// Tasks of the new service.
+    pub desired_count: u32,
+    /// The ALB listener whose forward weights shift traffic.
+    pub listener_arn: Template,
+    /// A listener rule to modify instead of the listener's default action.
+    pub rule_arn: Option<Template>,
+    /// The two target groups; services `<service>-blue` and `<service>-green` attach to them.
+    pub target_groups: TargetGroups,
+    /// `blue_green` (default) or `canary`.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Percent of traffic on the new version at each step, ending at 100. Default
+    /// [10, 50, 100] (blue_green), [10, 25, 50, 100] (canary).
+    pub steps: Option<Vec<u8>>,
+    /// Bake time (and analysis) at each step. Default 5m.
+    #[serde(default = "default_step_wait")]
+    pub step_wait: Dur,
+    /// Wait before the old side is scaled down. Default 30s.
+    #[serde(default = "default_drain")]
+    pub drain: Dur,
+    /// Time for the new tasks to run and their targets to become healthy. Default 5m.
+    #[serde(default = "default_ecs_health_timeout")]
+    pub health_timeout: Dur,
+    /// `FARGATE` (default) or `EC2`.
+    #[serde(default)]
+    pub launch_type: LaunchType,
+    /// The container port registered in the target group.
+    pub container_port: u16,
+    /// awsvpc networking (required for FARGATE).
+    pub network: Option<Network>,
+}
+
+fn default_step_wait() -> Dur {
+    Dur::secs(300)
+}
+fn default_drain() -> Dur {
+    Dur::secs(30)
+}
+fn default_ecs_health_timeout() -> Dur {
+    Dur::secs(300)
+}
+
+/// `target_groups: { blue: ARN, green: ARN }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGroups {
+    /// The blue side.
+    pub blue: Template,
+    /// The green side.
+    pub green: Template,
+}
+
+/// How traffic moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// A full new side, traffic shifted in a few steps.
+    #[default]
+    BlueGreen,
+    /// The same machinery with finer steps.
+    Canary,
+}
+
+/// ECS launch type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum LaunchType {
+    /// Fargate.
+    #[default]
+    #[serde(rename = "FARGATE")]
+    Fargate,
+    /// EC2 instances.
+    #[serde(rename = "EC2")]
+    Ec2,
+}
+
+/// awsvpc network configuration.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Subnets.
+    pub subnets: Vec<String>,
+    /// Security groups.
+    pub security_groups: Vec<String>,
+    /// Whether tasks get a public IP.
+    #[serde(default)]
+    pub assign_public_ip: bool,
 }
 
 /// `verify:` — metric analysis against Prometheus after health and smoke tests.
@@ -632,6 +734,17 @@ fn templates_of(s: &ServiceSpec) -> Vec<&Template> {
         out.push(&v.prometheus);
         out.extend(v.metrics.iter().map(|m| &m.query));
     }
+    if let Some(e) = &s.ecs {
+        out.extend([
+            &e.cluster,
+            &e.task_family,
+            &e.container,
+            &e.image,
+            &e.listener_arn,
+        ]);
+        out.extend(e.rule_arn.iter());
+        out.extend([&e.target_groups.blue, &e.target_groups.green]);
+    }
     out
 }
 
@@ -720,6 +833,12 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
     let at = &s.service.mark;
     match s.kind {
         Kind::Vm => {
+            if s.ecs.is_some() {
+                problems.push(Problem::new(
+                    at.clone(),
+                    format!("service `{name}` is kind: vm; `ecs:` is only for kind: ecs"),
+                ));
+            }
             for (missing, field) in [
                 (s.artifact.is_none(), "artifact"),
                 (s.install.is_none(), "install"),
@@ -734,6 +853,13 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
             }
         }
         Kind::Ecs => {
+            match &s.ecs {
+                None => problems.push(Problem::new(
+                    at.clone(),
+                    format!("service `{name}` (kind: ecs) needs `ecs:`"),
+                )),
+                Some(e) => check_ecs(e, at, problems),
+            }
             for (present, field) in [
                 (s.artifact.is_some(), "artifact"),
                 (s.install.is_some(), "install"),
@@ -852,6 +978,48 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
                 ));
             }
         }
+    }
+}
+
+fn check_ecs(e: &Ecs, at: &Mark, problems: &mut Vec<Problem>) {
+    if !e.image.names().any(|n| n == "version") {
+        problems.push(Problem::new(
+            e.image.mark().clone(),
+            format!("ecs.image `{}` must use `{{version}}` (e.g. registry/web:{{version}}): the pin's version picks the image tag", e.image),
+        ));
+    }
+    if e.desired_count == 0 {
+        problems.push(Problem::new(
+            at.clone(),
+            "ecs.desired_count must be at least 1",
+        ));
+    }
+    if e.target_groups.blue.text() == e.target_groups.green.text() {
+        problems.push(Problem::new(
+            e.target_groups.green.mark().clone(),
+            "ecs.target_groups: blue and green must be two different target groups",
+        ));
+    }
+    if let Some(steps) = &e.steps {
+        let increasing = steps.windows(2).all(|w| w[0] < w[1]);
+        let valid = !steps.is_empty()
+            && steps.iter().all(|p| (1..=100).contains(p))
+            && steps.last() == Some(&100)
+            && increasing;
+        if !valid {
+            problems.push(Problem::new(
+                at.clone(),
+                format!("ecs.steps {steps:?}: give increasing percentages from 1 to 100, ending with 100 (e.g. [10, 50, 100])"),
+            ));
+        }
+    }
+    if e.launch_type == LaunchType::Fargate
+        && e.network.as_ref().is_none_or(|n| n.subnets.is_empty())
+    {
+        problems.push(Problem::new(
+            at.clone(),
+            "ecs.launch_type FARGATE needs `network: { subnets: [...], security_groups: [...] }`",
+        ));
     }
 }
 

@@ -50,6 +50,8 @@ pub struct HostPlan {
     pub policy: EnvPolicy,
     /// The services that target this host, rendered.
     pub services: Vec<ResolvedService>,
+    /// The ECS services of the environment (for an agent in ECS mode).
+    pub ecs: Vec<ResolvedEcsService>,
     /// Services pinned in the environment that do not target this host (name, reason).
     pub skipped: Vec<(String, String)>,
 }
@@ -139,6 +141,61 @@ pub struct ResolvedMetric {
     pub tolerance_abs: f64,
 }
 
+/// An ECS service, rendered for one version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedEcsService {
+    /// Service name (`<service>-blue` and `<service>-green` in ECS).
+    pub service: String,
+    /// Environment.
+    pub environment: String,
+    /// Desired version.
+    pub version: String,
+    /// The ECS and ALB settings.
+    pub ecs: ResolvedEcs,
+    /// Metric analysis at each traffic step.
+    #[serde(default)]
+    pub verify: Option<ResolvedVerify>,
+}
+
+/// ECS settings, rendered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedEcs {
+    /// Cluster.
+    pub cluster: String,
+    /// Task definition family.
+    pub task_family: String,
+    /// Container whose image changes.
+    pub container: String,
+    /// The image of the desired version.
+    pub image: String,
+    /// Tasks.
+    pub desired_count: u32,
+    /// Listener.
+    pub listener_arn: String,
+    /// Rule modified instead of the listener's default action.
+    pub rule_arn: Option<String>,
+    /// Target group of `<service>-blue`.
+    pub tg_blue: String,
+    /// Target group of `<service>-green`.
+    pub tg_green: String,
+    /// Traffic steps, percent, ending at 100.
+    pub steps: Vec<u8>,
+    /// Bake time per step.
+    pub step_wait: Dur,
+    /// Wait before the old side goes.
+    pub drain: Dur,
+    /// Time for the new side to become healthy.
+    pub health_timeout: Dur,
+    /// Launch type.
+    pub launch_type: super::LaunchType,
+    /// Container port.
+    pub container_port: u16,
+    /// awsvpc network.
+    pub network: Option<super::Network>,
+}
+
 /// How to run the service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,12 +272,35 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
     };
     let mut problems = Vec::new();
     let mut services = Vec::new();
+    let mut ecs = Vec::new();
     let mut skipped = Vec::new();
     for (name, pin) in &env.services {
         let Some(spec) = repo.services.get(name) else {
             continue; // reported by load()
         };
         if spec.kind != host.kind {
+            continue;
+        }
+        if spec.kind == Kind::Ecs {
+            let Some(version) = &pin.value.version else {
+                continue; // reported by load()
+            };
+            let mut names = host.vars.clone();
+            names.insert("version".into(), version.to_string());
+            names.insert("service".into(), name.clone());
+            names.insert("environment".into(), host.environment.to_string());
+            names.insert("host".into(), host.name.to_string());
+            let mut r = Renderer {
+                vars: Vars {
+                    names: &names,
+                    env: None,
+                },
+                problems: &mut problems,
+            };
+            let over = env.verify.get(name).map(|o| &o.value);
+            if let Some(e) = render_ecs(spec, over, &mut r, host, &names) {
+                ecs.push(e);
+            }
             continue;
         }
         if let Some((k, v)) = spec
@@ -255,6 +335,7 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
         Ok(HostPlan {
             policy,
             services,
+            ecs,
             skipped,
         })
     } else {
@@ -376,6 +457,44 @@ fn render_service(
         smoke,
         verify: render_verify(spec, over, r, names),
         vars: names.clone(),
+    })
+}
+
+fn render_ecs(
+    spec: &ServiceSpec,
+    over: Option<&VerifyOverride>,
+    r: &mut Renderer,
+    host: &Host,
+    names: &BTreeMap<String, String>,
+) -> Option<ResolvedEcsService> {
+    let e = spec.ecs.as_ref()?;
+    let steps = e.steps.clone().unwrap_or_else(|| match e.strategy {
+        super::Strategy::BlueGreen => vec![10, 50, 100],
+        super::Strategy::Canary => vec![10, 25, 50, 100],
+    });
+    Some(ResolvedEcsService {
+        service: spec.service.value.as_str().to_string(),
+        environment: host.environment.to_string(),
+        version: names["version"].clone(),
+        ecs: ResolvedEcs {
+            cluster: r.one(&e.cluster),
+            task_family: r.one(&e.task_family),
+            container: r.one(&e.container),
+            image: r.one(&e.image),
+            desired_count: e.desired_count,
+            listener_arn: r.one(&e.listener_arn),
+            rule_arn: e.rule_arn.as_ref().map(|t| r.one(t)),
+            tg_blue: r.one(&e.target_groups.blue),
+            tg_green: r.one(&e.target_groups.green),
+            steps,
+            step_wait: e.step_wait,
+            drain: e.drain,
+            health_timeout: e.health_timeout,
+            launch_type: e.launch_type,
+            container_port: e.container_port,
+            network: e.network.clone(),
+        },
+        verify: render_verify(spec, over, r, names),
     })
 }
 

@@ -71,7 +71,12 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.mark, self.message)
+        if self.mark.file.is_empty() {
+            // A problem of the whole configuration, not of one place in it.
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.mark, self.message)
+        }
     }
 }
 

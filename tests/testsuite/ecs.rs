@@ -1,0 +1,399 @@
+//! ECS mode against moto_server: blue-green and canary by listener weights, rollback in one
+//! call, crash at every state, bad resources, throttling. A scheduler stand-in registers the
+//! new tasks' targets (moto starts no tasks), or withholds them for a broken version.
+
+use std::time::{Duration, Instant};
+
+use drover_tests::ecs::{Ecs, SERVICE, image};
+use drover_tests::wait_for;
+use serde_json::Value;
+
+fn green_name() -> String {
+    format!("{SERVICE}-green")
+}
+
+/// The revisions' container definitions, images aside.
+fn without_image(td: &Value) -> Value {
+    let mut td = td.clone();
+    for c in td["containerDefinitions"].as_array_mut().unwrap() {
+        c.as_object_mut().unwrap().remove("image");
+    }
+    td
+}
+
+#[test]
+fn blue_green_shifts_10_50_100_and_deletes_blue() {
+    let e = Ecs::new("");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("web: 1.0.0 running (up to date)"),
+        "{}",
+        out.stdout
+    );
+    e.proxy.clear();
+    e.pin("2.0.0");
+    let plan = e.agent(&["plan"], &[]);
+    assert!(
+        plan.stdout
+            .contains("elbv2:ModifyListener blue 90 / green 10"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        e.proxy.calls_of("ModifyListener").is_empty(),
+        "plan changes nothing"
+    );
+    e.proxy.clear();
+    let t0 = Instant::now();
+    let out = e.agent(&["once"], &[]);
+    let took = t0.elapsed();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("web: deployed 2.0.0 (was 1.0.0)"),
+        "{}",
+        out.stdout
+    );
+    eprintln!(
+        "blue-green against moto, zero waits: {took:?}, {} API calls",
+        e.proxy.calls().len()
+    );
+    // The weights went through exactly these steps (green attached at 0 first).
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (50, 50), (0, 100)]);
+    let state = e.inspect(None);
+    assert_eq!(e.weights(), (0, 100));
+    // Blue is gone; green runs revision 2, which differs from revision 1 only in the image.
+    let services = state["services"].as_object().unwrap();
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        [&green_name()],
+        "{state}"
+    );
+    let revs = state["revisions"].as_array().unwrap();
+    assert_eq!(revs.len(), 2, "{state}");
+    assert_eq!(without_image(&revs[0]), without_image(&revs[1]));
+    assert_eq!(revs[1]["containerDefinitions"][0]["image"], image("2.0.0"));
+    assert_eq!(
+        revs[1]["containerDefinitions"][0]["environment"][0]["value"],
+        "production"
+    );
+    // Roles swap: the next version goes to the blue side.
+    e.proxy.clear();
+    e.pin("3.0.0");
+    assert_eq!(e.agent(&["once"], &[]).code, 0);
+    assert_eq!(e.weight_calls(), [(0, 100), (10, 90), (50, 50), (100, 0)]);
+    let state = e.inspect(None);
+    assert_eq!(
+        state["services"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        [&format!("{SERVICE}-blue")]
+    );
+    let status = e.agent(&["status", "--json"], &[]);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["ecs"]["web"]["current"]["version"], "3.0.0");
+    assert_eq!(v["ecs"]["web"]["current"]["colour"], "blue");
+}
+
+#[test]
+fn canary_uses_its_step_list() {
+    let e = Ecs::new("  strategy: canary\n");
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        e.weight_calls(),
+        [(100, 0), (90, 10), (75, 25), (50, 50), (0, 100)]
+    );
+}
+
+#[test]
+fn a_green_that_never_gets_healthy_is_rolled_back_in_one_call() {
+    let e = Ecs::new("  health_timeout: 3s\n");
+    e.break_version("2.0.0");
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("2.0.0 failed and was rolled back to"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("0/2 healthy targets"), "{}", out.stdout);
+    // Green was attached at 0, never got traffic; the rollback is one weight call.
+    assert_eq!(e.weight_calls(), [(100, 0), (100, 0)]);
+    assert_eq!(e.weights(), (100, 0));
+    let state = e.inspect(None);
+    assert_eq!(
+        state["services"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        [&format!("{SERVICE}-blue")],
+        "green removed"
+    );
+    // Not retried until the version (or its definition) changes.
+    e.proxy.clear();
+    let out = e.agent(&["once"], &[]);
+    assert!(out.stdout.contains("not retried"), "{}", out.stdout);
+    assert!(e.proxy.calls_of("RegisterTaskDefinition").is_empty());
+}
+
+#[test]
+fn a_failure_at_50_percent_puts_all_traffic_back_on_blue() {
+    let e = Ecs::new("  step_wait: 3s\n");
+    e.pin("2.0.0");
+    let agent = {
+        let e_cfg = e.config.clone();
+        let proxy = e.proxy.url();
+        std::thread::spawn(move || {
+            std::process::Command::new(drover_tests::bin("drover-agent"))
+                .arg("--config")
+                .arg(e_cfg)
+                .arg("once")
+                .env("AWS_ENDPOINT_URL", proxy)
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .output()
+                .unwrap()
+        })
+    };
+    // At 50 %, the new tasks start failing their target health checks.
+    wait_for("traffic at 50%", Duration::from_secs(30), || {
+        (e.weights() == (50, 50)).then_some(())
+    });
+    e.break_version("2.0.0");
+    let out = agent.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("at 50% only 0/2 targets"), "{stdout}");
+    let calls = e.weight_calls();
+    assert_eq!(calls.last(), Some(&(100, 0)), "{calls:?}");
+    assert_eq!(&calls[..3], [(100, 0), (90, 10), (50, 50)]);
+    assert_eq!(calls.len(), 4, "one call puts everything back: {calls:?}");
+    assert_eq!(e.weights(), (100, 0));
+}
+
+#[test]
+fn a_kill_in_any_state_converges_on_restart() {
+    for point in [
+        "ecs:creating_green",
+        "ecs:provisioning",
+        "ecs:health_check",
+        "ecs:traffic_shift",
+        "ecs:monitoring",
+        "ecs:stable_green",
+        "ecs:deleting_blue",
+        "ecs:complete",
+    ] {
+        let e = Ecs::new("");
+        e.pin("2.0.0");
+        let out = e.agent(
+            &["once"],
+            &[("DROVER_FAILPOINTS", &format!("{point}=kill"))],
+        );
+        assert_eq!(out.code, -1, "{point}: killed: {}", out.all());
+        let out = e.agent(&["once"], &[]);
+        assert_eq!(out.code, 0, "{point}: {}", out.all());
+        assert!(
+            out.stdout.contains("deployed 2.0.0") || out.stdout.contains("2.0.0 running"),
+            "{point}: {}",
+            out.stdout
+        );
+        assert_eq!(
+            e.weights(),
+            (0, 100),
+            "{point}: all traffic on the new side"
+        );
+        let state = e.inspect(None);
+        assert_eq!(
+            state["services"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            [&green_name()],
+            "{point}: only the new side remains"
+        );
+    }
+    // Killed while rolling back: the restart finishes the rollback.
+    let e = Ecs::new("  health_timeout: 3s\n");
+    e.break_version("2.0.0");
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[("DROVER_FAILPOINTS", "ecs:rolling_back=kill")]);
+    assert_eq!(out.code, -1, "{}", out.all());
+    // The restart finishes the rollback (before its pass, which then skips the failed version).
+    let out = e.agent(&["once"], &[]);
+    assert!(
+        out.stdout.contains("2.0.0 failed here before"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(e.weights(), (100, 0));
+    let state = e.inspect(None);
+    assert_eq!(
+        state["services"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        [&format!("{SERVICE}-blue")],
+        "the new side was removed"
+    );
+}
+
+#[test]
+fn split_traffic_with_no_record_is_put_back_on_one_side() {
+    let e = Ecs::new("");
+    e.inspect(Some((70, 30)));
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        e.weights(),
+        (100, 0),
+        "the majority side gets everything back"
+    );
+}
+
+#[test]
+fn bad_resources_are_clear_errors_and_traffic_is_untouched() {
+    let e = Ecs::new("");
+    let cases = [
+        (
+            format!(
+                "  listener_arn: \"{}-nope\"\n",
+                e.arns["listener"].as_str().unwrap()
+            ),
+            "listener does not exist",
+        ),
+        (
+            format!(
+                "  listener_arn: \"{}\"\n",
+                e.arns["other_listener"].as_str().unwrap()
+            ),
+            "forwards to neither target group",
+        ),
+        (
+            format!(
+                "  target_groups: {{ blue: \"{}\", green: \"{}-nope\" }}\n",
+                e.arns["blue"].as_str().unwrap(),
+                e.arns["green"].as_str().unwrap()
+            ),
+            "target group does not exist",
+        ),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        e.write_service(extra);
+        e.pin(&format!("2.0.{i}"));
+        e.proxy.clear();
+        let out = e.agent(&["once"], &[]);
+        assert_eq!(out.code, 1, "{want}: {}", out.all());
+        assert!(out.stdout.contains(want), "want `{want}` in {}", out.stdout);
+        assert!(
+            e.proxy.calls_of("ModifyListener").is_empty(),
+            "{want}: traffic untouched"
+        );
+        assert!(
+            e.proxy.calls_of("CreateService").is_empty(),
+            "{want}: nothing created"
+        );
+        assert_eq!(e.weights(), (100, 0));
+    }
+    // A cluster that does not exist.
+    e.write_service("");
+    std::fs::write(
+        &e.config,
+        std::fs::read_to_string(&e.config).unwrap().replace(
+            &format!("cluster: {}", e.arns["cluster"].as_str().unwrap()),
+            "cluster: nope-cluster",
+        ),
+    )
+    .unwrap();
+    e.write_service("  cluster: nope-cluster\n");
+    e.pin("2.1.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("ECS cluster does not exist: nope-cluster"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(e.weights(), (100, 0));
+    // An image without `{version}` is refused by validation.
+    e.write_service("  image: \"repo/web:latest\"\n");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("must use `{version}`"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn throttling_is_retried_and_persistent_throttling_touches_nothing() {
+    let e = Ecs::new("");
+    // Two throttled weight changes: the SDK retries them.
+    e.proxy.throttle("ModifyListener", 2);
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(e.weights(), (0, 100));
+    // Reading the listener always throttled: a clear error, and nothing changes.
+    e.proxy.throttle("DescribeListeners", u32::MAX);
+    e.proxy.clear();
+    e.pin("3.0.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("elbv2:DescribeListeners failed") && out.stdout.contains("Throttling"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("(will retry)"), "{}", out.stdout);
+    assert!(e.proxy.calls_of("ModifyListener").is_empty());
+    e.proxy.throttle("DescribeListeners", 0);
+    assert_eq!(e.weights(), (0, 100));
+}
+
+#[test]
+fn ecs_rollouts_wait_for_their_lease_and_approval() {
+    let e = Ecs::new("");
+    let c = drover_tests::coordinator::Coordinator::start(e.dir.path(), "");
+    std::fs::write(
+        &e.config,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&e.config).unwrap(),
+            c.agent_config()
+        ),
+    )
+    .unwrap();
+    e.repo.write(
+        "environments/prod.yaml",
+        &format!("environment: prod\napproval: {{ required: true }}\nservices:\n  {SERVICE}: {{ version: 2.0.0 }}\n"),
+    );
+    e.repo.commit("2.0.0, approval required");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stdout.contains("approval_required"), "{}", out.stdout);
+    assert!(
+        e.proxy.calls_of("RegisterTaskDefinition").is_empty(),
+        "nothing moved before approval"
+    );
+    assert_eq!(e.weights(), (100, 0));
+    let out = c.cli("alice", &["approve", "prod", SERVICE, "2.0.0"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(e.weights(), (0, 100));
+    let hist = c.history();
+    assert!(hist.iter().any(|h| h["action"] == "lease_released"
+        && h["subject"] == format!("prod/{SERVICE}/2.0.0")
+        && h["detail"] == "success"));
+}
