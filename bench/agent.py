@@ -288,6 +288,9 @@ def main():
             samples.append(rss())
             time.sleep(1)
         c1 = cpu()
+        split = {k: v for k, v in (l.split(":", 1) for l in Path(f"/proc/{agent.pid}/status").read_text().splitlines())
+                 if k in ("RssAnon", "RssFile")}
+        print("idle agent memory at the end:", ", ".join(f"{k} {v.strip()}" for k, v in split.items()))
         agent.send_signal(signal.SIGTERM)
         agent.wait()
         results["idle"] = (max(samples), statistics.mean(samples), (c1 - c0) / args.idle_seconds * 100, args.idle_seconds)

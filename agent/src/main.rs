@@ -54,7 +54,19 @@ enum Command {
     },
 }
 
+/// One malloc arena: the agent allocates little, mostly on one thread, and each extra
+/// glibc arena (one per thread that ever allocated) keeps its own free memory resident,
+/// about 1 MiB of an idle agent's RSS.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
     telemetry::init(&telemetry::Settings::from_env(&env), "drover-agent");

@@ -239,6 +239,22 @@ impl Agent {
         }
     }
 
+    /// Fetches the desired state and renders this host's plan from it; `consequence` is
+    /// appended to the error when the state is invalid.
+    async fn desired(&self, consequence: &str) -> anyhow::Result<(Snapshot, HostPlan)> {
+        let snap = self
+            .fetch()
+            .await
+            .context("cannot read the desired state")?;
+        let plan = self.plan_for(&snap).map_err(|p| {
+            anyhow::anyhow!(
+                "the desired state at commit {} is invalid{consequence}:\n{p}",
+                short(&snap.commit)
+            )
+        })?;
+        Ok((snap, plan))
+    }
+
     async fn fetch(&self) -> anyhow::Result<Snapshot> {
         let timeout = Duration::from_secs(120).max(self.config.repo.poll_interval);
         let result = git_watch::fetch_snapshot(&self.mirror, timeout).await;
@@ -295,16 +311,7 @@ impl Agent {
                 tracing::error!(service = %name, error = %e, "recovery failed");
             }
         }
-        let snap = self
-            .fetch()
-            .await
-            .context("cannot read the desired state")?;
-        let plan = self.plan_for(&snap).map_err(|p| {
-            anyhow::anyhow!(
-                "the desired state at commit {} is invalid; nothing was changed:\n{p}",
-                short(&snap.commit)
-            )
-        })?;
+        let (snap, plan) = self.desired("; nothing was changed").await?;
         let ctx = Agent::ctx(&snap, &plan);
         self.heartbeat(Some(&plan)).await;
         let mut tasks = JoinSet::new();
@@ -513,16 +520,7 @@ impl Agent {
 
     /// What `plan` prints: what would change on this host, nothing done.
     pub async fn plan(&self) -> anyhow::Result<String> {
-        let snap = self
-            .fetch()
-            .await
-            .context("cannot read the desired state")?;
-        let plan = self.plan_for(&snap).map_err(|p| {
-            anyhow::anyhow!(
-                "the desired state at commit {} is invalid:\n{p}",
-                short(&snap.commit)
-            )
-        })?;
+        let (snap, plan) = self.desired("").await?;
         let mut out = format!(
             "commit {} — host {} in environment {}\n",
             short(&snap.commit),

@@ -9,6 +9,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod time;
 #[cfg(feature = "client")]
 pub mod wire;
 

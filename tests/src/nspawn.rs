@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::host::Out;
 
@@ -55,13 +55,17 @@ impl Container {
         if !ok {
             return Err("unpacking the root failed".into());
         }
+        // The container's console (boot messages such as "A start job is running for …") goes
+        // to a file that a failed boot quotes.
+        let console_log = work.join("container-console.log");
+        let console = std::fs::File::create(&console_log).map_err(|e| e.to_string())?;
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
             .arg(&root)
             .args(["--register=no", "--keep-unit", "--private-network", "-b"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(console.try_clone().map_err(|e| e.to_string())?)
+            .stderr(console);
         for (host, inside) in binds {
             cmd.arg(format!("--bind={}:{inside}", host.display()));
         }
@@ -78,11 +82,39 @@ impl Container {
                     .ok()?;
             children.split_whitespace().next()?.parse().ok()
         });
-        crate::wait_for("the container to boot", Duration::from_secs(60), || {
-            let s = c.exec("systemctl is-system-running").stdout;
-            matches!(s.trim(), "running" | "degraded").then_some(())
-        });
+        c.wait_booted(&console_log)?;
         Ok(c)
+    }
+
+    /// Waits until systemd has finished booting (`running` or `degraded`). A shared 2-core
+    /// machine that is also compiling can make a boot slow, so the limit is generous; a boot
+    /// that does not finish is an error quoting the pending jobs, failed units and console.
+    fn wait_booted(&self, console_log: &Path) -> Result<(), String> {
+        let limit = Duration::from_secs(240);
+        let start = Instant::now();
+        let mut state = String::new();
+        while start.elapsed() < limit {
+            state = self
+                .exec("systemctl is-system-running")
+                .stdout
+                .trim()
+                .to_string();
+            if matches!(state.as_str(), "running" | "degraded") {
+                eprintln!("container booted in {:.1?}", start.elapsed());
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let jobs = self.exec("systemctl list-jobs --no-pager").all();
+        let failed = self.exec("systemctl --failed --no-pager").all();
+        let console = std::fs::read_to_string(console_log).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "the container did not finish booting in {limit:?} (state {state:?})\n\
+             pending jobs:\n{jobs}\nfailed units:\n{failed}\nconsole (last 40 lines):\n{}",
+            tail.join("\n")
+        ))
     }
 
     /// Runs `sh -c script` inside the container.

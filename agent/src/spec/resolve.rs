@@ -281,23 +281,13 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
         if spec.kind != host.kind {
             continue;
         }
+        let over = env.verify.get(name).map(|o| &o.value);
         if spec.kind == Kind::Ecs {
             let Some(version) = &pin.value.version else {
                 continue; // reported by load()
             };
-            let mut names = host.vars.clone();
-            names.insert("version".into(), version.to_string());
-            names.insert("service".into(), name.clone());
-            names.insert("environment".into(), host.environment.to_string());
-            names.insert("host".into(), host.name.to_string());
-            let mut r = Renderer {
-                vars: Vars {
-                    names: &names,
-                    env: None,
-                },
-                problems: &mut problems,
-            };
-            let over = env.verify.get(name).map(|o| &o.value);
+            let names = template_names(host, name, version);
+            let mut r = Renderer::new(&names, &mut problems);
             if let Some(e) = render_ecs(spec, over, &mut r, host, &names) {
                 ecs.push(e);
             }
@@ -314,19 +304,8 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
         let (Some(version), Some(sha256)) = (&pin.value.version, pin.value.sha256.clone()) else {
             continue; // reported by load()
         };
-        let mut names = host.vars.clone();
-        names.insert("version".into(), version.to_string());
-        names.insert("service".into(), name.clone());
-        names.insert("environment".into(), host.environment.to_string());
-        names.insert("host".into(), host.name.to_string());
-        let mut r = Renderer {
-            vars: Vars {
-                names: &names,
-                env: None,
-            },
-            problems: &mut problems,
-        };
-        let over = env.verify.get(name).map(|o| &o.value);
+        let names = template_names(host, name, version);
+        let mut r = Renderer::new(&names, &mut problems);
         if let Some(s) = render_service(spec, over, &mut r, host, sha256, &names) {
             services.push(s);
         }
@@ -343,12 +322,33 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
     }
 }
 
+/// The names a service's templates of `host` may use: the host's vars and the built-ins.
+fn template_names(
+    host: &Host,
+    service: &str,
+    version: &impl std::fmt::Display,
+) -> BTreeMap<String, String> {
+    let mut names = host.vars.clone();
+    names.insert("version".into(), version.to_string());
+    names.insert("service".into(), service.to_string());
+    names.insert("environment".into(), host.environment.to_string());
+    names.insert("host".into(), host.name.to_string());
+    names
+}
+
 struct Renderer<'a> {
     vars: Vars<'a>,
     problems: &'a mut Vec<Problem>,
 }
 
-impl Renderer<'_> {
+impl<'a> Renderer<'a> {
+    fn new(names: &'a BTreeMap<String, String>, problems: &'a mut Vec<Problem>) -> Self {
+        Renderer {
+            vars: Vars { names, env: None },
+            problems,
+        }
+    }
+
     fn one(&mut self, t: &Template) -> String {
         t.render(&self.vars).unwrap_or_else(|e| {
             self.problems.push(Problem::new(t.mark().clone(), e));

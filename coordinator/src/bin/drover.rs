@@ -202,26 +202,10 @@ fn rollout_line(r: &RolloutView) -> String {
     s
 }
 
-/// `HH:MM:SS` UTC of a millisecond timestamp, with the date.
+/// `YYYY-MM-DD HH:MM:SS` UTC of a millisecond timestamp.
 fn time(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = drover_coordinator::time::rfc3339((ms / 1000) as i64, 0);
+    t[..19].replace('T', " ")
 }
 
 fn status_table(s: &Status) -> String {
