@@ -348,6 +348,11 @@ impl Ecs {
 
     /// Writes services/web.yaml with the setup's ARNs; `extra` lines go into `ecs:`.
     pub fn write_service(&self, extra: &str) {
+        self.write_service_with(extra, "");
+    }
+
+    /// Like [`Ecs::write_service`], with top-level `tail` (e.g. a `verify:` block) after `ecs:`.
+    pub fn write_service_with(&self, extra: &str, tail: &str) {
         let a = &self.arns;
         let mut ecs = format!(
             "  cluster: {}\n  task_family: {SERVICE}\n  container: {SERVICE}\n  image: \"repo/{SERVICE}:{{version}}\"\n  desired_count: {TASKS}\n  listener_arn: \"{}\"\n  target_groups: {{ blue: \"{}\", green: \"{}\" }}\n  step_wait: 0s\n  drain: 0s\n  health_timeout: 30s\n  container_port: 8080\n  network: {{ subnets: {}, security_groups: [\"{}\"] }}\n",
@@ -372,7 +377,7 @@ impl Ecs {
         }
         self.repo.write(
             &format!("services/{SERVICE}.yaml"),
-            &format!("service: {SERVICE}\nkind: ecs\necs:\n{ecs}"),
+            &format!("service: {SERVICE}\nkind: ecs\necs:\n{ecs}{tail}"),
         );
         self.repo.commit("service definition");
     }

@@ -122,7 +122,10 @@ fn ten_agents_deploy_two_at_a_time() {
 #[test]
 fn a_failing_rollout_halts_and_the_upgraded_hosts_revert() {
     let f = Fleet::new();
-    let c = Coordinator::start(f.dir.path(), "");
+    // h3..h5 are stopped while h1 and h2 take 2.0.0, yet they are part of the fleet: a long
+    // heartbeat interval keeps them from going stale (3 intervals) however slow the machine,
+    // so the rollout cannot end before they have taken their turn.
+    let c = Coordinator::start(f.dir.path(), "heartbeat_interval: 60s\n");
     let policy = "rollout: { max_parallel: 2, max_failures: 0 }\n";
     f.pin_env("test", policy, &f.hello("1.0.0", &[]));
     let (first, _a1) = start_hosts(&f, &c, &["h1", "h2"], "test");

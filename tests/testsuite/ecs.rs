@@ -397,3 +397,98 @@ fn ecs_rollouts_wait_for_their_lease_and_approval() {
         && h["subject"] == format!("prod/{SERVICE}/2.0.0")
         && h["detail"] == "success"));
 }
+
+/// A hello app standing in for one side's tasks (moto runs no containers), killed on drop.
+struct App(std::process::Child);
+
+impl App {
+    fn start(dir: &std::path::Path, version: &str, error_rate: &str) -> (App, u16) {
+        let port = drover_tests::free_port();
+        let child = std::process::Command::new(drover_tests::bin("hello"))
+            .args(["--port", &port.to_string()])
+            .current_dir(dir)
+            .env("VERSION", version)
+            .env("ERROR_RATE", error_rate)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("hello starts");
+        drover_tests::wait_port(port, Duration::from_secs(10));
+        (App(child), port)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const ERROR_RATE: &str = r#"sum(rate(hello_http_requests_total{code="500",version="{version}"}[4s])) / sum(rate(hello_http_requests_total{version="{version}"}[4s]))"#;
+
+/// Blue (1.0.0) and green (2.0.0, answering `green_errors` of requests with 500) as hello
+/// apps under traffic, scraped by a real Prometheus; the service verifies the error rate
+/// against the old version at each traffic step. Returns the agent's `once` for 2.0.0.
+fn deploy_with_verification(green_errors: &str) -> (Ecs, drover_tests::host::Out) {
+    use drover_tests::prometheus::{Prometheus, Traffic};
+    let e = Ecs::new("");
+    let (_blue, blue_port) = App::start(e.dir.path(), "1.0.0", "0");
+    let (_green, green_port) = App::start(e.dir.path(), "2.0.0", green_errors);
+    let prom = Prometheus::start(e.dir.path(), &[blue_port, green_port]);
+    e.write_service_with(
+        "",
+        &format!(
+            "verify:\n  duration: 5s\n  interval: 1s\n  prometheus: \"{}\"\n  min_points: 4\n  metrics:\n    - name: error_rate\n      query: '{ERROR_RATE}'\n      max: 0.02\n      compare: baseline\n      tolerance_abs: 0.005\n",
+            prom.url()
+        ),
+    );
+    let _traffic = Traffic::start(&[blue_port, green_port], 40);
+    prom.wait_for_data(&ERROR_RATE.replace("{version}", "2.0.0"));
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "1.0.0 is already live: {}", out.all());
+    e.proxy.clear();
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    (e, out)
+}
+
+#[test]
+fn metric_analysis_at_each_step_lets_a_good_version_through() {
+    let (e, out) = deploy_with_verification("0");
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("web: deployed 2.0.0 (was 1.0.0)"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (50, 50), (0, 100)]);
+    // Each step's verdict is in the agent's event log.
+    let events = std::fs::read_to_string(e.dir.path().join("state/events.jsonl")).unwrap();
+    for p in [10, 50, 100] {
+        assert!(
+            events.contains(&format!("at {p}%: risk low")),
+            "no low verdict at {p}%: {events}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_analysis_at_the_first_step_puts_traffic_back_in_one_call() {
+    let (e, out) = deploy_with_verification("0.05");
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.all().contains("error_rate"), "{}", out.all());
+    let events = std::fs::read_to_string(e.dir.path().join("state/events.jsonl")).unwrap();
+    assert!(events.contains("at 10%: risk high"), "{events}");
+    // 10 % went to green, the analysis failed, one call put everything back on blue.
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (100, 0)]);
+    assert_eq!(e.weights(), (100, 0));
+    let state = e.inspect(None);
+    assert!(
+        !state["services"]
+            .as_object()
+            .unwrap()
+            .contains_key(&green_name()),
+        "green is removed: {state}"
+    );
+}

@@ -731,7 +731,9 @@ impl Core {
         now.saturating_sub(h.last_seen_ms) > 3 * self.heartbeat_ms
     }
 
-    /// The live hosts of `r`'s environment whose desired state names its version.
+    /// The live hosts of `r`'s environment that run its service, whatever version their
+    /// desired state names: a host that has not fetched the promoting commit yet still has to
+    /// take the version, so the rollout is not over without it (and its failure still counts).
     fn targets(&self, r: &Rollout, now: u64) -> Vec<(&String, &ServiceReport)> {
         self.hosts
             .iter()
@@ -739,9 +741,7 @@ impl Core {
             .filter_map(|(name, h)| {
                 h.services
                     .iter()
-                    .find(|s| {
-                        s.service == r.service && s.desired.as_deref() == Some(r.version.as_str())
-                    })
+                    .find(|s| s.service == r.service && s.desired.is_some())
                     .map(|s| (name, s))
             })
             .collect()
@@ -775,9 +775,13 @@ impl Core {
         match r.state {
             RolloutState::Running => {
                 let targets = self.targets(r, now);
+                // Done when every live host runs it, or tried and failed within
+                // `max_failures` (a failed host keeps its old version until the next one).
                 let done = !targets.is_empty()
                     && targets.iter().all(|(h, s)| {
-                        r.succeeded.contains(*h) || s.actual.as_deref() == Some(r.version.as_str())
+                        r.succeeded.contains(*h)
+                            || r.failed.contains(*h)
+                            || s.actual.as_deref() == Some(r.version.as_str())
                     });
                 if done && held == 0 {
                     self.set_state(k, RolloutState::Verifying, None, "coordinator", now);

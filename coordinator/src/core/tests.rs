@@ -481,3 +481,68 @@ fn a_medium_verdict_pauses_the_rollout() {
             .is_ok()
     );
 }
+
+#[test]
+fn a_host_that_has_not_fetched_the_commit_yet_keeps_the_rollout_running() {
+    let mut c = core();
+    let p = policy(1, 0);
+    heartbeat(&mut c, "h1", "prod", "2.0", "1.0", T0);
+    // h2 polls Git less often: it still reports 1.0 as desired.
+    heartbeat(&mut c, "h2", "prod", "1.0", "1.0", T0);
+    let g = c
+        .acquire(&req("h1", "prod", "2.0", &p), &agent(), T0 + 1)
+        .unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Success), T0 + 2)
+        .unwrap();
+    heartbeat(&mut c, "h1", "prod", "2.0", "2.0", T0 + 3);
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Running);
+    // When h2 gets there and fails, the rollout fails and h1 reverts.
+    heartbeat(&mut c, "h2", "prod", "2.0", "1.0", T0 + 4);
+    let g = c
+        .acquire(&req("h2", "prod", "2.0", &p), &agent(), T0 + 5)
+        .unwrap();
+    let v = c
+        .release(&g.lease.id, &ok(Outcome::Failure), T0 + 6)
+        .unwrap();
+    assert_eq!(v.state, RolloutState::RollingBack);
+}
+
+#[test]
+fn a_failure_within_max_failures_does_not_hold_the_rollout_up() {
+    let mut c = core();
+    let p = policy(1, 1);
+    heartbeat(&mut c, "h1", "prod", "2.0", "1.0", T0);
+    heartbeat(&mut c, "h2", "prod", "2.0", "1.0", T0);
+    let g = c
+        .acquire(&req("h1", "prod", "2.0", &p), &agent(), T0 + 1)
+        .unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Failure), T0 + 2)
+        .unwrap();
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Running);
+    let g = c
+        .acquire(&req("h2", "prod", "2.0", &p), &agent(), T0 + 3)
+        .unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Success), T0 + 4)
+        .unwrap();
+    // h1 stays on 1.0 (it rolled back); h2 runs 2.0 healthy.
+    heartbeat(&mut c, "h1", "prod", "2.0", "1.0", T0 + 5);
+    heartbeat(&mut c, "h2", "prod", "2.0", "2.0", T0 + 5);
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Success);
+}
+
+#[test]
+fn a_host_gone_stale_does_not_hold_the_rollout_up() {
+    let mut c = core();
+    let p = policy(1, 0);
+    heartbeat(&mut c, "h1", "prod", "2.0", "1.0", T0);
+    heartbeat(&mut c, "h2", "prod", "1.0", "1.0", T0);
+    let g = c
+        .acquire(&req("h1", "prod", "2.0", &p), &agent(), T0 + 1)
+        .unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Success), T0 + 2)
+        .unwrap();
+    // h2 is not heard from for more than 3 heartbeat intervals (5 s in `core()`).
+    heartbeat(&mut c, "h1", "prod", "2.0", "2.0", T0 + 16_000);
+    heartbeat(&mut c, "h1", "prod", "2.0", "2.0", T0 + 16_001);
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Success);
+}
