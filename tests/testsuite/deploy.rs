@@ -377,3 +377,70 @@ fn status_shows_state_and_errors() {
     assert!(st["repo"]["commit"].is_string());
     assert!(st["services"]["hello"]["process"]["pid"].is_number());
 }
+
+/// Another program on a port: answers every GET with 200 and `body`, after `delay_ms`.
+const SQUATTER: &str = r#"
+import http.server, sys, time
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(int(sys.argv[3]) / 1000)
+        b = sys.argv[2].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+
+    def log_message(self, *a):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A running [`SQUATTER`], killed on drop.
+struct Squatter(std::process::Child);
+
+impl Squatter {
+    fn start(port: u16, body: &str, delay_ms: u64) -> Squatter {
+        let child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                SQUATTER,
+                &port.to_string(),
+                body,
+                &delay_ms.to_string(),
+            ])
+            .spawn()
+            .expect("python3 runs");
+        drover_tests::wait_port(port, Duration::from_secs(10));
+        Squatter(child)
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_app_that_cannot_bind_its_port_is_not_fooled_by_another_program() {
+    let f = Fleet::new();
+    let h = f.host("h1");
+    // Another program holds the app's port and passes every check, slowly enough that the
+    // app has failed to bind (and exited) by the time the first answer comes.
+    let _squatter = Squatter::start(h.port, "1.0.0", 1000);
+    f.pin(&f.hello("1.0.0", &[]));
+    let out = h.once();
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("another program answers on its URLs (is its port taken?)"),
+        "{}",
+        out.stdout
+    );
+    assert!(h.app_pids().is_empty());
+    assert_eq!(h.hello()["failed"]["version"], "1.0.0");
+    assert_eq!(h.current(), None);
+}

@@ -727,6 +727,7 @@ impl Deployer {
                 for s in &t.smoke {
                     self.checker.smoke(s, &release, &self.hook_env(d)).await?;
                 }
+                self.still_running(t)?;
             }
             Phase::RollBack => {
                 if let Err(e) = self.manager.stop(t).await {
@@ -738,6 +739,7 @@ impl Deployer {
                         let spec = from.spec.as_deref().unwrap_or(t);
                         self.manager.start(spec, &layout.release(&from.dir)).await?;
                         self.check(spec).await?;
+                        self.still_running(spec)?;
                     }
                     None => {
                         // First install: nothing to go back to; leave no `current` behind.
@@ -769,6 +771,22 @@ impl Deployer {
         };
         tracing::info!(took_ms = took.as_millis() as u64, "healthy");
         Ok(())
+    }
+
+    /// After the checks passed: the app started by the process manager must still be the
+    /// one running (an app that could not bind its port exits at once, while another program
+    /// on that port answers its checks).
+    fn still_running(&self, svc: &ResolvedService) -> Result<(), PhaseError> {
+        let Manager::Process(p) = &self.manager else {
+            return Ok(());
+        };
+        let Some(pid) = p.recorded(&svc.service).map(|a| a.pid) else {
+            return Ok(());
+        };
+        match p.exit_status(pid) {
+            Some(status) => Err(CheckError::NotItself { status }.into()),
+            None => Ok(()),
+        }
     }
 
     /// Records how a deploy ended, and releases its lease with the outcome.

@@ -28,6 +28,15 @@ pub enum CheckError {
         /// What the last probe saw.
         last: String,
     },
+    /// The checks passed, but the service's own process had exited meanwhile: whatever
+    /// answered was another program.
+    #[error(
+        "the checks passed, but the service's process had exited ({status}): another program answers on its URLs (is its port taken?)"
+    )]
+    NotItself {
+        /// How it exited.
+        status: String,
+    },
     /// A smoke test failed.
     #[error("smoke test {what} failed: {why}")]
     Smoke {
