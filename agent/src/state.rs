@@ -362,6 +362,26 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+impl Event {
+    /// An event happening now.
+    pub fn now(
+        host: &str,
+        service: &str,
+        version: &str,
+        phase: &str,
+        detail: Option<String>,
+    ) -> Event {
+        Event {
+            at: fsutil::now_rfc3339(),
+            host: host.into(),
+            service: service.into(),
+            version: version.into(),
+            phase: phase.into(),
+            detail,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,14 +423,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for phase in ["stop", "start"] {
-            store.event(&Event {
-                at: fsutil::now_rfc3339(),
-                host: "h".into(),
-                service: "s".into(),
-                version: "1".into(),
-                phase: phase.into(),
-                detail: None,
-            });
+            store.event(&Event::now("h", "s", "1", phase, None));
         }
         let ev = store.events();
         assert_eq!(ev.len(), 2);

@@ -23,7 +23,7 @@ pub const TASKS: u32 = 2;
 pub struct Moto {
     /// Its port.
     pub port: u16,
-    child: Child,
+    _child: crate::Killed,
 }
 
 impl Moto {
@@ -42,19 +42,15 @@ impl Moto {
         crate::wait_for("moto", Duration::from_secs(30), || {
             crate::http_get(port, "/moto-api/").filter(|(s, _)| *s == 200)
         });
-        Moto { port, child }
+        Moto {
+            port,
+            _child: crate::Killed(child),
+        }
     }
 
     /// Its URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -399,10 +395,10 @@ impl Ecs {
         std::fs::write(path, text).expect("write");
     }
 
-    /// `drover-agent ARGS` against the proxy, with `env`.
-    pub fn agent(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
-        Command::new(crate::bin("drover-agent"))
-            .arg("--config")
+    /// The command `drover-agent ARGS` against the proxy.
+    pub fn agent_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(crate::bin("drover-agent"));
+        cmd.arg("--config")
             .arg(&self.config)
             .args(args)
             .env("AWS_ENDPOINT_URL", self.proxy.url())
@@ -410,7 +406,13 @@ impl Ecs {
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env_remove("JOURNAL_STREAM")
+            .env_remove("JOURNAL_STREAM");
+        cmd
+    }
+
+    /// `drover-agent ARGS` against the proxy, with `env`.
+    pub fn agent(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        self.agent_cmd(args)
             .envs(env.iter().copied())
             .output()
             .expect("agent runs")

@@ -108,8 +108,8 @@ impl Container {
         let jobs = self.exec("systemctl list-jobs --no-pager").all();
         let failed = self.exec("systemctl --failed --no-pager").all();
         let console = std::fs::read_to_string(console_log).unwrap_or_default();
-        let tail: Vec<&str> = console.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
         Err(format!(
             "the container did not finish booting in {limit:?} (state {state:?})\n\
              pending jobs:\n{jobs}\nfailed units:\n{failed}\nconsole (last 40 lines):\n{}",

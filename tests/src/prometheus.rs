@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// The share of the hello app's requests answered 500, by version (`{version}`), over 4 s.
+pub const ERROR_RATE: &str = r#"sum(rate(hello_http_requests_total{code="500",version="{version}"}[4s])) / sum(rate(hello_http_requests_total{version="{version}"}[4s]))"#;
+
 /// A running Prometheus.
 pub struct Prometheus {
     /// Its port.

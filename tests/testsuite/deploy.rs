@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use drover_tests::host::{Fleet, SERVICE};
-use drover_tests::wait_for;
+use drover_tests::{Killed, wait_for};
 
 #[test]
 fn deploys_then_upgrades_with_hooks_templates_and_shared_dirs() {
@@ -397,31 +397,20 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
 
-/// A running [`SQUATTER`], killed on drop.
-struct Squatter(std::process::Child);
-
-impl Squatter {
-    fn start(port: u16, body: &str, delay_ms: u64) -> Squatter {
-        let child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                SQUATTER,
-                &port.to_string(),
-                body,
-                &delay_ms.to_string(),
-            ])
-            .spawn()
-            .expect("python3 runs");
-        drover_tests::wait_port(port, Duration::from_secs(10));
-        Squatter(child)
-    }
-}
-
-impl Drop for Squatter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts [`SQUATTER`] on `port`.
+fn squatter(port: u16, body: &str, delay_ms: u64) -> Killed {
+    let child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            SQUATTER,
+            &port.to_string(),
+            body,
+            &delay_ms.to_string(),
+        ])
+        .spawn()
+        .expect("python3 runs");
+    drover_tests::wait_port(port, Duration::from_secs(10));
+    Killed(child)
 }
 
 #[test]
@@ -430,7 +419,7 @@ fn an_app_that_cannot_bind_its_port_is_not_fooled_by_another_program() {
     let h = f.host("h1");
     // Another program holds the app's port and passes every check, slowly enough that the
     // app has failed to bind (and exited) by the time the first answer comes.
-    let _squatter = Squatter::start(h.port, "1.0.0", 1000);
+    let _squatter = squatter(h.port, "1.0.0", 1000);
     f.pin(&f.hello("1.0.0", &[]));
     let out = h.once();
     assert_eq!(out.code, 1, "{}", out.all());

@@ -5,11 +5,21 @@
 use std::time::{Duration, Instant};
 
 use drover_tests::ecs::{Ecs, SERVICE, image};
-use drover_tests::wait_for;
+use drover_tests::{Killed, wait_for};
 use serde_json::Value;
 
 fn green_name() -> String {
     format!("{SERVICE}-green")
+}
+
+/// The ECS services moto holds, by name.
+fn service_names(state: &Value) -> Vec<String> {
+    state["services"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
 }
 
 /// The revisions' container definitions, images aside.
@@ -63,12 +73,7 @@ fn blue_green_shifts_10_50_100_and_deletes_blue() {
     let state = e.inspect(None);
     assert_eq!(e.weights(), (0, 100));
     // Blue is gone; green runs revision 2, which differs from revision 1 only in the image.
-    let services = state["services"].as_object().unwrap();
-    assert_eq!(
-        services.keys().collect::<Vec<_>>(),
-        [&green_name()],
-        "{state}"
-    );
+    assert_eq!(service_names(&state), [green_name()], "{state}");
     let revs = state["revisions"].as_array().unwrap();
     assert_eq!(revs.len(), 2, "{state}");
     assert_eq!(without_image(&revs[0]), without_image(&revs[1]));
@@ -83,14 +88,7 @@ fn blue_green_shifts_10_50_100_and_deletes_blue() {
     assert_eq!(e.agent(&["once"], &[]).code, 0);
     assert_eq!(e.weight_calls(), [(0, 100), (10, 90), (50, 50), (100, 0)]);
     let state = e.inspect(None);
-    assert_eq!(
-        state["services"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .collect::<Vec<_>>(),
-        [&format!("{SERVICE}-blue")]
-    );
+    assert_eq!(service_names(&state), [format!("{SERVICE}-blue")]);
     let status = e.agent(&["status", "--json"], &[]);
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["ecs"]["web"]["current"]["version"], "3.0.0");
@@ -127,12 +125,8 @@ fn a_green_that_never_gets_healthy_is_rolled_back_in_one_call() {
     assert_eq!(e.weights(), (100, 0));
     let state = e.inspect(None);
     assert_eq!(
-        state["services"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .collect::<Vec<_>>(),
-        [&format!("{SERVICE}-blue")],
+        service_names(&state),
+        [format!("{SERVICE}-blue")],
         "green removed"
     );
     // Not retried until the version (or its definition) changes.
@@ -147,20 +141,8 @@ fn a_failure_at_50_percent_puts_all_traffic_back_on_blue() {
     let e = Ecs::new("  step_wait: 3s\n");
     e.pin("2.0.0");
     let agent = {
-        let e_cfg = e.config.clone();
-        let proxy = e.proxy.url();
-        std::thread::spawn(move || {
-            std::process::Command::new(drover_tests::bin("drover-agent"))
-                .arg("--config")
-                .arg(e_cfg)
-                .arg("once")
-                .env("AWS_ENDPOINT_URL", proxy)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("AWS_EC2_METADATA_DISABLED", "true")
-                .output()
-                .unwrap()
-        })
+        let mut cmd = e.agent_cmd(&["once"]);
+        std::thread::spawn(move || cmd.output().unwrap())
     };
     // At 50 %, the new tasks start failing their target health checks.
     wait_for("traffic at 50%", Duration::from_secs(30), || {
@@ -211,12 +193,8 @@ fn a_kill_in_any_state_converges_on_restart() {
         );
         let state = e.inspect(None);
         assert_eq!(
-            state["services"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .collect::<Vec<_>>(),
-            [&green_name()],
+            service_names(&state),
+            [green_name()],
             "{point}: only the new side remains"
         );
     }
@@ -236,12 +214,8 @@ fn a_kill_in_any_state_converges_on_restart() {
     assert_eq!(e.weights(), (100, 0));
     let state = e.inspect(None);
     assert_eq!(
-        state["services"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .collect::<Vec<_>>(),
-        [&format!("{SERVICE}-blue")],
+        service_names(&state),
+        [format!("{SERVICE}-blue")],
         "the new side was removed"
     );
 }
@@ -398,43 +372,30 @@ fn ecs_rollouts_wait_for_their_lease_and_approval() {
         && h["detail"] == "success"));
 }
 
-/// A hello app standing in for one side's tasks (moto runs no containers), killed on drop.
-struct App(std::process::Child);
-
-impl App {
-    fn start(dir: &std::path::Path, version: &str, error_rate: &str) -> (App, u16) {
-        let port = drover_tests::free_port();
-        let child = std::process::Command::new(drover_tests::bin("hello"))
-            .args(["--port", &port.to_string()])
-            .current_dir(dir)
-            .env("VERSION", version)
-            .env("ERROR_RATE", error_rate)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("hello starts");
-        drover_tests::wait_port(port, Duration::from_secs(10));
-        (App(child), port)
-    }
+/// A hello app standing in for one side's tasks (moto runs no containers), and its port.
+fn app(dir: &std::path::Path, version: &str, error_rate: &str) -> (Killed, u16) {
+    let port = drover_tests::free_port();
+    let child = std::process::Command::new(drover_tests::bin("hello"))
+        .args(["--port", &port.to_string()])
+        .current_dir(dir)
+        .env("VERSION", version)
+        .env("ERROR_RATE", error_rate)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hello starts");
+    drover_tests::wait_port(port, Duration::from_secs(10));
+    (Killed(child), port)
 }
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const ERROR_RATE: &str = r#"sum(rate(hello_http_requests_total{code="500",version="{version}"}[4s])) / sum(rate(hello_http_requests_total{version="{version}"}[4s]))"#;
 
 /// Blue (1.0.0) and green (2.0.0, answering `green_errors` of requests with 500) as hello
 /// apps under traffic, scraped by a real Prometheus; the service verifies the error rate
 /// against the old version at each traffic step. Returns the agent's `once` for 2.0.0.
 fn deploy_with_verification(green_errors: &str) -> (Ecs, drover_tests::host::Out) {
-    use drover_tests::prometheus::{Prometheus, Traffic};
+    use drover_tests::prometheus::{ERROR_RATE, Prometheus, Traffic};
     let e = Ecs::new("");
-    let (_blue, blue_port) = App::start(e.dir.path(), "1.0.0", "0");
-    let (_green, green_port) = App::start(e.dir.path(), "2.0.0", green_errors);
+    let (_blue, blue_port) = app(e.dir.path(), "1.0.0", "0");
+    let (_green, green_port) = app(e.dir.path(), "2.0.0", green_errors);
     let prom = Prometheus::start(e.dir.path(), &[blue_port, green_port]);
     e.write_service_with(
         "",
@@ -485,10 +446,7 @@ fn a_failed_analysis_at_the_first_step_puts_traffic_back_in_one_call() {
     assert_eq!(e.weights(), (100, 0));
     let state = e.inspect(None);
     assert!(
-        !state["services"]
-            .as_object()
-            .unwrap()
-            .contains_key(&green_name()),
+        !service_names(&state).contains(&green_name()),
         "green is removed: {state}"
     );
 }

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use drover_tests::coordinator::Coordinator;
 use drover_tests::host::{Fleet, Host, SERVICE};
-use drover_tests::prometheus::{Prometheus, Traffic};
+use drover_tests::prometheus::{ERROR_RATE, Prometheus, Traffic};
 use drover_tests::wait_for;
 use serde_json::Value;
 
-const ERROR_RATE: &str = r#"sum(rate(hello_http_requests_total{code="500",version="{version}"}[4s])) / sum(rate(hello_http_requests_total{version="{version}"}[4s]))"#;
 const LATENCY: &str = r#"sum(rate(hello_http_request_duration_seconds_sum{version="{version}"}[4s])) / sum(rate(hello_http_request_duration_seconds_count{version="{version}"}[4s]))"#;
 
 fn service(extra: &str, error_query: &str) -> String {

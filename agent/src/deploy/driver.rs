@@ -301,14 +301,8 @@ impl Deployer {
     }
 
     fn event(&self, svc: &str, version: &str, phase: &str, detail: Option<String>) {
-        self.store.event(&Event {
-            at: fsutil::now_rfc3339(),
-            host: self.host.clone(),
-            service: svc.to_string(),
-            version: version.to_string(),
-            phase: phase.to_string(),
-            detail,
-        });
+        self.store
+            .event(&Event::now(&self.host, svc, version, phase, detail));
     }
 
     /// Loads a service's state; a damaged file is set aside and the state rebuilt from the

@@ -235,14 +235,8 @@ impl EcsDeployer {
     }
 
     fn event(&self, service: &str, version: &str, phase: &str, detail: Option<String>) {
-        self.store.event(&Event {
-            at: fsutil::now_rfc3339(),
-            host: self.host.clone(),
-            service: service.into(),
-            version: version.into(),
-            phase: phase.into(),
-            detail,
-        });
+        self.store
+            .event(&Event::now(&self.host, service, version, phase, detail));
     }
 
     /// Brings `desired` about: resume an interrupted deploy, or deploy, or nothing.
