@@ -223,33 +223,21 @@ pub fn run(mut core: Core, mut store: Box<dyn Store>, rx: mpsc::Receiver<Command
 
 fn metrics(core: &Core, s: &Stats) -> String {
     let mut t = String::new();
-    t.push_str("# TYPE drover_coordinator_commands_total counter\n");
-    t.push_str(&format!(
-        "drover_coordinator_commands_total {}\n",
-        s.commands
-    ));
-    t.push_str("# TYPE drover_coordinator_store_batches_total counter\n");
-    t.push_str(&format!(
-        "drover_coordinator_store_batches_total {}\n",
-        s.batches
-    ));
-    t.push_str("# TYPE drover_coordinator_store_errors_total counter\n");
-    t.push_str(&format!(
-        "drover_coordinator_store_errors_total {}\n",
-        s.commit_errors
-    ));
-    t.push_str("# TYPE drover_coordinator_store_seconds_total counter\n");
-    t.push_str(&format!(
-        "drover_coordinator_store_seconds_total {}\n",
-        s.commit_micros as f64 / 1e6
-    ));
-    t.push_str("# TYPE drover_coordinator_leases gauge\n");
-    t.push_str(&format!(
-        "drover_coordinator_leases {}\n",
-        core.lease_count()
-    ));
-    t.push_str("# TYPE drover_coordinator_hosts gauge\n");
-    t.push_str(&format!("drover_coordinator_hosts {}\n", core.host_count()));
+    let mut one = |name: &str, kind: &str, value: String| {
+        t.push_str(&format!(
+            "# TYPE drover_coordinator_{name} {kind}\ndrover_coordinator_{name} {value}\n"
+        ));
+    };
+    one("commands_total", "counter", s.commands.to_string());
+    one("store_batches_total", "counter", s.batches.to_string());
+    one("store_errors_total", "counter", s.commit_errors.to_string());
+    one(
+        "store_seconds_total",
+        "counter",
+        (s.commit_micros as f64 / 1e6).to_string(),
+    );
+    one("leases", "gauge", core.lease_count().to_string());
+    one("hosts", "gauge", core.host_count().to_string());
     t.push_str("# TYPE drover_coordinator_rollouts gauge\n");
     for (state, n) in core.rollout_counts() {
         t.push_str(&format!(
@@ -257,4 +245,37 @@ fn metrics(core: &Core, s: &Stats) -> String {
         ));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Snapshot;
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let core = Core::new(Snapshot::default(), 30_000, 5_000, 0);
+        let stats = Stats {
+            commands: 7,
+            batches: 3,
+            commit_errors: 1,
+            commit_micros: 1_500_000,
+        };
+        assert_eq!(
+            metrics(&core, &stats),
+            "# TYPE drover_coordinator_commands_total counter\n\
+             drover_coordinator_commands_total 7\n\
+             # TYPE drover_coordinator_store_batches_total counter\n\
+             drover_coordinator_store_batches_total 3\n\
+             # TYPE drover_coordinator_store_errors_total counter\n\
+             drover_coordinator_store_errors_total 1\n\
+             # TYPE drover_coordinator_store_seconds_total counter\n\
+             drover_coordinator_store_seconds_total 1.5\n\
+             # TYPE drover_coordinator_leases gauge\n\
+             drover_coordinator_leases 0\n\
+             # TYPE drover_coordinator_hosts gauge\n\
+             drover_coordinator_hosts 0\n\
+             # TYPE drover_coordinator_rollouts gauge\n"
+        );
+    }
 }
