@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # drover quickstart: a coordinator and 5 local "hosts" deploy a demo service from a Git repo.
 # A commit promotes a version; an approver approves it from the CLI; hosts deploy 2 at a time;
-# a broken version halts the rollout after the first batch and the upgraded hosts revert.
+# `git revert` of a promotion brings the fleet back (no approval: that version succeeded
+# here before); a broken version halts the rollout after the first batch and the upgraded
+# hosts revert.
 #
 #   examples/quickstart.sh [--keep]
 #
@@ -46,27 +48,6 @@ python3 -m http.server "$art_port" --bind 127.0.0.1 --directory "$work/artifacts
 pids+=($!)
 echo "artifact server on http://127.0.0.1:$art_port/"
 
-say "starting the coordinator (SQLite store $work/coordinator.db)"
-mkdir -p "$work/tokens"
-coord_port=$(free_port)
-for who in fleet alice; do head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/$who"; done
-hash() { "$bin/drover-coordinator" hash-token < "$work/tokens/$1" | cut -d' ' -f2; }
-cat >"$work/coordinator.yaml" <<CFG
-listen: 127.0.0.1:$coord_port
-store: { sqlite: $work/coordinator.db }
-lease_ttl: 30s
-heartbeat_interval: 1s
-tokens:
-  - { name: fleet, role: agent, sha256: $(hash fleet) }
-  - { name: alice, role: approver, groups: [release-managers], sha256: $(hash alice) }
-CFG
-"$bin/drover-coordinator" serve --config "$work/coordinator.yaml" >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-export DROVER_URL="http://127.0.0.1:$coord_port"
-drover() { "$bin/drover" --token-file "$work/tokens/alice" "$@"; }
-until curl -fsS "$DROVER_URL/healthz" >/dev/null 2>&1; do sleep 0.1; done
-echo "coordinator on $DROVER_URL (alice may approve for release-managers)"
-
 say "creating the desired-state repo $work/fleet"
 export GIT_CONFIG_GLOBAL=/dev/null GIT_AUTHOR_NAME=quickstart GIT_AUTHOR_EMAIL=qs@example.com \
   GIT_COMMITTER_NAME=quickstart GIT_COMMITTER_EMAIL=qs@example.com
@@ -79,6 +60,28 @@ promote() { # VERSION SHA256 MESSAGE
 }
 promote 1.0.0 "$sha1" "hello 1.0.0"
 "$bin/drover-agent" validate "$work/fleet" --var port --var artifact_port --var hosts_dir
+
+say "starting the coordinator (SQLite store $work/coordinator.db); it reads the repo itself"
+mkdir -p "$work/tokens"
+coord_port=$(free_port)
+for who in fleet alice; do head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/$who"; done
+hash() { "$bin/drover-coordinator" hash-token < "$work/tokens/$1" | cut -d' ' -f2; }
+cat >"$work/coordinator.yaml" <<CFG
+listen: 127.0.0.1:$coord_port
+store: { sqlite: $work/coordinator.db }
+repo: { url: "$work/fleet", branch: main, poll_interval: 3s }
+lease_ttl: 30s
+heartbeat_interval: 1s
+tokens:
+  - { name: fleet, role: agent, sha256: $(hash fleet) }
+  - { name: alice, role: approver, groups: [release-managers], sha256: $(hash alice) }
+CFG
+"$bin/drover-coordinator" serve --config "$work/coordinator.yaml" >"$work/coordinator.log" 2>&1 &
+pids+=($!)
+export DROVER_URL="http://127.0.0.1:$coord_port"
+drover() { "$bin/drover" --token-file "$work/tokens/alice" "$@"; }
+until curl -fsS "$DROVER_URL/healthz" >/dev/null 2>&1; do sleep 0.1; done
+echo "coordinator on $DROVER_URL (alice may approve for release-managers)"
 
 say "starting 5 agents (hosts); host-1 and host-2 watch the repo, host-3..5 poll it every 3s"
 for h in "${hosts[@]}"; do
@@ -119,19 +122,29 @@ approve() { # VERSION
 
 approve 1.0.0
 wait_for "all 5 hosts run 1.0.0" "all_current 1.0.0"
+wait_for "the coordinator confirms it: 1.0.0 SUCCESS (every host reported it healthy)" "[ \"\$(rollout_state 1.0.0)\" = SUCCESS ]"
 versions
 
 say "promoting 2.0.0 with a commit"
 promote 2.0.0 "$sha2" "hello 2.0.0"
+two=$(git -C "$work/fleet" rev-parse HEAD)
 approve 2.0.0
 wait_for "all 5 hosts run 2.0.0, 2 at a time" "all_current 2.0.0"
+wait_for "the coordinator confirms it: 2.0.0 SUCCESS" "[ \"\$(rollout_state 2.0.0)\" = SUCCESS ]"
+versions
+
+say "2.0.0 passed its checks, but users complain: undo it with git revert"
+echo "\$ git revert $(git -C "$work/fleet" rev-parse --short "$two")"
+git -C "$work/fleet" revert --no-edit "$two" >/dev/null
+echo "1.0.0 succeeded in prod before: a rollback, no approval; still 2 hosts at a time"
+wait_for "all 5 hosts run 1.0.0 again" "all_current 1.0.0"
 versions
 
 say "promoting the broken 3.0.0"
 promote 3.0.0 "$sha3" "hello 3.0.0"
 approve 3.0.0
 wait_for "the rollout to halt and roll back" "[ \"\$(rollout_state 3.0.0)\" = ABORTED ]"
-wait_for "every host to run 2.0.0 again" "all_current 2.0.0"
+wait_for "every host to run 1.0.0 again" "all_current 1.0.0"
 versions
 
 say "the coordinator's view"
@@ -140,4 +153,7 @@ drover status
 echo
 echo "audit trail of 3.0.0:"
 drover history --limit 200 | grep -E "prod/hello/3.0.0" | sed 's/^/  /'
-say "done: commits promoted 1.0.0 → 2.0.0 (approved, 2 hosts at a time); broken 3.0.0 halted after the first batch, the upgraded hosts reverted, the rest never ran it"
+echo
+echo "audit trail of the revert to 1.0.0:"
+drover history --limit 200 | grep -E "prod/hello/1.0.0" | tail -n 12 | sed 's/^/  /'
+say "done: commits promoted 1.0.0 → 2.0.0 (approved, 2 hosts at a time); git revert brought 1.0.0 back (no approval); broken 3.0.0 halted after the first batch, the upgraded hosts reverted, the rest never ran it"

@@ -12,21 +12,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use drover_desired::git::RepoConfig;
+use drover_desired::git::RepoInput;
+
 use crate::spec::{BUILTINS, ByteSize, Dur, Name};
 use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/drover/agent.yaml";
 
-/// How the agent stops and starts services.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ServiceManager {
-    /// `systemctl stop/start` of the service's `run.unit`.
-    Systemd,
-    /// The agent runs `run.command` itself, detached, and supervises it.
-    Process,
-}
+pub use crate::spec::ServiceManager;
 
 /// What the agent deploys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -103,24 +98,6 @@ fn default_heartbeat() -> Dur {
 
 fn default_manager() -> ServiceManager {
     ServiceManager::Systemd
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RepoInput {
-    url: Spanned<String>,
-    #[serde(default = "default_branch")]
-    branch: String,
-    #[serde(default = "default_poll")]
-    poll_interval: Dur,
-}
-
-fn default_branch() -> String {
-    "main".into()
-}
-
-fn default_poll() -> Dur {
-    Dur::secs(30)
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,19 +187,6 @@ pub struct Config {
     pub env: BTreeMap<String, String>,
     /// The files the configuration was read from.
     pub files: Vec<PathBuf>,
-}
-
-/// Where the desired state comes from.
-#[derive(Clone, Debug)]
-pub struct RepoConfig {
-    /// The URL (or local path) as written.
-    pub url: String,
-    /// The branch whose tip is the desired state.
-    pub branch: String,
-    /// How often to poll (with ±10% jitter).
-    pub poll_interval: Duration,
-    /// For a repo on this machine, its path: watched for instant reaction.
-    pub local_path: Option<PathBuf>,
 }
 
 /// The ECS cluster of an agent in ECS mode. AWS credentials come from the SDK's default
@@ -409,28 +373,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         }
         vars.insert(k, v.value);
     }
-    let url = i.repo.url.value.trim().to_string();
-    let local_path = local_repo_path(&url);
-    if !repo_url_ok(&url) {
-        problems.push(Problem::new(
-            i.repo.url.mark.clone(),
-            format!(
-                "repo url `{url}` is not a Git URL: use https://, http://, git://, ssh://, file:// or an absolute path"
-            ),
-        ));
-    }
-    if i.repo.branch.is_empty() || i.repo.branch.contains("..") || i.repo.branch.contains(' ') {
-        problems.push(Problem::new(
-            i.repo.url.mark.clone(),
-            format!("invalid branch `{}`", i.repo.branch),
-        ));
-    }
-    if i.repo.poll_interval.0 < Duration::from_millis(100) {
-        problems.push(Problem::new(
-            i.repo.url.mark.clone(),
-            "repo.poll_interval must be at least 100ms",
-        ));
-    }
+    let repo = i.repo.validate(problems);
     let state_dir = match i.state_dir {
         Some(s) => {
             if !s.value.starts_with('/') {
@@ -498,12 +441,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         environment: i.environment.as_str().to_string(),
         labels: i.labels,
         vars,
-        repo: RepoConfig {
-            url,
-            branch: i.repo.branch,
-            poll_interval: i.repo.poll_interval.0,
-            local_path,
-        },
+        repo,
         state_dir,
         service_manager: i.service_manager,
         mode: i.mode,
@@ -521,27 +459,6 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         env,
         files: Vec::new(),
     }
-}
-
-/// The path of a repo on this machine (absolute path or `file://` URL).
-fn local_repo_path(url: &str) -> Option<PathBuf> {
-    if url.starts_with('/') {
-        Some(PathBuf::from(url))
-    } else {
-        url.strip_prefix("file://").map(PathBuf::from)
-    }
-}
-
-fn repo_url_ok(url: &str) -> bool {
-    if url.starts_with('/') {
-        return true;
-    }
-    if let Some((scheme, rest)) = url.split_once("://") {
-        return matches!(scheme, "http" | "https" | "git" | "ssh" | "file") && !rest.is_empty();
-    }
-    // scp-like: user@host:path
-    url.split_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && !h.contains('/'))
 }
 
 /// The system's host name.
@@ -624,22 +541,6 @@ mod tests {
         );
         assert!(text.contains("unknown field `mystery`"), "{text}");
         assert!(text.contains("must be an absolute path"), "{text}");
-    }
-
-    #[test]
-    fn local_repos_are_detected() {
-        assert_eq!(
-            local_repo_path("/srv/git/fleet.git"),
-            Some(PathBuf::from("/srv/git/fleet.git"))
-        );
-        assert_eq!(
-            local_repo_path("file:///srv/fleet"),
-            Some(PathBuf::from("/srv/fleet"))
-        );
-        assert!(repo_url_ok("git@github.com:org/fleet.git"));
-        assert!(repo_url_ok("git://127.0.0.1:9418/fleet.git"));
-        assert!(!repo_url_ok("fleet.git"));
-        assert!(!repo_url_ok("ftp://x/y"));
     }
 
     #[test]

@@ -8,32 +8,14 @@ use std::time::Duration;
 use drover_coordinator::client::{Client, ClientError};
 use drover_coordinator::wire::{self, AcquireRequest, Outcome, Purpose, ReleaseRequest};
 
-use crate::spec::EnvPolicy;
 use crate::state::LeaseState;
 
-pub use drover_coordinator::wire::Policy;
-
-/// Where a desired state came from: what a lease request needs besides the service.
+/// Where a desired state came from: what a lease request needs besides the service. The
+/// coordinator reads the policy from Git itself; the host only says which commit it read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ctx {
     /// The desired-state commit.
     pub commit: String,
-    /// Its commit time, ms since the epoch.
-    pub commit_time_ms: u64,
-    /// The environment's policy.
-    pub policy: Policy,
-}
-
-/// The wire form of an environment policy.
-pub fn policy(p: &EnvPolicy) -> Policy {
-    Policy {
-        max_parallel: p.rollout.max_parallel,
-        max_failures: p.rollout.max_failures,
-        approval_required: p.approval.required,
-        approvers: p.approval.approvers.clone(),
-        approval_timeout_ms: p.approval.timeout.0.as_millis() as u64,
-        promotion_requires: p.promotion_requires.clone(),
-    }
 }
 
 /// Why no lease was obtained.
@@ -132,8 +114,6 @@ impl Gate {
             version: version.to_string(),
             purpose,
             commit: ctx.commit.clone(),
-            commit_time_ms: ctx.commit_time_ms,
-            policy: ctx.policy.clone(),
         };
         match self.client.acquire(&req).await {
             Ok(g) => {
@@ -218,16 +198,19 @@ impl Gate {
         }
     }
 
-    /// Sends a heartbeat; returns the coordinator's actions for this host.
+    /// Sends a heartbeat (with the desired-state `commit` last read); returns the
+    /// coordinator's actions for this host.
     pub async fn heartbeat(
         &self,
         services: Vec<wire::ServiceReport>,
         labels: &std::collections::BTreeMap<String, String>,
+        commit: Option<String>,
     ) -> Result<Vec<wire::Action>, ClientError> {
         let hb = wire::Heartbeat {
             environment: self.environment.clone(),
             labels: labels.clone(),
             agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+            commit,
             services,
         };
         Ok(self.client.heartbeat(&self.host, &hb).await?.actions)

@@ -19,8 +19,8 @@ pub mod notify;
 pub mod release;
 pub mod runner;
 pub mod service;
-pub mod spec;
 pub mod state;
 pub mod telemetry;
 pub mod verify;
-pub mod yaml;
+
+pub use drover_desired::{spec, yaml};

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::artifact::Fetcher;
 use crate::config::{Config, Mode, ServiceManager};
-use crate::coordinator::{self, Ctx, Gate};
+use crate::coordinator::{Ctx, Gate};
 use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
 use crate::deploy::{Action, decide};
 use crate::ecs::aws::Aws;
@@ -24,6 +24,7 @@ use crate::service::{Manager, Process, Systemd};
 use crate::spec::{self, Host, HostPlan, Kind, ResolvedEcsService, ResolvedService};
 use crate::state::Store;
 use crate::yaml::Problems;
+use drover_coordinator::wire::{self, ActionKind, ServiceReport};
 
 /// How often process-managed services are checked for having died.
 const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
@@ -153,66 +154,91 @@ impl Agent {
         }
     }
 
-    /// What a lease request needs to know about `snap` and its plan.
-    fn ctx(snap: &Snapshot, plan: &HostPlan) -> Ctx {
+    /// What a lease request needs to know about `snap`.
+    fn ctx(snap: &Snapshot) -> Ctx {
         Ctx {
             commit: snap.commit.clone(),
-            commit_time_ms: snap.commit_time_ms,
-            policy: coordinator::policy(&plan.policy),
         }
     }
 
-    /// Tells the coordinator (if any) how this host's services are; returns its actions.
-    async fn heartbeat(&self, plan: Option<&HostPlan>) -> Vec<drover_coordinator::wire::Action> {
-        let Some(gate) = self.deployer.gate() else {
-            return Vec::new();
+    /// The job of `service` at `version` as of `commit` (a `pin` from the coordinator): that
+    /// commit's definition of the service, rendered for this host.
+    async fn pinned(&self, service: &str, version: &str, commit: &str) -> anyhow::Result<Job> {
+        let timeout = Duration::from_secs(120).max(self.config.repo.poll_interval);
+        let snap = git_watch::snapshot_at(&self.mirror, commit, timeout)
+            .await
+            .with_context(|| format!("reading commit {} for {service} {version}", short(commit)))?;
+        let plan = self.plan_for(&snap).map_err(|p| {
+            anyhow::anyhow!(
+                "commit {} (where {service} {version} comes from) does not validate for this host:\n{p}",
+                short(commit)
+            )
+        })?;
+        self.jobs(&plan)
+            .into_iter()
+            .find(|j| j.name() == service && j.version() == version)
+            .with_context(|| {
+                format!(
+                    "commit {} has no {service} {version} for this host",
+                    short(commit)
+                )
+            })
+    }
+
+    /// Applies what a heartbeat answer asks of `once`: `retry` forgets failures, `pin`
+    /// replaces a job by the pinned version. (`revert` and `fetch` are for the daemon.)
+    async fn apply_once(&self, actions: &[wire::Action], jobs: &mut [Job]) {
+        for a in actions {
+            match a.action {
+                ActionKind::Retry => self.forget_failure(&a.service, &a.version).await,
+                ActionKind::Pin => {
+                    let Some(commit) = &a.commit else { continue };
+                    match self.pinned(&a.service, &a.version, commit).await {
+                        Ok(job) => {
+                            tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator pins this version");
+                            if let Some(j) = jobs.iter_mut().find(|j| j.name() == a.service) {
+                                *j = job;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %a.service, error = %format!("{e:#}"), "cannot follow the coordinator's rollback")
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Forgets that `version` of `service` failed here (the coordinator asks for it again).
+    async fn forget_failure(&self, service: &str, version: &str) {
+        let forgot = match &self.ecs {
+            Some(e) => e.forget_failure(service, version),
+            None => self.deployer.forget_failure(service, version).await,
         };
-        let mut names: Vec<String> = self.store.services().unwrap_or_default();
-        if let Some(p) = plan {
-            names.extend(p.services.iter().map(|s| s.service.clone()));
+        match forgot {
+            Ok(true) => {
+                tracing::info!(
+                    service,
+                    version,
+                    "the coordinator asks for this version again; its failure here is forgotten"
+                )
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(service, error = %e, "cannot update the state"),
         }
-        names.sort();
-        names.dedup();
-        let mut reports = Vec::new();
-        for name in names {
-            let desired = plan
-                .and_then(|p| p.services.iter().find(|s| s.service == name))
-                .map(|s| s.version.clone());
-            let st = self.store.load(&name).ok().flatten();
-            let actual = st
-                .as_ref()
-                .and_then(|s| s.current.as_ref())
-                .map(|c| c.version.clone());
-            let healthy = match st
-                .as_ref()
-                .and_then(|s| s.current.as_ref())
-                .and_then(|c| c.spec.as_deref())
-            {
-                Some(spec) => self
-                    .deployer
-                    .manager()
-                    .is_running(spec)
-                    .await
-                    .unwrap_or(false),
-                None => false,
-            };
-            reports.push(drover_coordinator::wire::ServiceReport {
-                service: name,
-                desired,
-                actual,
-                healthy,
-                phase: st
-                    .as_ref()
-                    .and_then(|s| s.deployment.as_ref())
-                    .map(|d| d.phase.name().to_string()),
-                last_error: st.and_then(|s| s.last_error),
-            });
-        }
-        if let (Some(ecs), Some(p)) = (&self.ecs, plan) {
-            for job in self.jobs(p) {
+    }
+
+    /// Tells the coordinator (if any) how this host's services are (`jobs`: what it is to run,
+    /// read at `commit`); returns its actions, or `None` when it could not be told.
+    async fn heartbeat(&self, jobs: &[Job], commit: Option<&str>) -> Option<Vec<wire::Action>> {
+        let gate = self.deployer.gate()?;
+        let reports = if let Some(ecs) = &self.ecs {
+            let mut reports = Vec::new();
+            for job in jobs {
                 let Job::Ecs(svc) = job else { continue };
                 let st = ecs.load(&svc.service).ok();
-                reports.push(drover_coordinator::wire::ServiceReport {
+                reports.push(ServiceReport {
                     service: svc.service.clone(),
                     desired: Some(svc.version.clone()),
                     actual: st
@@ -226,15 +252,62 @@ impl Agent {
                         .as_ref()
                         .and_then(|s| s.deployment.as_ref())
                         .map(|d| d.phase.name()),
+                    failed: st
+                        .as_ref()
+                        .and_then(|s| s.failed.as_ref())
+                        .map(|f| f.version.clone()),
                     last_error: st.and_then(|s| s.last_error),
                 });
             }
-        }
-        match gate.heartbeat(reports, &self.config.labels).await {
-            Ok(actions) => actions,
+            reports
+        } else {
+            let mut names: Vec<String> = self.store.services().unwrap_or_default();
+            names.extend(jobs.iter().map(|j| j.name().to_string()));
+            names.sort();
+            names.dedup();
+            let mut reports = Vec::new();
+            for name in names {
+                let desired = jobs
+                    .iter()
+                    .find(|j| j.name() == name)
+                    .map(|j| j.version().to_string());
+                let st = self.store.load(&name).ok().flatten();
+                let current = st.as_ref().and_then(|s| s.current.as_ref());
+                let healthy = match current.and_then(|c| c.spec.as_deref()) {
+                    Some(spec) => self
+                        .deployer
+                        .manager()
+                        .is_running(spec)
+                        .await
+                        .unwrap_or(false),
+                    None => false,
+                };
+                reports.push(ServiceReport {
+                    service: name,
+                    desired,
+                    actual: current.map(|c| c.version.clone()),
+                    healthy,
+                    phase: st
+                        .as_ref()
+                        .and_then(|s| s.deployment.as_ref())
+                        .map(|d| d.phase.name().to_string()),
+                    failed: st
+                        .as_ref()
+                        .and_then(|s| s.failed.as_ref())
+                        .map(|f| f.version.clone()),
+                    last_error: st.and_then(|s| s.last_error),
+                });
+            }
+            reports
+        };
+        match gate
+            .heartbeat(reports, &self.config.labels, commit.map(str::to_string))
+            .await
+        {
+            Ok(actions) => Some(actions),
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
-                Vec::new()
+                None
             }
         }
     }
@@ -312,10 +385,13 @@ impl Agent {
             }
         }
         let (snap, plan) = self.desired("; nothing was changed").await?;
-        let ctx = Agent::ctx(&snap, &plan);
-        self.heartbeat(Some(&plan)).await;
+        let ctx = Agent::ctx(&snap);
+        let mut jobs = self.jobs(&plan);
+        if let Some(actions) = self.heartbeat(&jobs, Some(&snap.commit)).await {
+            self.apply_once(&actions, &mut jobs).await;
+        }
         let mut tasks = JoinSet::new();
-        for job in self.jobs(&plan) {
+        for job in jobs.clone() {
             let (d, e, ctx) = (self.deployer.clone(), self.ecs.clone(), ctx.clone());
             tasks.spawn(async move {
                 let r = match &job {
@@ -334,7 +410,7 @@ impl Agent {
             results.push((name.clone(), r.with_context(|| format!("service {name}"))?));
         }
         results.sort_by(|a, b| a.0.cmp(&b.0));
-        self.heartbeat(Some(&plan)).await;
+        self.heartbeat(&jobs, Some(&snap.commit)).await;
         Ok(results)
     }
 
@@ -365,11 +441,13 @@ impl Agent {
             }
         }
         let (tx, mut snapshots) = watch::channel(None);
+        let (wake, wake_rx) = tokio::sync::mpsc::channel(1);
         let watcher = tokio::spawn(git_watch::watch(
             self.mirror.clone(),
             self.config.repo.clone(),
             self.store.clone(),
             tx,
+            wake_rx,
             shutdown.clone(),
         ));
         tracing::info!(
@@ -387,8 +465,11 @@ impl Agent {
                 .watchdog_every()
                 .unwrap_or(Duration::from_secs(3600)),
         );
-        let mut plan: Option<HostPlan> = None;
         let mut ctx: Option<Ctx> = None;
+        // The jobs of the branch tip, and the services the coordinator pins to another
+        // version (`drover rollback`) until Git changes their version.
+        let mut base: Vec<Job> = Vec::new();
+        let mut pins: BTreeMap<String, Job> = BTreeMap::new();
         let mut slots: HashMap<String, Slot> = HashMap::new();
         let mut tasks: JoinSet<(String, Result<Outcome, DeployError>)> = JoinSet::new();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
@@ -430,8 +511,9 @@ impl Agent {
                     let Some(snap) = snapshots.borrow_and_update().clone() else { continue };
                     match self.plan_for(&snap) {
                         Ok(p) => {
-                            ctx = Some(Agent::ctx(&snap, &p));
-                            jobs = self.jobs(&p);
+                            ctx = Some(Agent::ctx(&snap));
+                            base = self.jobs(&p);
+                            jobs = pinned(&base, &pins);
                             let wanted: Vec<&str> = jobs.iter().map(Job::name).collect();
                             for old in slots.keys().filter(|k| !wanted.contains(&k.as_str())) {
                                 tracing::warn!(service = %old, "no longer in this host's desired state; leaving it as it is");
@@ -443,7 +525,6 @@ impl Agent {
                                 slot.backoff = Duration::ZERO;
                                 if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, job, &ctx) }
                             }
-                            plan = Some(p);
                         }
                         Err(problems) => {
                             tracing::error!(
@@ -467,17 +548,73 @@ impl Agent {
                     }
                 }
                 _ = beat.tick(), if self.deployer.gate().is_some() => {
-                    for a in self.heartbeat(plan.as_ref()).await {
-                        if a.action != "revert" || self.ecs.is_some() { continue; }
-                        let slot = slots.entry(a.service.clone()).or_default();
-                        if slot.busy { continue; }
-                        tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator asks to revert");
-                        slot.busy = true;
-                        let (d, ctx) = (self.deployer.clone(), ctx.clone());
-                        tasks.spawn(async move {
-                            let r = d.revert(&a.service, &a.version, &a.reason, ctx.as_ref()).await;
-                            (a.service, r)
-                        });
+                    let commit = ctx.as_ref().map(|c| c.commit.as_str());
+                    let Some(actions) = self.heartbeat(&jobs, commit).await else { continue };
+                    let mut redo: Vec<String> = Vec::new();
+                    let mut pinned_now: Vec<&str> = Vec::new();
+                    for a in &actions {
+                        let busy = slots.get(&a.service).is_some_and(|s| s.busy);
+                        match a.action {
+                            ActionKind::Fetch => {
+                                tracing::info!(service = %a.service, reason = %a.reason, "the coordinator says the desired state moved; fetching");
+                                let _ = wake.try_send(());
+                            }
+                            ActionKind::Retry if !busy => {
+                                self.forget_failure(&a.service, &a.version).await;
+                                redo.push(a.service.clone());
+                            }
+                            ActionKind::Pin => {
+                                pinned_now.push(&a.service);
+                                if let Some(ecs) = &self.ecs
+                                    && ecs.abort(&a.service, &a.version, &a.reason)
+                                {
+                                    tracing::warn!(service = %a.service, reason = %a.reason, "stopping the deploy in flight: traffic goes back to the old side");
+                                }
+                                if pins.get(&a.service).is_some_and(|j| j.version() == a.version) {
+                                    continue;
+                                }
+                                let Some(commit) = &a.commit else { continue };
+                                match self.pinned(&a.service, &a.version, commit).await {
+                                    Ok(job) => {
+                                        tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator rolls this service back");
+                                        pins.insert(a.service.clone(), job);
+                                        redo.push(a.service.clone());
+                                    }
+                                    Err(e) => tracing::error!(service = %a.service, error = %format!("{e:#}"), "cannot follow the coordinator's rollback; retrying at the next heartbeat"),
+                                }
+                            }
+                            ActionKind::Revert if self.ecs.is_none() && !busy => {
+                                let slot = slots.entry(a.service.clone()).or_default();
+                                tracing::warn!(service = %a.service, version = %a.version, reason = %a.reason, "the coordinator asks to revert");
+                                slot.busy = true;
+                                let (d, ctx, a) = (self.deployer.clone(), ctx.clone(), a.clone());
+                                tasks.spawn(async move {
+                                    let r = d.revert(&a.service, &a.version, &a.reason, ctx.as_ref()).await;
+                                    (a.service, r)
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                    let ended: Vec<String> = pins
+                        .keys()
+                        .filter(|k| !pinned_now.contains(&k.as_str()))
+                        .cloned()
+                        .collect();
+                    for service in ended {
+                        tracing::info!(service = %service, "the coordinator's rollback ended; following Git again");
+                        pins.remove(&service);
+                        redo.push(service);
+                    }
+                    if !redo.is_empty() {
+                        jobs = pinned(&base, &pins);
+                        for name in redo {
+                            let Some(job) = jobs.iter().find(|j| j.name() == name) else { continue };
+                            let slot = slots.entry(name).or_default();
+                            slot.retry_at = None;
+                            slot.backoff = Duration::ZERO;
+                            if slot.busy { slot.dirty = true } else { spawn(&mut tasks, slot, job, &ctx) }
+                        }
                     }
                 }
                 _ = tick.tick() => {
@@ -665,6 +802,20 @@ impl Job {
             Job::Ecs(s) => &s.service,
         }
     }
+
+    fn version(&self) -> &str {
+        match self {
+            Job::Vm(s) => &s.version,
+            Job::Ecs(s) => &s.version,
+        }
+    }
+}
+
+/// The jobs of the branch tip, with the services the coordinator pins replaced.
+fn pinned(base: &[Job], pins: &BTreeMap<String, Job>) -> Vec<Job> {
+    base.iter()
+        .map(|j| pins.get(j.name()).unwrap_or(j).clone())
+        .collect()
 }
 
 /// Sleeps until `at`, or forever.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use drover_coordinator::auth::hash_token;
 use drover_coordinator::client::Client;
 use drover_coordinator::wire::{
-    AcquireRequest, Heartbeat, Outcome, Policy, Purpose, ReleaseRequest, ServiceReport,
+    AcquireRequest, Heartbeat, Outcome, Purpose, ReleaseRequest, ServiceReport,
 };
 
 const CLIENTS: usize = 100;
@@ -59,11 +59,13 @@ fn main() {
         .unwrap()
         .port();
     let token = "bench-token";
+    let (repo, commit) = desired_state(dir.path());
     std::fs::write(
         dir.path().join("c.yaml"),
         format!(
-            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nheartbeat_interval: 30s\ntokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
+            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\" }}\nheartbeat_interval: 30s\ntokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
             dir.path().join("c.db").display(),
+            repo.display(),
             hash_token(token)
         ),
     )
@@ -82,17 +84,79 @@ fn main() {
     let url = format!("http://127.0.0.1:{port}");
     rt.block_on(async {
         let c = Client::new(&url, token).unwrap();
-        for _ in 0..100 {
-            if c.status().await.is_ok() || c.heartbeat("probe", &hb("probe")).await.is_ok() {
+        // Ready once it has read the desired state (the lease requests need it).
+        for _ in 0..400 {
+            if c.acquire(&request(0, 0, &commit)).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        leases(&url, token, secs).await;
+        leases(&url, token, &commit, secs).await;
         heartbeats(&url, token, server.id()).await;
     });
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A desired-state repo (git CLI) with environment `bench` pinning services svc0..svc{CLIENTS}
+/// at 1.0.0, with room for every client's lease.
+fn desired_state(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let repo = dir.join("fleet");
+    std::fs::create_dir_all(repo.join("services")).unwrap();
+    std::fs::create_dir_all(repo.join("environments")).unwrap();
+    let mut env = String::from(
+        "environment: bench\nrollout: { max_parallel: 1000, max_failures: 1000000 }\nservices:\n",
+    );
+    for i in 0..CLIENTS {
+        std::fs::write(
+            repo.join(format!("services/svc{i}.yaml")),
+            format!(
+                "service: svc{i}\nartifact: {{ url: \"http://127.0.0.1/a.tgz\" }}\ninstall: {{ root: /srv/svc{i} }}\nrun: {{ command: [bin/x] }}\n"
+            ),
+        )
+        .unwrap();
+        env.push_str(&format!(
+            "  svc{i}: {{ version: 1.0.0, sha256: {} }}\n",
+            "a".repeat(64)
+        ));
+    }
+    std::fs::write(repo.join("environments/bench.yaml"), env).unwrap();
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &["add", "-A"],
+        &["commit", "-q", "-m", "bench"],
+    ] {
+        let ok = Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_AUTHOR_NAME", "bench")
+            .env("GIT_AUTHOR_EMAIL", "bench@example.com")
+            .env("GIT_COMMITTER_NAME", "bench")
+            .env("GIT_COMMITTER_EMAIL", "bench@example.com")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    let commit = String::from_utf8(head.stdout).unwrap().trim().to_string();
+    (repo, commit)
+}
+
+fn request(i: usize, n: u64, commit: &str) -> AcquireRequest {
+    AcquireRequest {
+        host: format!("h{i}-{n}"),
+        environment: "bench".into(),
+        service: format!("svc{i}"),
+        version: "1.0.0".into(),
+        purpose: Purpose::Deploy,
+        commit: commit.into(),
+    }
 }
 
 fn hb(host: &str) -> Heartbeat {
@@ -100,6 +164,7 @@ fn hb(host: &str) -> Heartbeat {
         environment: "bench".into(),
         labels: [("role".to_string(), "web".to_string())].into(),
         agent_version: Some("bench".into()),
+        commit: None,
         services: vec![ServiceReport {
             service: "hello".into(),
             desired: Some("1.0.0".into()),
@@ -107,6 +172,7 @@ fn hb(host: &str) -> Heartbeat {
             healthy: true,
             phase: None,
             last_error: None,
+            failed: None,
         }],
     }
 }
@@ -115,35 +181,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn leases(url: &str, token: &str, secs: u64) {
+async fn leases(url: &str, token: &str, commit: &str, secs: u64) {
     let stop = Arc::new(AtomicBool::new(false));
-    let policy = Policy {
-        max_parallel: 1000,
-        max_failures: 1_000_000,
-        approval_required: false,
-        approvers: vec![],
-        approval_timeout_ms: 60_000,
-        promotion_requires: None,
-    };
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
-        let (stop, policy) = (stop.clone(), policy.clone());
+        let (stop, commit) = (stop.clone(), commit.to_string());
         let c = Client::new(url, token).unwrap();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let req = AcquireRequest {
-                    host: format!("h{i}-{n}"),
-                    environment: "bench".into(),
-                    service: format!("svc{i}"),
-                    version: "1.0.0".into(),
-                    purpose: Purpose::Deploy,
-                    commit: "c".into(),
-                    commit_time_ms: 1,
-                    policy: policy.clone(),
-                };
+                let req = request(i, n, &commit);
                 let t = Instant::now();
                 let g = c.acquire(&req).await.expect("acquire");
                 lat.push(t.elapsed());

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::Caller;
 use crate::core::{ApiError, Core};
+use crate::git::Update;
 use crate::store::Store;
 use crate::wire::{
     AcquireRequest, Granted, Heartbeat, HeartbeatReply, History, ReleaseRequest, Renewed,
@@ -53,6 +54,32 @@ pub enum Command {
         /// Answer.
         reply: Reply<RolloutReply>,
     },
+    /// Start the failed or aborted rollout of the desired version again.
+    Retry {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+        /// Who.
+        caller: Caller,
+        /// Answer.
+        reply: Reply<RolloutReply>,
+    },
+    /// Roll a service back to a version that succeeded before.
+    Rollback {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+        /// The version (default: the newest other that succeeded).
+        to: Option<String>,
+        /// Who.
+        caller: Caller,
+        /// Answer.
+        reply: Reply<RolloutReply>,
+    },
+    /// What a fetch of the desired-state repo found.
+    Desired(Box<Update>),
     /// Pause, resume or abort.
     Operate {
         /// Environment.
@@ -104,8 +131,15 @@ fn deferred<T: Send + 'static>(reply: Reply<T>, result: Result<T, ApiError>) -> 
     })
 }
 
-/// Runs the actor until every sender is dropped. Call on a dedicated thread.
-pub fn run(mut core: Core, mut store: Box<dyn Store>, rx: mpsc::Receiver<Command>, tick: Duration) {
+/// Runs the actor until every sender is dropped. Call on a dedicated thread. `wake_git`
+/// receives a poke whenever the core wants the repo fetched now.
+pub fn run(
+    mut core: Core,
+    mut store: Box<dyn Store>,
+    rx: mpsc::Receiver<Command>,
+    tick: Duration,
+    wake_git: Option<tokio::sync::mpsc::Sender<()>>,
+) {
     let mut stats = Stats::default();
     let mut last_tick = Instant::now();
     loop {
@@ -158,6 +192,34 @@ pub fn run(mut core: Core, mut store: Box<dyn Store>, rx: mpsc::Receiver<Command
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }
+                Command::Retry {
+                    env,
+                    service,
+                    caller,
+                    reply,
+                } => {
+                    let r = core
+                        .retry(&env, &service, &caller, now)
+                        .map(|rollout| RolloutReply { rollout });
+                    pending.push(deferred(reply, r));
+                }
+                Command::Rollback {
+                    env,
+                    service,
+                    to,
+                    caller,
+                    reply,
+                } => {
+                    let r = core
+                        .rollback(&env, &service, to.as_deref(), &caller, now)
+                        .map(|rollout| RolloutReply { rollout });
+                    pending.push(deferred(reply, r));
+                }
+                Command::Desired(update) => match *update {
+                    Update::Desired(d) => core.apply_desired(d, now),
+                    Update::Refused(r) => core.refuse(r, now),
+                    Update::Error(e) => core.git_error(e),
+                },
                 Command::Operate {
                     env,
                     service,
@@ -183,6 +245,11 @@ pub fn run(mut core: Core, mut store: Box<dyn Store>, rx: mpsc::Receiver<Command
         if last_tick.elapsed() >= tick {
             core.tick(now);
             last_tick = Instant::now();
+        }
+        if core.take_wake()
+            && let Some(w) = &wake_git
+        {
+            let _ = w.try_send(());
         }
         let changes = core.take_changes();
         let t0 = Instant::now();

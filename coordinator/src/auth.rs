@@ -13,7 +13,9 @@ pub enum Role {
     Agent,
     /// Read-only.
     Viewer,
-    /// Read, pause, resume, abort.
+    /// On call: read, pause, roll back.
+    Responder,
+    /// Read, pause, resume, abort, retry, roll back.
     Operator,
     /// Read, approve and reject (for its groups).
     Approver,
@@ -27,6 +29,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Viewer => "viewer",
+            Role::Responder => "responder",
             Role::Operator => "operator",
             Role::Approver => "approver",
             Role::Admin => "admin",
@@ -41,8 +44,14 @@ pub enum Need {
     Agent,
     /// Reading status and history.
     Read,
-    /// Pause, resume, abort.
+    /// Pause a rollout.
+    Pause,
+    /// Resume or abort a rollout.
     Operate,
+    /// Start a failed or aborted rollout again.
+    Retry,
+    /// Roll a service back to an earlier version.
+    Rollback,
     /// Approve, reject.
     Approve,
 }
@@ -54,9 +63,12 @@ impl Need {
             Need::Agent => matches!(role, Role::Agent | Role::Admin),
             Need::Read => matches!(
                 role,
-                Role::Viewer | Role::Operator | Role::Approver | Role::Admin
+                Role::Viewer | Role::Responder | Role::Operator | Role::Approver | Role::Admin
             ),
-            Need::Operate => matches!(role, Role::Operator | Role::Admin),
+            Need::Pause | Need::Rollback => {
+                matches!(role, Role::Responder | Role::Operator | Role::Admin)
+            }
+            Need::Operate | Need::Retry => matches!(role, Role::Operator | Role::Admin),
             Need::Approve => matches!(role, Role::Approver | Role::Admin),
         }
     }
@@ -65,8 +77,9 @@ impl Need {
     pub fn roles(self) -> &'static str {
         match self {
             Need::Agent => "agent or admin",
-            Need::Read => "viewer, operator, approver or admin",
-            Need::Operate => "operator or admin",
+            Need::Read => "viewer, responder, operator, approver or admin",
+            Need::Pause | Need::Rollback => "responder, operator or admin",
+            Need::Operate | Need::Retry => "operator or admin",
             Need::Approve => "approver or admin",
         }
     }
@@ -116,14 +129,30 @@ mod tests {
             (Need::Agent, vec![Role::Agent, Role::Admin]),
             (
                 Need::Read,
-                vec![Role::Viewer, Role::Operator, Role::Approver, Role::Admin],
+                vec![
+                    Role::Viewer,
+                    Role::Responder,
+                    Role::Operator,
+                    Role::Approver,
+                    Role::Admin,
+                ],
+            ),
+            (
+                Need::Pause,
+                vec![Role::Responder, Role::Operator, Role::Admin],
+            ),
+            (
+                Need::Rollback,
+                vec![Role::Responder, Role::Operator, Role::Admin],
             ),
             (Need::Operate, vec![Role::Operator, Role::Admin]),
+            (Need::Retry, vec![Role::Operator, Role::Admin]),
             (Need::Approve, vec![Role::Approver, Role::Admin]),
         ] {
             for role in [
                 Role::Agent,
                 Role::Viewer,
+                Role::Responder,
                 Role::Operator,
                 Role::Approver,
                 Role::Admin,
@@ -135,8 +164,10 @@ mod tests {
                 );
             }
         }
-        // An agent token can never approve.
+        // An agent token can never approve; a responder never approves or retries.
         assert!(!Need::Approve.allows(Role::Agent));
+        assert!(!Need::Approve.allows(Role::Responder));
+        assert!(!Need::Retry.allows(Role::Responder));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::wire::{
     AcquireRequest, ErrorBody, Granted, Heartbeat, HeartbeatReply, History, PROTOCOL,
-    PROTOCOL_HEADER, ReleaseRequest, Renewed, RolloutReply, Status,
+    PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status,
 };
 
 /// Why a call failed.
@@ -66,7 +66,8 @@ impl ClientError {
         match self {
             ClientError::Api { body, .. } if body.kind == "wait" => Some((
                 body.reason.as_deref().unwrap_or("wait"),
-                Duration::from_millis(body.retry_after_ms.unwrap_or(2000)),
+                // Bounded: a retry time from the server never overflows a clock nor waits forever.
+                Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
             )),
             _ => None,
         }
@@ -226,6 +227,30 @@ impl Client {
             path_part(version)
         );
         self.call::<(), _>(reqwest::Method::POST, &path, None).await
+    }
+
+    /// Starts the failed or aborted rollout of (environment, service)'s desired version again.
+    pub async fn retry(&self, env: &str, service: &str) -> Result<RolloutReply, ClientError> {
+        self.operate(env, service, "retry").await
+    }
+
+    /// Rolls (environment, service) back to `to`, or to the newest other version that
+    /// succeeded there.
+    pub async fn rollback(
+        &self,
+        env: &str,
+        service: &str,
+        to: Option<&str>,
+    ) -> Result<RolloutReply, ClientError> {
+        let path = format!(
+            "/v1/rollouts/{}/{}/rollback",
+            path_part(env),
+            path_part(service)
+        );
+        let req = RollbackRequest {
+            to: to.map(str::to_string),
+        };
+        self.call(reqwest::Method::POST, &path, Some(&req)).await
     }
 
     /// `pause`, `resume` or `abort` the newest unfinished rollout of (environment, service).

@@ -1,10 +1,15 @@
-//! `drover-coordinator serve --config /etc/drover/coordinator.yaml`, validated once at start.
+//! `drover-coordinator serve --config /etc/drover/coordinator.yaml`, read with the same strict
+//! positioned parser as the agent's files (every problem at once, with file and line) and
+//! validated once at start.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_desired::git::{RepoConfig, RepoInput};
+use drover_desired::spec::Dur;
+use drover_desired::yaml::{self, Mark, Problem, Problems, Spanned};
 use serde::Deserialize;
 
 use crate::auth::{Caller, Role, Tokens};
@@ -15,34 +20,55 @@ use crate::auth::{Caller, Role, Tokens};
 struct Input {
     /// Address to listen on. Default 127.0.0.1:7070.
     #[serde(default = "default_listen")]
-    listen: String,
+    listen: Spanned<String>,
     /// Where state lives: `{ sqlite: PATH }`.
-    store: StoreInput,
+    store: Spanned<StoreInput>,
+    /// The desired-state repo, read by the coordinator itself: versions and policies.
+    repo: RepoInput,
+    /// Where the coordinator keeps its Git mirror. Default: the store file's directory.
+    state_dir: Option<Spanned<String>>,
     /// Lease time to live. Default 30s.
     #[serde(default = "default_ttl")]
-    lease_ttl: String,
+    lease_ttl: Spanned<Dur>,
     /// Heartbeat interval asked of agents. Default 5s.
     #[serde(default = "default_heartbeat")]
-    heartbeat_interval: String,
+    heartbeat_interval: Spanned<Dur>,
     /// Bearer tokens, by SHA-256.
-    tokens: Vec<TokenInput>,
+    tokens: Vec<Spanned<TokenInput>>,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:7070".into()
+fn at_start<T>(value: T) -> Spanned<T> {
+    Spanned {
+        mark: Mark::file_start(""),
+        value,
+    }
 }
-fn default_ttl() -> String {
-    "30s".into()
+
+fn default_listen() -> Spanned<String> {
+    at_start("127.0.0.1:7070".into())
 }
-fn default_heartbeat() -> String {
-    "5s".into()
+fn default_ttl() -> Spanned<Dur> {
+    at_start(Dur::secs(30))
+}
+fn default_heartbeat() -> Spanned<Dur> {
+    at_start(Dur::secs(5))
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreInput {
-    sqlite: Option<PathBuf>,
-    etcd: Option<serde_yaml::Value>,
+    sqlite: Option<String>,
+    etcd: Option<yaml::Spanned<IgnoredAny>>,
+}
+
+/// Anything (an `etcd:` block this build does not implement).
+#[derive(Debug)]
+struct IgnoredAny;
+
+impl<'de> Deserialize<'de> for IgnoredAny {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| IgnoredAny)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +88,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// SQLite database file.
     pub sqlite: PathBuf,
+    /// The desired-state repo.
+    pub repo: RepoConfig,
+    /// Where the Git mirror lives.
+    pub git_dir: PathBuf,
     /// Lease TTL.
     pub lease_ttl: Duration,
     /// Heartbeat interval.
@@ -70,121 +100,150 @@ pub struct Config {
     pub tokens: Tokens,
 }
 
-/// Parses `30s`, `500ms`, `5m`, `1h`, `2d` (and sums like `1h30m`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration `{s}`: write e.g. 500ms, 30s, 5m, 1h");
-    let mut rest = s.trim();
-    let mut total = Duration::ZERO;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let n_end = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let n: u64 = rest[..n_end].parse().map_err(|_| bad())?;
-        rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        total += match &rest[..u_end] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
-            _ => return Err(bad()),
-        };
-        rest = &rest[u_end..];
-    }
-    Ok(total)
-}
-
 impl Config {
     /// Reads and validates `path`; the error lists every problem found.
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())
     }
 
-    /// Parses and validates a configuration text.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let input: Input = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    /// Parses and validates a configuration text; `file` names it in problems.
+    pub fn parse(file: &str, text: &str) -> Result<Config, Problems> {
+        let node = yaml::parse(file, text)?;
         let mut problems = Vec::new();
-        let listen = input
-            .listen
-            .parse()
-            .map_err(|_| {
-                problems.push(format!(
-                    "listen `{}` is not an address like 127.0.0.1:7070",
-                    input.listen
-                ))
-            })
-            .ok();
-        let sqlite = match (input.store.sqlite, input.store.etcd) {
-            (Some(p), None) => p,
-            (None, Some(_)) => {
-                problems.push(
-                    "store: etcd is not available in this build; use { sqlite: PATH }".into(),
-                );
-                PathBuf::new()
-            }
-            _ => {
-                problems.push("store: give exactly one of `sqlite: PATH` or `etcd: {...}`".into());
-                PathBuf::new()
-            }
-        };
-        let mut dur = |what: &str, s: &str, min: Duration| match parse_duration(s) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                problems.push(format!("{what} must be at least {min:?}"));
-                min
-            }
-            Err(e) => {
-                problems.push(format!("{what}: {e}"));
-                min
-            }
-        };
-        let lease_ttl = dur("lease_ttl", &input.lease_ttl, Duration::from_secs(1));
-        let heartbeat = dur(
-            "heartbeat_interval",
-            &input.heartbeat_interval,
-            Duration::from_millis(100),
-        );
-        let mut tokens = Tokens::default();
-        let mut names = HashSet::new();
-        if input.tokens.is_empty() {
-            problems.push("tokens: at least one token is needed (drover-coordinator hash-token prints the line to add)".into());
+        let input = yaml::from_node::<Input>(&node, &mut problems);
+        let config = input.map(|i| validate(i, file, &mut problems));
+        match config {
+            Some(c) if problems.is_empty() => Ok(c),
+            _ => Err(Problems(problems).sorted()),
         }
-        for t in input.tokens {
-            let hash = t.sha256.to_ascii_lowercase();
-            if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-                problems.push(format!(
+    }
+}
+
+fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
+    // Defaults carry a mark with no file: place their problems at the file's start.
+    let mark = |m: &Mark| {
+        if m.file.is_empty() {
+            Mark::file_start(file)
+        } else {
+            m.clone()
+        }
+    };
+    let listen = i
+        .listen
+        .value
+        .parse()
+        .map_err(|_| {
+            problems.push(Problem::new(
+                mark(&i.listen.mark),
+                format!(
+                    "listen `{}` is not an address like 127.0.0.1:7070",
+                    i.listen.value
+                ),
+            ))
+        })
+        .unwrap_or_else(|()| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let store_mark = mark(&i.store.mark);
+    let sqlite = match (i.store.value.sqlite, i.store.value.etcd) {
+        (Some(p), None) if p.starts_with('/') => PathBuf::from(p),
+        (Some(p), None) => {
+            problems.push(Problem::new(
+                store_mark,
+                format!("store.sqlite `{p}` must be an absolute path"),
+            ));
+            PathBuf::new()
+        }
+        (None, Some(_)) => {
+            problems.push(Problem::new(
+                store_mark,
+                "store: etcd is not available in this build; use { sqlite: PATH }",
+            ));
+            PathBuf::new()
+        }
+        _ => {
+            problems.push(Problem::new(
+                store_mark,
+                "store: give exactly one of `sqlite: PATH` or `etcd: {...}`",
+            ));
+            PathBuf::new()
+        }
+    };
+    let repo = i.repo.validate(problems);
+    let git_dir = match i.state_dir {
+        Some(d) if d.value.starts_with('/') => PathBuf::from(d.value).join("git"),
+        Some(d) => {
+            problems.push(Problem::new(
+                mark(&d.mark),
+                format!("state_dir `{}` must be an absolute path", d.value),
+            ));
+            PathBuf::new()
+        }
+        None => sqlite
+            .parent()
+            .map(|p| p.join("git"))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/drover/git")),
+    };
+    let mut at_least = |what: &str, d: &Spanned<Dur>, min: Duration| {
+        if d.value.0 < min {
+            problems.push(Problem::new(
+                mark(&d.mark),
+                format!("{what} must be at least {}", Dur(min)),
+            ));
+            min
+        } else {
+            d.value.0
+        }
+    };
+    let lease_ttl = at_least("lease_ttl", &i.lease_ttl, Duration::from_secs(1));
+    let heartbeat = at_least(
+        "heartbeat_interval",
+        &i.heartbeat_interval,
+        Duration::from_millis(100),
+    );
+    let mut tokens = Tokens::default();
+    let mut names = HashSet::new();
+    if i.tokens.is_empty() {
+        problems.push(Problem::new(
+            Mark::file_start(file),
+            "tokens: at least one token is needed (drover-coordinator hash-token prints the line to add)",
+        ));
+    }
+    for t in i.tokens {
+        let (m, t) = (mark(&t.mark), t.value);
+        let hash = t.sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            problems.push(Problem::new(
+                m.clone(),
+                format!(
                     "token `{}`: sha256 must be 64 hex digits (echo -n TOKEN | drover-coordinator hash-token)",
                     t.name
-                ));
-            }
-            if !names.insert(t.name.clone()) {
-                problems.push(format!("token `{}` is defined twice", t.name));
-            }
-            tokens.add(
-                &hash,
-                Caller {
-                    name: t.name,
-                    role: t.role,
-                    groups: t.groups,
-                },
-            );
+                ),
+            ));
         }
-        if !problems.is_empty() {
-            return Err(problems.join("\n"));
+        if !names.insert(t.name.clone()) {
+            problems.push(Problem::new(
+                m,
+                format!("token `{}` is defined twice", t.name),
+            ));
         }
-        Ok(Config {
-            listen: listen.expect("checked"),
-            sqlite,
-            lease_ttl,
-            heartbeat,
-            tokens,
-        })
+        tokens.add(
+            &hash,
+            Caller {
+                name: t.name,
+                role: t.role,
+                groups: t.groups,
+            },
+        );
+    }
+    Config {
+        listen,
+        sqlite,
+        repo,
+        git_dir,
+        lease_ttl,
+        heartbeat,
+        tokens,
     }
 }
 
@@ -196,43 +255,65 @@ mod tests {
 
     #[test]
     fn loads_with_defaults() {
-        let c = Config::parse(&format!(
-            "store: {{ sqlite: /tmp/c.db }}\ntokens:\n  - {{ name: fleet, role: agent, sha256: {H} }}\n"
-        ))
+        let c = Config::parse(
+            "c.yaml",
+            &format!(
+                "store: {{ sqlite: /tmp/x/c.db }}\nrepo: {{ url: /srv/fleet }}\ntokens:\n  - {{ name: fleet, role: agent, sha256: {H} }}\n"
+            ),
+        )
         .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7070");
         assert_eq!(c.lease_ttl, Duration::from_secs(30));
+        assert_eq!(c.repo.branch, "main");
+        assert_eq!(c.repo.local_path, Some(PathBuf::from("/srv/fleet")));
+        assert_eq!(c.git_dir, PathBuf::from("/tmp/x/git"));
         assert!(c.tokens.check("test").is_some());
     }
 
     #[test]
     fn reports_every_problem() {
         let e = Config::parse(
-            "listen: nowhere\nstore: {}\nlease_ttl: soon\ntokens:\n  - { name: a, role: agent, sha256: abc }\n  - { name: a, role: viewer, sha256: abc }\n",
+            "c.yaml",
+            "listen: nowhere\nstore: {}\nrepo: { url: \"ftp://x\" }\nlease_ttl: soon\ntokens:\n  - { name: a, role: agent, sha256: abc }\n  - { name: a, role: viewer, sha256: abc }\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         for want in [
-            "listen `nowhere`",
-            "exactly one of",
-            "lease_ttl: invalid duration",
+            "c.yaml:1:9: listen `nowhere`",
+            "c.yaml:2:8: store: give exactly one of",
+            "c.yaml:3:14: repo url `ftp://x` is not a Git URL",
+            "c.yaml:4:12: invalid duration `soon`",
             "64 hex digits",
-            "defined twice",
+            "c.yaml:7:5: token `a` is defined twice",
         ] {
             assert!(e.contains(want), "{want} in {e}");
         }
-        let e = Config::parse("store: { sqlite: x }\ntokens: []\nlease_tll: 3s\n").unwrap_err();
-        assert!(e.contains("unknown field `lease_tll`"), "{e}");
-        assert!(e.contains("line 3"), "{e}");
-        let e = Config::parse(&format!(
-            "store: {{ sqlite: x }}\ntokens:\n  - {{ name: a, role: root, sha256: {H} }}\n"
-        ))
-        .unwrap_err();
+        let e = Config::parse(
+            "c.yaml",
+            "store: { sqlite: /x }\nrepo: { url: /r }\ntokens: []\nlease_tll: 3s\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.yaml:4:1: unknown field `lease_tll`"), "{e}");
+        assert!(e.contains("at least one token"), "{e}");
+        let e = Config::parse(
+            "c.yaml",
+            &format!(
+                "store: {{ sqlite: /x }}\nrepo: {{ url: /r }}\ntokens:\n  - {{ name: a, role: root, sha256: {H} }}\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.yaml:4:"), "{e}");
         assert!(e.contains("unknown variant `root`"), "{e}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("30").is_err());
+        let e = Config::parse(
+            "c.yaml",
+            &format!(
+                "store: {{ sqlite: /x }}\ntokens:\n  - {{ name: a, role: agent, sha256: {H} }}\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("missing field `repo`"), "{e}");
     }
 }

@@ -17,7 +17,9 @@ use tokio::sync::oneshot;
 use crate::actor::{Command, Reply};
 use crate::auth::{Caller, Need, Tokens};
 use crate::core::ApiError;
-use crate::wire::{AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest};
+use crate::wire::{
+    AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, RollbackRequest,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 256 << 10;
@@ -161,17 +163,33 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
 async fn body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
-        .map_err(|_| ApiError {
-            status: 413,
-            body: crate::wire::ErrorBody {
-                kind: "payload_too_large".into(),
-                message: format!("request body over {MAX_BODY} bytes"),
-                reason: None,
-                retry_after_ms: None,
-            },
-        })?;
+        .map_err(|_| too_large())?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is the default value.
+async fn optional_body<T: DeserializeOwned + Default>(b: Body) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(b, MAX_BODY)
+        .await
+        .map_err(|_| too_large())?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn too_large() -> ApiError {
+    ApiError {
+        status: 413,
+        body: crate::wire::ErrorBody {
+            kind: "payload_too_large".into(),
+            message: format!("request body over {MAX_BODY} bytes"),
+            reason: None,
+            retry_after_ms: None,
+        },
+    }
 }
 
 /// Sends a command and waits for its answer.
@@ -335,27 +353,53 @@ async fn operate(
     State(app): State<App>,
     Path((env, service, verb)): Path<(String, String, String)>,
     headers: HeaderMap,
+    b: Body,
 ) -> Response {
     let r = async {
-        if !matches!(verb.as_str(), "pause" | "resume" | "abort") {
-            return Err(ApiError::not_found(format!(
-                "unknown verb `{verb}`: pause, resume or abort"
-            )));
+        let need = match verb.as_str() {
+            "pause" => Need::Pause,
+            "resume" | "abort" => Need::Operate,
+            "retry" => Need::Retry,
+            "rollback" => Need::Rollback,
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "unknown verb `{verb}`: pause, resume, abort, retry or rollback"
+                )));
+            }
+        };
+        let who = caller(&app, &headers, need, &format!("{verb} {env}/{service}"))?;
+        match verb.as_str() {
+            "retry" => {
+                ask(&app, |reply| Command::Retry {
+                    env,
+                    service,
+                    caller: who,
+                    reply,
+                })
+                .await
+            }
+            "rollback" => {
+                let req: RollbackRequest = optional_body(b).await?;
+                ask(&app, |reply| Command::Rollback {
+                    env,
+                    service,
+                    to: req.to,
+                    caller: who,
+                    reply,
+                })
+                .await
+            }
+            _ => {
+                ask(&app, |reply| Command::Operate {
+                    env,
+                    service,
+                    verb,
+                    caller: who,
+                    reply,
+                })
+                .await
+            }
         }
-        let who = caller(
-            &app,
-            &headers,
-            Need::Operate,
-            &format!("{verb} {env}/{service}"),
-        )?;
-        ask(&app, |reply| Command::Operate {
-            env,
-            service,
-            verb,
-            caller: who,
-            reply,
-        })
-        .await
     }
     .await;
     answer(&app, r)

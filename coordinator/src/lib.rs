@@ -4,8 +4,9 @@
 //! With only the `client` feature, this crate is the protocol's types ([`wire`]) and a client
 //! ([`client`]) — what the agent depends on. The `server` feature adds the coordinator itself:
 //! the rollout state machine ([`rollout`]), the pure decisions over a state snapshot
-//! ([`core`]), the store ([`store`], SQLite), the actor that batches requests into store
-//! transactions ([`actor`]) and the HTTP layer ([`http`]).
+//! ([`core`]), the coordinator's own reading of the desired-state repo ([`git`]), the store
+//! ([`store`], SQLite), the actor that batches requests into store transactions ([`actor`])
+//! and the HTTP layer ([`http`]).
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -21,6 +22,8 @@ pub mod auth;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod core;
+#[cfg(feature = "server")]
+pub mod git;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]

@@ -78,7 +78,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("ok: listen {}, store {}", c.listen, c.sqlite.display());
+                println!(
+                    "ok: listen {}, store {}, repo {} ({})",
+                    c.listen,
+                    c.sqlite.display(),
+                    c.repo.url,
+                    c.repo.branch
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -136,6 +142,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         now_ms(),
     );
     let (tx, rx) = std::sync::mpsc::channel();
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
     let state = std::thread::Builder::new()
         .name("state".into())
         .spawn(move || {
@@ -144,6 +151,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                 Box::new(store) as Box<dyn Store>,
                 rx,
                 Duration::from_millis(250),
+                Some(wake_tx),
             )
         })
         .context("starting the state thread")?;
@@ -156,22 +164,34 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        tracing::info!(listen = %config.listen, store = %config.sqlite.display(), rollouts, leases, "coordinator serving");
-                let app = App::new(tx, config.tokens.clone());
+        tracing::info!(listen = %config.listen, store = %config.sqlite.display(), repo = %config.repo.url, rollouts, leases, "coordinator serving");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let git = tokio::spawn(drover_coordinator::git::follow(
+            config.repo.clone(),
+            config.git_dir.clone(),
+            tx.clone(),
+            wake_rx,
+            stop_rx,
+        ));
+        let app = App::new(tx, config.tokens.clone());
         notify.send(&format!("READY=1\nSTATUS=serving on {}", config.listen));
-        axum::serve(listener, router(app))
+        let served = axum::serve(listener, router(app))
             .with_graceful_shutdown(async move {
                 use tokio::signal::unix::{SignalKind, signal};
                 let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
                 let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                 tracing::info!("shutting down");
                 notify.send("STOPPING=1");
             })
             .await
-            .context("serving")
+            .context("serving");
+        let _ = stop_tx.send(true);
+        let _ = git.await;
+        served
     })?;
-    // The router (and its senders) are gone: the actor finishes its last batch and stops.
+    // The router and the Git follower (and their senders) are gone: the actor finishes its
+    // last batch and stops.
     let _ = state.join();
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The rollout state machine (DESIGN.md §4): the transition matrix as a pure function.
+//! The rollout state machine (docs/protocol.md): the transition matrix as a pure function.
 
 use crate::wire::RolloutState::{self, *};
 
@@ -21,7 +21,7 @@ pub fn allowed(from: RolloutState, to: RolloutState) -> bool {
             | (Approved, Running)
             | (Running, Paused | Verifying | Failed | Aborted)
             | (Paused, Running | Aborted)
-            | (Verifying, Success | Paused | Failed)
+            | (Verifying, Success | Paused | Failed | Aborted)
             | (Failed, RollingBack | Aborted)
             | (RollingBack, Aborted | Failed)
     )
@@ -40,14 +40,14 @@ pub fn transition(from: RolloutState, to: RolloutState) -> Result<RolloutState, 
 mod tests {
     use super::*;
 
-    /// The matrix of DESIGN.md §4, written out row by row.
+    /// The matrix of docs/protocol.md, written out row by row.
     const MATRIX: &[(RolloutState, &[RolloutState])] = &[
         (Pending, &[ApprovalRequired, Running, Aborted]),
         (ApprovalRequired, &[Approved, Aborted]),
         (Approved, &[Running]),
         (Running, &[Paused, Verifying, Failed, Aborted]),
         (Paused, &[Running, Aborted]),
-        (Verifying, &[Success, Paused, Failed]),
+        (Verifying, &[Success, Paused, Failed, Aborted]),
         (Failed, &[RollingBack, Aborted]),
         (RollingBack, &[Aborted, Failed]),
         (Success, &[]),

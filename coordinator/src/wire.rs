@@ -80,9 +80,9 @@ impl fmt::Display for RolloutState {
     }
 }
 
-/// An environment's rollout policy, as the agents read it from Git.
+/// An environment's rollout policy, as the coordinator read it from Git at the commit that
+/// promoted the version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Hosts deploying at once.
     pub max_parallel: u32,
@@ -98,6 +98,21 @@ pub struct Policy {
     /// Environment the version must have succeeded in first.
     #[serde(default)]
     pub promotion_requires: Option<String>,
+    /// Whether a return to a version that succeeded here before (a `git revert`) waits for
+    /// an approval too (`approval.rollbacks: required`).
+    #[serde(default)]
+    pub rollbacks_need_approval: bool,
+}
+
+/// Why a rollout exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    /// A version new to the environment: promotion rule and approval apply.
+    Deploy,
+    /// A return to a version that succeeded in the environment before (`git revert`, or
+    /// `drover rollback`): it starts at once.
+    Rollback,
 }
 
 /// Why a lease is wanted.
@@ -110,7 +125,8 @@ pub enum Purpose {
     Revert,
 }
 
-/// `POST /v1/leases`.
+/// `POST /v1/leases`. The coordinator knows the version each environment wants and its
+/// policy from Git; the host says what it asks for and at which commit it read it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcquireRequest {
@@ -124,13 +140,8 @@ pub struct AcquireRequest {
     pub version: String,
     /// Deploy or revert.
     pub purpose: Purpose,
-    /// The desired-state commit the host read.
+    /// The desired-state commit the host read (a coordinator that has not seen it fetches).
     pub commit: String,
-    /// That commit's time (ms since the epoch): a request from an older commit than the
-    /// running rollout's is stale.
-    pub commit_time_ms: u64,
-    /// The environment's policy.
-    pub policy: Policy,
 }
 
 /// A granted lease.
@@ -152,31 +163,52 @@ pub struct Lease {
     pub ttl_ms: u64,
     /// When it expires unless renewed.
     pub expires_at_ms: u64,
+    /// The id of the rollout it belongs to.
+    #[serde(default)]
+    pub rollout: u64,
 }
 
 /// A rollout as shown to clients.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutView {
+    /// Its id (unique, increasing).
+    #[serde(default)]
+    pub id: u64,
     /// Environment.
     pub environment: String,
     /// Service.
     pub service: String,
     /// Version.
     pub version: String,
+    /// A new version, or a return to one that succeeded before.
+    #[serde(default = "deploy")]
+    pub kind: RolloutKind,
+    /// 1, then one more for each `drover retry`.
+    #[serde(default = "first")]
+    pub attempt: u32,
+    /// What started it (`commit 3f9c…`, `retry by ops`, `rollback by alice from 2.0.0`).
+    #[serde(default)]
+    pub trigger: String,
     /// State.
     pub state: RolloutState,
-    /// Policy.
+    /// Policy, from Git at `commit`.
     pub policy: Policy,
-    /// Desired-state commit that started it.
+    /// The desired-state commit that promoted the version.
     pub commit: String,
+    /// That commit's time (committer time, from Git).
+    #[serde(default)]
+    pub commit_time_ms: u64,
     /// Leases held now.
     pub leases: u32,
     /// Hosts that deployed it successfully.
     pub succeeded: Vec<String>,
-    /// Hosts whose deploy failed.
+    /// Hosts whose deploy failed (or that reported it unhealthy while verifying).
     pub failed: Vec<String>,
     /// Hosts that reverted from it.
     pub reverted: Vec<String>,
+    /// Hosts that reported it running healthy after deploying it.
+    #[serde(default)]
+    pub verified: Vec<String>,
     /// Metric verification verdicts, by host.
     #[serde(default)]
     pub verdicts: BTreeMap<String, String>,
@@ -186,10 +218,22 @@ pub struct RolloutView {
     /// Why it is in its state (failure, abort reason), if anything to say.
     #[serde(default)]
     pub reason: Option<String>,
+    /// What an unfinished rollout waits for (hosts, approval, upstream), when it has waited a
+    /// while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// Created.
     pub created_at_ms: u64,
     /// Last change.
     pub updated_at_ms: u64,
+}
+
+fn deploy() -> RolloutKind {
+    RolloutKind::Deploy
+}
+
+fn first() -> u32 {
+    1
 }
 
 /// An approval decision.
@@ -281,6 +325,9 @@ pub struct ServiceReport {
     /// Last error.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// A version that failed on this host and that it will not try again by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// `POST /v1/hosts/{host}/heartbeat`.
@@ -295,9 +342,44 @@ pub struct Heartbeat {
     /// Agent version.
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// The desired-state commit the host last fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     /// Services.
     #[serde(default)]
     pub services: Vec<ServiceReport>,
+}
+
+/// What the coordinator asks a host to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Go back from `version` to the previous release (its rollout failed elsewhere).
+    Revert,
+    /// Fetch the desired state now: the branch tip moved (`commit`).
+    Fetch,
+    /// Run `version` as of `commit` instead of what Git asks for (`drover rollback`), until a
+    /// new commit changes the service's desired version.
+    Pin,
+    /// Forget that `version` failed here and try it again (`drover retry`, or a new rollout
+    /// of it).
+    Retry,
+    /// An action this agent does not know (from a newer coordinator): ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ActionKind {
+    /// The action's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionKind::Revert => "revert",
+            ActionKind::Fetch => "fetch",
+            ActionKind::Pin => "pin",
+            ActionKind::Retry => "retry",
+            ActionKind::Unknown => "unknown",
+        }
+    }
 }
 
 /// Something the coordinator asks a host to do.
@@ -305,12 +387,17 @@ pub struct Heartbeat {
 pub struct Action {
     /// Service.
     pub service: String,
-    /// What: `revert` (go back to the previous release).
-    pub action: String,
-    /// The version concerned (the one to revert from).
+    /// What.
+    pub action: ActionKind,
+    /// The version concerned: reverted from (`revert`), to run (`pin`), to try again
+    /// (`retry`), or the coordinator's desired version (`fetch`).
     pub version: String,
     /// Why.
     pub reason: String,
+    /// The commit concerned: the branch tip (`fetch`), or the commit whose definition of the
+    /// service to run (`pin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// Heartbeat answer.
@@ -345,10 +432,71 @@ pub struct HostView {
 /// `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// The desired state the coordinator follows (the last valid commit it read).
+    #[serde(default)]
+    pub desired: Option<DesiredView>,
+    /// The newest commit it refused, while the branch tip is refused.
+    #[serde(default)]
+    pub refused: Option<RefusedView>,
+    /// Why the repo cannot be read now, if it cannot.
+    #[serde(default)]
+    pub git_error: Option<String>,
+    /// Services held on another version than Git asks for (`drover rollback`).
+    #[serde(default)]
+    pub overrides: Vec<OverrideView>,
     /// Hosts.
     pub hosts: Vec<HostView>,
     /// Rollouts, newest last.
     pub rollouts: Vec<RolloutView>,
+}
+
+/// The desired state the coordinator follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredView {
+    /// The commit.
+    pub commit: String,
+    /// Its committer time.
+    pub commit_time_ms: u64,
+    /// When the coordinator read it.
+    pub fetched_at_ms: u64,
+}
+
+/// A commit the coordinator refused: it does not validate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedView {
+    /// The commit.
+    pub commit: String,
+    /// Every problem, `file:line:column: message`.
+    pub problems: Vec<String>,
+    /// When it was read.
+    pub at_ms: u64,
+}
+
+/// A service rolled back by an operator while Git still asks for another version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideView {
+    /// Environment.
+    pub environment: String,
+    /// Service.
+    pub service: String,
+    /// The version Git asks for.
+    pub from: String,
+    /// The version the hosts run instead.
+    pub to: String,
+    /// Who rolled back.
+    pub by: String,
+    /// When.
+    pub at_ms: u64,
+}
+
+/// `POST /v1/rollouts/{env}/{service}/rollback`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to go back to (it must have succeeded in the environment); default: the
+    /// newest other version that did.
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// One audit entry.

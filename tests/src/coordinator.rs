@@ -12,6 +12,7 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
     ("alice", "approver", "release-managers"),
     ("bob", "approver", "qa"),
     ("ops", "operator", ""),
+    ("pager", "responder", ""),
     ("watcher", "viewer", ""),
     ("root", "admin", ""),
 ];
@@ -33,14 +34,17 @@ pub fn token(name: &str) -> String {
 }
 
 impl Coordinator {
-    /// Writes a config under `dir/coordinator` and starts it; `extra` is appended to the config.
+    /// Writes a config under `dir/coordinator` and starts it, reading the desired-state repo
+    /// at `dir/fleet` (where the test fleets keep it); `extra` is appended to the config.
     pub fn start(dir: &Path, extra: &str) -> Coordinator {
+        let repo = dir.join("fleet");
         let dir = dir.join("coordinator");
         std::fs::create_dir_all(&dir).expect("mkdir");
         let port = crate::free_port();
         let mut cfg = format!(
-            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\n{extra}tokens:\n",
-            dir.join("coordinator.db").display()
+            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\", poll_interval: 1s }}\n{extra}tokens:\n",
+            dir.join("coordinator.db").display(),
+            repo.display()
         );
         for (name, role, groups) in TOKENS {
             let groups = if groups.is_empty() {
@@ -133,11 +137,22 @@ impl Coordinator {
         serde_json::from_str(&out.stdout).expect("json")
     }
 
-    /// The rollout of (env, version) of hello, from status.
+    /// Waits until the coordinator follows `commit` of the desired-state repo.
+    pub fn wait_commit(&self, commit: &str) {
+        crate::wait_for(
+            &format!("the coordinator to read commit {commit}"),
+            Duration::from_secs(30),
+            || (self.status()["desired"]["commit"] == commit).then_some(()),
+        );
+    }
+
+    /// The rollout of (env, version) of hello, from status (the newest, when a version was
+    /// rolled out more than once).
     pub fn rollout(&self, env: &str, version: &str) -> Option<Value> {
         self.status()["rollouts"]
             .as_array()?
             .iter()
+            .rev()
             .find(|r| r["environment"] == env && r["version"] == version)
             .cloned()
     }

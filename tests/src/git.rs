@@ -56,6 +56,12 @@ impl Repo {
         git(&self.dir, &["rev-parse", "HEAD"])
     }
 
+    /// `git revert` of `commit` (as a user undoes a release); returns the new commit.
+    pub fn revert(&self, commit: &str) -> String {
+        git(&self.dir, &["revert", "--no-edit", commit]);
+        git(&self.dir, &["rev-parse", "HEAD"])
+    }
+
     /// Runs git in the work tree.
     pub fn git(&self, args: &[&str]) -> String {
         git(&self.dir, args)

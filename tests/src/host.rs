@@ -337,6 +337,54 @@ impl Host {
     }
 }
 
+/// Watches apps from outside: polls each port's `/version` and records the most hosts that
+/// did not answer at the same moment (a host between stop and healthy).
+pub struct Outage {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Outage {
+    /// Starts watching `ports`.
+    pub fn watch(ports: Vec<u16>) -> Outage {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let down = ports
+                    .iter()
+                    .filter(|p| {
+                        crate::http_get(**p, "/version").is_none_or(|(status, _)| status != 200)
+                    })
+                    .count();
+                most = most.max(down);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        });
+        Outage {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; the most hosts down at once.
+    pub fn most_down(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("watcher"))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A running `drover-agent run`, killed (SIGKILL) when dropped.
 pub struct Running {
     child: Child,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// [start, end] of each host's deploy of `version`, from "stop" (the host is touched) to the
 /// end of the deploy, from the agents' own event logs.
-fn windows(hosts: &[Host], version: &str) -> Vec<(String, f64, f64)> {
+pub(crate) fn windows(hosts: &[Host], version: &str) -> Vec<(String, f64, f64)> {
     let ts = |e: &Value| {
         let s = e["at"].as_str().unwrap();
         // 2026-11-27T03:15:38.005Z → seconds of the day with millis (tests run within a day;
@@ -44,7 +44,7 @@ fn windows(hosts: &[Host], version: &str) -> Vec<(String, f64, f64)> {
 }
 
 /// The most windows open at the same moment.
-fn max_overlap(w: &[(String, f64, f64)]) -> usize {
+pub(crate) fn max_overlap(w: &[(String, f64, f64)]) -> usize {
     let mut points: Vec<(f64, i32)> = w.iter().flat_map(|(_, s, e)| [(*s, 1), (*e, -1)]).collect();
     // Ends before starts at the same millisecond: a released slot is reusable.
     points.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
@@ -56,7 +56,12 @@ fn max_overlap(w: &[(String, f64, f64)]) -> usize {
     max as usize
 }
 
-fn start_hosts(f: &Fleet, c: &Coordinator, names: &[&str], env: &str) -> (Vec<Host>, Vec<Running>) {
+pub(crate) fn start_hosts(
+    f: &Fleet,
+    c: &Coordinator,
+    names: &[&str],
+    env: &str,
+) -> (Vec<Host>, Vec<Running>) {
     let hosts: Vec<Host> = names
         .iter()
         .map(|n| f.host_with(n, env, &c.agent_config()))
@@ -65,7 +70,7 @@ fn start_hosts(f: &Fleet, c: &Coordinator, names: &[&str], env: &str) -> (Vec<Ho
     (hosts, agents)
 }
 
-fn wait_all(hosts: &[Host], version: &str, limit: Duration) {
+pub(crate) fn wait_all(hosts: &[Host], version: &str, limit: Duration) {
     for h in hosts {
         h.wait_current(version, limit);
     }
@@ -393,20 +398,33 @@ fn a_dead_agent_loses_its_lease_after_the_ttl() {
     });
 }
 
+/// The rollouts of a status, without what only the passing of time changes (what a rollout
+/// waits for, shown once it has waited a while).
+fn settled(status: &Value) -> Value {
+    let mut r = status["rollouts"].clone();
+    for x in r.as_array_mut().into_iter().flatten() {
+        x.as_object_mut().map(|o| o.remove("waiting_for"));
+    }
+    r
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_change_nothing() {
     let f = Fleet::new();
+    let commit = f.pin_raw("1.0", &"a".repeat(64));
     let c = Coordinator::start(f.dir.path(), "");
+    c.wait_commit(&commit);
     let agent = token("fleet");
-    let policy = r#"{"max_parallel":1,"max_failures":0,"approval_required":false,"approvers":[],"approval_timeout_ms":1000}"#;
     let acquire = format!(
-        r#"{{"host":"h1","environment":"test","service":"hello","version":"1.0","purpose":"deploy","commit":"c","commit_time_ms":1,"policy":{policy}}}"#
+        r#"{{"host":"h1","environment":"test","service":"hello","version":"1.0","purpose":"deploy","commit":"{commit}"}}"#
     );
     let (s, body) = c.http("POST", "/v1/leases", Some(&agent), &acquire, true);
     assert_eq!(s, 200, "{body}");
     let id = body["lease"]["id"].as_str().unwrap().to_string();
     let before = c.status();
-    let cases: Vec<(&str, String, Option<String>, String, bool, u16, &str)> = vec![
+    /// (what, path, token, body, protocol header, status, kind).
+    type Case<'a> = (&'a str, String, Option<String>, String, bool, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             "/v1/leases".into(),
@@ -421,6 +439,27 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
             "/v1/leases".into(),
             Some(agent.clone()),
             acquire.replace("\"purpose\"", "\"porpoise\""),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "a policy sent by an agent (the coordinator reads it from Git)",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            acquire.replace(
+                "\"purpose\"",
+                r#""policy":{"max_parallel":1000,"max_failures":0,"approval_required":false,"approval_timeout_ms":1},"purpose""#,
+            ),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "a commit time sent by an agent (Git's is used)",
+            "/v1/leases".into(),
+            Some(agent.clone()),
+            acquire.replace("\"purpose\"", r#""commit_time_ms":99999999999999,"purpose""#),
             true,
             400,
             "bad_request",
@@ -507,11 +546,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
             "{what}: {b}"
         );
     }
-    assert_eq!(
-        c.status()["rollouts"],
-        before["rollouts"],
-        "state unchanged"
-    );
+    assert_eq!(settled(&c.status()), settled(&before), "state unchanged");
     // A release, then the same release replayed.
     let (s, _) = c.http(
         "POST",
@@ -531,8 +566,8 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     );
     assert_eq!((s, b["kind"].as_str()), (410, Some("lease_lost")));
     assert_eq!(
-        c.status()["rollouts"],
-        after["rollouts"],
+        settled(&c.status()),
+        settled(&after),
         "a replayed release changes nothing"
     );
     let denied = c

@@ -203,7 +203,7 @@ fn a_hanging_hook_times_out_and_rolls_back() {
         .filter(|pid| {
             let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cwd.starts_with(h.root()) && cmd.starts_with(b"sleep\0600")
+            cwd.starts_with(h.root()) && cmd.starts_with(b"sleep\x00600")
         })
         .collect();
     assert!(leftovers.is_empty(), "hook processes left: {leftovers:?}");

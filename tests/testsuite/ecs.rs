@@ -450,3 +450,90 @@ fn a_failed_analysis_at_the_first_step_puts_traffic_back_in_one_call() {
         "green is removed: {state}"
     );
 }
+
+/// `drover rollback` of an ECS service: after a completed deploy, a blue-green back to the
+/// old version; during a deploy, one weight call puts all traffic back on the old side.
+#[test]
+fn a_fleet_rollback_of_ecs_redeploys_the_old_version_or_puts_traffic_back_in_one_call() {
+    let e = Ecs::new("");
+    let c = drover_tests::coordinator::Coordinator::start(e.dir.path(), "");
+    std::fs::write(
+        &e.config,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&e.config).unwrap(),
+            c.agent_config()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(e.dir.path().join("agent.log")).unwrap();
+    let _agent = Killed(
+        e.agent_cmd(&["run"])
+            .stderr(log)
+            .spawn()
+            .expect("agent starts"),
+    );
+    let state = |version: &str, want: &str| {
+        wait_for(
+            &format!("{SERVICE} {version} to be {want}"),
+            Duration::from_secs(60),
+            || {
+                c.status()["rollouts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .find(|r| r["service"] == SERVICE && r["version"] == version)
+                    .filter(|r| r["state"] == want)
+                    .map(|_| ())
+            },
+        )
+    };
+    state("1.0.0", "SUCCESS");
+    e.pin("2.0.0");
+    state("2.0.0", "SUCCESS");
+    assert_eq!(e.weights(), (0, 100));
+
+    // Done deploying: the rollback is a blue-green back to 1.0.0 (from 1.0.0's commit).
+    e.proxy.clear();
+    let out = c.cli("pager", &["rollback", "prod", SERVICE]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    wait_for("1.0.0 live on blue again", Duration::from_secs(60), || {
+        (e.weights() == (100, 0)).then_some(())
+    });
+    assert_eq!(
+        e.weight_calls(),
+        vec![(0, 100), (10, 90), (50, 50), (100, 0)],
+        "a blue-green to the old version"
+    );
+    let live = e.inspect(None);
+    assert!(live.to_string().contains(&image("1.0.0")), "{live}");
+
+    // Deploying with long bakes: the rollback stops the deploy in flight.
+    e.write_service("  step_wait: 60s\n");
+    e.pin("3.0.0");
+    wait_for("3.0.0 at 10%", Duration::from_secs(60), || {
+        (e.weights() == (90, 10)).then_some(())
+    });
+    e.proxy.clear();
+    let t0 = std::time::Instant::now();
+    let out = c.cli("pager", &["rollback", "prod", SERVICE]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    wait_for("traffic back on blue", Duration::from_secs(30), || {
+        (e.weights() == (100, 0)).then_some(())
+    });
+    let took = t0.elapsed();
+    assert_eq!(
+        e.weight_calls(),
+        vec![(100, 0)],
+        "one weight call puts the traffic back"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    state("1.0.0", "SUCCESS");
+    let agent = e.agent(&["status", "--json"], &[]);
+    assert!(
+        agent.stdout.contains("stopped by the coordinator"),
+        "{}",
+        agent.stdout
+    );
+}

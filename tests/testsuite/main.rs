@@ -6,6 +6,7 @@ mod coordinator;
 mod deploy;
 mod ecs;
 mod git;
+mod gitops;
 mod packaging;
 mod recovery;
 mod validate;

@@ -443,17 +443,4 @@ pub fn clean_partials(cache: &Path) {
     }
 }
 
-/// An error and its causes on one line (`a: b: c`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use drover_desired::error_chain;

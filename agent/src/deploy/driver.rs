@@ -449,7 +449,12 @@ impl Deployer {
         }
         let dir = layout.dir_for(&svc.version, &svc.sha256, &protect);
         st.root = Some(svc.root.clone());
-        tracing::info!(from = ?from.as_ref().map(|f| &f.version), %dir, "deploying");
+        // Asking again for a lease (approval, free slot) is not news.
+        if st.waiting.as_deref() == Some(svc.version.as_str()) {
+            tracing::debug!(from = ?from.as_ref().map(|f| &f.version), %dir, "deploying (still waiting for a lease)");
+        } else {
+            tracing::info!(from = ?from.as_ref().map(|f| &f.version), %dir, "deploying");
+        }
         let d = Deployment {
             phase: Phase::Fetch,
             target: svc.clone(),
@@ -1008,6 +1013,21 @@ impl Deployer {
         if let Err(e) = self.manager.start(spec, &layout.release(&from.dir)).await {
             tracing::error!(error = %e, version = %from.version, "restarting the previous release");
         }
+    }
+
+    /// Forgets that `version` of `service` failed here (the coordinator asks for it again).
+    /// Returns whether it had.
+    pub async fn forget_failure(&self, service: &str, version: &str) -> Result<bool, DeployError> {
+        let _lock = self.lock(service).await?;
+        let Some(mut st) = self.store.load(service)? else {
+            return Ok(false);
+        };
+        if st.failed.as_ref().is_none_or(|f| f.version != version) {
+            return Ok(false);
+        }
+        st.failed = None;
+        self.save(&mut st)?;
+        Ok(true)
     }
 
     /// Rolls `service` back to its previous release, by operator request. The version rolled

@@ -2,7 +2,9 @@
 //! (in `state_dir/ecs/<service>.json`), rolls back on failure, resumes after a crash from the
 //! record and the weights AWS shows.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover_coordinator::wire::Purpose;
@@ -118,6 +120,8 @@ enum EcsError {
     Unhealthy(String),
     #[error("metric verification: {0}")]
     Verify(String),
+    #[error("stopped by the coordinator: {0}")]
+    Aborted(String),
     #[error("{0}")]
     Injected(String),
 }
@@ -157,6 +161,8 @@ pub struct EcsDeployer {
     notify: Notifier,
     http: reqwest::Client,
     poll: Duration,
+    /// Deploys to stop at once (service → why): the coordinator rolled the service back.
+    aborts: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl EcsDeployer {
@@ -177,7 +183,49 @@ impl EcsDeployer {
             notify,
             http,
             poll: Duration::from_millis(200),
+            aborts: Arc::default(),
         }
+    }
+
+    /// Stops the deploy of `service` in flight, if one is, unless it deploys `keep`: traffic
+    /// goes back to the old side in one call (a deploy already past the traffic shift ends
+    /// normally). Returns whether a deploy of another version was in flight.
+    pub fn abort(&self, service: &str, keep: &str, why: &str) -> bool {
+        let deploying = self
+            .load(service)
+            .ok()
+            .and_then(|s| s.deployment)
+            .is_some_and(|d| d.target.version != keep);
+        if deploying {
+            self.aborts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(service.to_string(), why.to_string());
+        }
+        deploying
+    }
+
+    fn aborted(&self, service: &str) -> Result<(), EcsError> {
+        match self
+            .aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+        {
+            Some(why) => Err(EcsError::Aborted(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets that `version` of `service` failed here. Returns whether it had.
+    pub fn forget_failure(&self, service: &str, version: &str) -> Result<bool, DeployError> {
+        let mut st = self.load(service)?;
+        if st.failed.as_ref().is_none_or(|f| f.version != version) {
+            return Ok(false);
+        }
+        st.failed = None;
+        self.save(&mut st)?;
+        Ok(true)
     }
 
     /// The AWS clients.
@@ -433,8 +481,16 @@ impl EcsDeployer {
                 d.error.clone().filter(|_| phase == Phase::RollingBack),
             );
             tracing::info!(phase = %phase.name(), "ECS phase");
+            // The coordinator may stop a deploy between the lease and the end of the traffic
+            // shift: then traffic goes back to the old side.
+            let stoppable = phase.on_failure() == Next::Phase(Phase::RollingBack)
+                && !matches!(phase, Phase::RollingBack | Phase::StableBlue);
             let result = match failpoint::hit(&phase.failpoint()) {
                 Err(e) => Err(EcsError::Injected(e)),
+                Ok(()) if stoppable => match self.aborted(&d.target.service) {
+                    Ok(()) => self.run_phase(st, &mut d, phase, ctx, &mut keep).await,
+                    Err(e) => Err(e),
+                },
                 Ok(()) => self.run_phase(st, &mut d, phase, ctx, &mut keep).await,
             };
             let next = match result {
@@ -564,6 +620,7 @@ impl EcsDeployer {
                     if running >= e.desired_count as i32 && healthy >= e.desired_count {
                         break;
                     }
+                    self.aborted(&t.service)?;
                     if Instant::now() >= deadline {
                         return Err(EcsError::Unhealthy(format!(
                             "{new_name} not healthy within {}: {running}/{} tasks running, {healthy}/{} healthy targets in {}",
@@ -590,6 +647,7 @@ impl EcsDeployer {
                     if Instant::now() >= until {
                         break;
                     }
+                    self.aborted(&t.service)?;
                     tokio::time::sleep(
                         self.poll
                             .min(until.saturating_duration_since(Instant::now())),
@@ -659,6 +717,10 @@ impl EcsDeployer {
         e: EcsError,
     ) -> Result<Outcome, DeployError> {
         st.deployment = None;
+        self.aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&d.target.service);
         let version = d.target.version.clone();
         let outcome = match &e {
             EcsError::Gate(g) if g.retry_after().is_some() => Outcome::Waiting {
@@ -694,6 +756,10 @@ impl EcsDeployer {
     ) -> Result<Outcome, DeployError> {
         let t = &d.target;
         st.deployment = None;
+        self.aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&t.service);
         let error = d.error.clone().unwrap_or_default();
         let outcome = if done {
             st.failed = None;

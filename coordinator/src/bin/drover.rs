@@ -1,12 +1,12 @@
 //! `drover`: the operator CLI of the coordinator — fleet status, approvals, pause/resume/abort,
-//! history.
+//! retry, rollback, history.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_coordinator::client::{Client, ClientError};
-use drover_coordinator::wire::{RolloutReply, RolloutView, Status};
+use drover_coordinator::wire::{RolloutKind, RolloutReply, RolloutView, Status};
 
 /// Operate a drover fleet through its coordinator.
 #[derive(Parser)]
@@ -73,6 +73,26 @@ enum Command {
         env: String,
         /// Service.
         service: String,
+    },
+    /// Start the FAILED or ABORTED rollout of the version Git asks for again, as a new
+    /// attempt; hosts forget that it failed there.
+    Retry {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+    },
+    /// Bring every host of the service back to the previous version that succeeded there
+    /// (or --to VERSION), under the lease limit, with no approval. Git's version comes back
+    /// only with a new commit of the service's version.
+    Rollback {
+        /// Environment.
+        env: String,
+        /// Service.
+        service: String,
+        /// The version to go back to; it must have succeeded in ENV.
+        #[arg(long)]
+        to: Option<String>,
     },
     /// The audit trail: transitions, approvals (who, when), leases, reverts, denied calls.
     History {
@@ -148,6 +168,10 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         Command::Abort { env, service } => {
             print_rollout(&c.operate(&env, &service, "abort").await?)
         }
+        Command::Retry { env, service } => print_rollout(&c.retry(&env, &service).await?),
+        Command::Rollback { env, service, to } => {
+            print_rollout(&c.rollback(&env, &service, to.as_deref()).await?)
+        }
         Command::History { json, limit } => {
             let h = c.history(limit).await?;
             if json {
@@ -174,12 +198,23 @@ fn print_rollout(r: &RolloutReply) {
 }
 
 fn rollout_line(r: &RolloutView) -> String {
+    let kind = match r.kind {
+        RolloutKind::Deploy => "",
+        RolloutKind::Rollback => " rollback",
+    };
+    let attempt = if r.attempt > 1 {
+        format!(", attempt {}", r.attempt)
+    } else {
+        String::new()
+    };
     let mut s = format!(
-        "{}/{}/{} {} (leases {}, ok {}, failed {}, reverted {})",
+        "{}/{}/{} {} (#{}{kind}{attempt}, commit {}, leases {}, ok {}, failed {}, reverted {})",
         r.environment,
         r.service,
         r.version,
         r.state,
+        r.id,
+        short(&r.commit),
         r.leases,
         r.succeeded.len(),
         r.failed.len(),
@@ -196,10 +231,17 @@ fn rollout_line(r: &RolloutView) -> String {
     if let Some(why) = &r.reason {
         s.push_str(&format!("; {why}"));
     }
+    if let Some(w) = &r.waiting_for {
+        s.push_str(&format!("\n      waits for {w}"));
+    }
     for (host, v) in &r.verdicts {
         s.push_str(&format!("\n      verification on {host}: {v}"));
     }
     s
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC of a millisecond timestamp.
@@ -209,7 +251,42 @@ fn time(ms: u64) -> String {
 }
 
 fn status_table(s: &Status) -> String {
-    let mut out = String::from("HOSTS\n");
+    let mut out = String::new();
+    match &s.desired {
+        Some(d) => out.push_str(&format!(
+            "DESIRED STATE  commit {} ({}), read {}\n",
+            short(&d.commit),
+            time(d.commit_time_ms),
+            time(d.fetched_at_ms)
+        )),
+        None => out.push_str("DESIRED STATE  not read yet\n"),
+    }
+    if let Some(e) = &s.git_error {
+        out.push_str(&format!("  Git: {e}\n"));
+    }
+    if let Some(r) = &s.refused {
+        out.push_str(&format!(
+            "  REFUSED commit {} ({} problem(s)); nothing moves until a valid commit:\n",
+            short(&r.commit),
+            r.problems.len()
+        ));
+        for p in &r.problems {
+            out.push_str(&format!("    {p}\n"));
+        }
+    }
+    for o in &s.overrides {
+        out.push_str(&format!(
+            "  {}/{}: rolled back from {} to {} by {} at {}; Git still asks for {}\n",
+            o.environment,
+            o.service,
+            o.from,
+            o.to,
+            o.by,
+            time(o.at_ms),
+            o.from
+        ));
+    }
+    out.push_str("HOSTS\n");
     out.push_str(&format!(
         "  {:<16} {:<12} {:<12} {:<10} {:<10} {:<8} {}\n",
         "HOST", "ENVIRONMENT", "SERVICE", "DESIRED", "ACTUAL", "HEALTH", "NOTE"

@@ -5,11 +5,13 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
-use crate::core::{Change, Host, Rollout, Snapshot};
+use crate::core::{Change, Desired, Host, Override, Refused, Rollout, Snapshot};
 use crate::wire::{AuditEntry, Lease};
 
-/// Schema version stored in `meta`.
-const SCHEMA: i64 = 1;
+/// Schema version stored in `meta`. 2: rollouts keyed by id (several per version: one per
+/// promoting commit and attempt), leases naming their rollout, and the desired state,
+/// refused commit and overrides in `state`.
+const SCHEMA: i64 = 2;
 
 /// A SQLite database file.
 pub struct Sqlite {
@@ -27,8 +29,12 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("state serializes")
 }
 
+fn override_key(env: &str, service: &str) -> String {
+    format!("override/{env}/{service}")
+}
+
 impl Sqlite {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`, upgrading an older schema.
     pub fn open(path: &Path) -> Result<Sqlite, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError {
@@ -36,7 +42,7 @@ impl Sqlite {
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
-        let conn = Connection::open(path).map_err(err("open"))?;
+        let mut conn = Connection::open(path).map_err(err("open"))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -45,7 +51,8 @@ impl Sqlite {
              CREATE TABLE IF NOT EXISTS rollouts (key TEXT PRIMARY KEY, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, body TEXT NOT NULL);",
         )
         .map_err(err("open"))?;
         let version: Option<i64> = conn
@@ -62,6 +69,7 @@ impl Sqlite {
                 )
                 .map_err(err("open"))?;
             }
+            Some(1) => migrate_from_1(&mut conn)?,
             Some(SCHEMA) => {}
             Some(v) => {
                 return Err(StoreError {
@@ -91,6 +99,91 @@ impl Sqlite {
         }
         Ok(out)
     }
+
+    fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let body: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM state WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(err("load"))?;
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|e| StoreError {
+                what: "load",
+                message: format!("damaged state row {key} ({e})"),
+            })
+        })
+        .transpose()
+    }
+}
+
+/// Schema 1 kept one rollout per (environment, service, version), keyed by that triple, and
+/// leases without their rollout. Rollouts get ids in creation order; leases the id of their
+/// triple's rollout. One transaction: all or nothing.
+fn migrate_from_1(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(err("migrate"))?;
+    let mut rollouts: Vec<Rollout> = {
+        let mut stmt = tx
+            .prepare("SELECT body FROM rollouts")
+            .map_err(err("migrate"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(err("migrate"))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(err("migrate"))?;
+        rows.iter()
+            .map(|b| serde_json::from_str(b))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError {
+                what: "migrate",
+                message: format!("damaged rollout row ({e})"),
+            })?
+    };
+    rollouts.sort_by_key(|r| (r.created_at_ms, r.key()));
+    tx.execute("DELETE FROM rollouts", [])
+        .map_err(err("migrate"))?;
+    let mut ids = std::collections::HashMap::new();
+    for (i, r) in rollouts.iter_mut().enumerate() {
+        r.id = i as u64 + 1;
+        r.trigger = format!("commit {}", &r.commit[..r.commit.len().min(12)]);
+        ids.insert(r.key(), r.id);
+        tx.execute(
+            "INSERT INTO rollouts (key, body) VALUES (?1, ?2)",
+            params![r.id.to_string(), json(r)],
+        )
+        .map_err(err("migrate"))?;
+    }
+    let leases: Vec<String> = {
+        let mut stmt = tx
+            .prepare("SELECT body FROM leases")
+            .map_err(err("migrate"))?;
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .map_err(err("migrate"))?
+            .collect::<Result<_, _>>()
+            .map_err(err("migrate"))?
+    };
+    for body in leases {
+        let mut l: Lease = serde_json::from_str(&body).map_err(|e| StoreError {
+            what: "migrate",
+            message: format!("damaged lease row ({e})"),
+        })?;
+        l.rollout = ids
+            .get(&format!("{}/{}/{}", l.environment, l.service, l.version))
+            .copied()
+            .unwrap_or(0);
+        tx.execute(
+            "UPDATE leases SET body = ?2 WHERE id = ?1",
+            params![l.id, json(&l)],
+        )
+        .map_err(err("migrate"))?;
+    }
+    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'schema'", [SCHEMA])
+        .map_err(err("migrate"))?;
+    tx.commit().map_err(err("migrate"))?;
+    tracing::info!(
+        rollouts = ids.len(),
+        "store upgraded from schema 1 to {SCHEMA}"
+    );
+    Ok(())
 }
 
 impl Store for Sqlite {
@@ -118,11 +211,18 @@ impl Store for Sqlite {
             .conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))
             .map_err(err("load"))?;
+        let desired: Option<Desired> = self.state("desired")?;
+        let refused: Option<Refused> = self.state("refused")?;
+        let overrides: Vec<Override> =
+            self.all("SELECT body FROM state WHERE key LIKE 'override/%'")?;
         Ok(Snapshot {
             rollouts,
             leases,
             hosts,
             last_audit: last_audit as u64,
+            desired,
+            refused,
+            overrides,
         })
     }
 
@@ -147,13 +247,28 @@ impl Store for Sqlite {
             let mut put_audit = tx
                 .prepare_cached("INSERT INTO audit (seq, body) VALUES (?1, ?2)")
                 .map_err(err("commit"))?;
+            let mut put_state = tx
+                .prepare_cached("INSERT OR REPLACE INTO state (key, body) VALUES (?1, ?2)")
+                .map_err(err("commit"))?;
+            let mut del_state = tx
+                .prepare_cached("DELETE FROM state WHERE key = ?1")
+                .map_err(err("commit"))?;
             for c in changes {
                 match c {
-                    Change::Rollout(r) => put_rollout.execute(params![r.key(), json(r)]),
+                    Change::Rollout(r) => put_rollout.execute(params![r.id.to_string(), json(r)]),
                     Change::Lease(l) => put_lease.execute(params![l.id, json(l)]),
                     Change::LeaseGone(id) => del_lease.execute(params![id]),
                     Change::Host(name, h) => put_host.execute(params![name, json(h)]),
                     Change::Audit(a) => put_audit.execute(params![a.seq as i64, json(a)]),
+                    Change::Desired(d) => put_state.execute(params!["desired", json(d)]),
+                    Change::Refused(Some(r)) => put_state.execute(params!["refused", json(r)]),
+                    Change::Refused(None) => del_state.execute(params!["refused"]),
+                    Change::Override(env, service, Some(o)) => {
+                        put_state.execute(params![override_key(env, service), json(o)])
+                    }
+                    Change::Override(env, service, None) => {
+                        del_state.execute(params![override_key(env, service)])
+                    }
                 }
                 .map_err(err("commit"))?;
             }
@@ -185,13 +300,10 @@ impl Store for Sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Purpose;
+    use crate::wire::{Policy, Purpose, RolloutState};
 
-    #[test]
-    fn batches_round_trip_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let lease = Lease {
+    fn lease(rollout: u64) -> Lease {
+        Lease {
             id: "l1".into(),
             host: "h".into(),
             environment: "e".into(),
@@ -200,7 +312,14 @@ mod tests {
             purpose: Purpose::Deploy,
             ttl_ms: 30000,
             expires_at_ms: 5,
-        };
+            rollout,
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
         let audit = AuditEntry {
             seq: 1,
             at_ms: 1,
@@ -209,15 +328,40 @@ mod tests {
             subject: "s".into(),
             detail: "d".into(),
         };
+        let desired = Desired {
+            commit: "c1".into(),
+            commit_time_ms: 1,
+            fetched_at_ms: 2,
+            environments: Default::default(),
+        };
+        let o = Override {
+            environment: "e".into(),
+            service: "s".into(),
+            from: "2".into(),
+            to: "1".into(),
+            commit: "c0".into(),
+            by: "ops".into(),
+            at_ms: 3,
+        };
         {
             let mut s = Sqlite::open(&path).unwrap();
-            s.commit(&[Change::Lease(lease.clone()), Change::Audit(audit.clone())])
-                .unwrap();
+            s.commit(&[
+                Change::Lease(lease(7)),
+                Change::Audit(audit.clone()),
+                Change::Desired(Box::new(desired.clone())),
+                Change::Override("e".into(), "s".into(), Some(o.clone())),
+                Change::Override("e".into(), "t".into(), Some(o.clone())),
+                Change::Override("e".into(), "t".into(), None),
+            ])
+            .unwrap();
         }
         let mut s = Sqlite::open(&path).unwrap();
         let snap = s.load().unwrap();
-        assert_eq!(snap.leases, vec![lease]);
+        assert_eq!(snap.leases, vec![lease(7)]);
         assert_eq!(snap.last_audit, 1);
+        assert_eq!(snap.desired, Some(desired));
+        assert_eq!(snap.overrides, vec![o]);
+        assert_eq!(snap.refused, None);
         assert_eq!(s.history(10).unwrap(), vec![audit.clone()]);
         // A failing batch (duplicate audit seq) changes nothing.
         let e = s
@@ -225,5 +369,72 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("UNIQUE"), "{e}");
         assert_eq!(s.load().unwrap().leases.len(), 1);
+    }
+
+    #[test]
+    fn a_schema_1_store_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        // A store as schema 1 wrote it: rollouts keyed by env/service/version, no ids.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE rollouts (key TEXT PRIMARY KEY, body TEXT NOT NULL);
+                 CREATE TABLE leases (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+                 CREATE TABLE hosts (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+                 CREATE TABLE audit (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('schema', 1);",
+            )
+            .unwrap();
+            let policy = Policy {
+                max_parallel: 1,
+                max_failures: 0,
+                approval_required: false,
+                approvers: vec![],
+                approval_timeout_ms: 1,
+                promotion_requires: None,
+                rollbacks_need_approval: false,
+            };
+            for (v, at) in [("2", 20), ("1", 10)] {
+                let body = serde_json::json!({
+                    "environment": "e", "service": "s", "version": v, "state": "SUCCESS",
+                    "policy": policy, "commit": format!("commit-{v}"), "commit_time_ms": at,
+                    "succeeded": [], "failed": [], "reverted": [], "decision": null,
+                    "reason": null, "approval_deadline_ms": null, "created_at_ms": at,
+                    "updated_at_ms": at
+                });
+                conn.execute(
+                    "INSERT INTO rollouts VALUES (?1, ?2)",
+                    params![format!("e/s/{v}"), body.to_string()],
+                )
+                .unwrap();
+            }
+            let mut l = serde_json::to_value(lease(0)).unwrap();
+            l.as_object_mut().unwrap().remove("rollout");
+            l["version"] = "2".into();
+            conn.execute("INSERT INTO leases VALUES ('l1', ?1)", [l.to_string()])
+                .unwrap();
+        }
+        let mut s = Sqlite::open(&path).unwrap();
+        let snap = s.load().unwrap();
+        let mut got: Vec<(u64, String, RolloutState)> = snap
+            .rollouts
+            .iter()
+            .map(|r| (r.id, r.version.clone(), r.state))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (1, "1".into(), RolloutState::Success),
+                (2, "2".into(), RolloutState::Success)
+            ]
+        );
+        assert_eq!(snap.leases[0].rollout, 2);
+        // Opened again: schema 2 now, nothing changes.
+        drop(s);
+        let mut s = Sqlite::open(&path).unwrap();
+        assert_eq!(s.load().unwrap().rollouts.len(), 2);
     }
 }

@@ -11,7 +11,9 @@
 //! `VERSION=1.2.0`, `FAIL_HEALTH=1`, `ERROR_RATE=0.05` (fraction of `/` answered 500),
 //! `LATENCY_MS=20` (added to `/`), `EXIT_AT_START=1` (exit at once with status 3),
 //! `HANG_HEALTH=1` (`/health` never answers), `FAIL_ON_HOSTS=h3,h4` (`/health` fails when
-//! the environment variable `HELLO_HOST` is one of them: a version broken on some hosts only).
+//! the environment variable `HELLO_HOST` is one of them: a version broken on some hosts only),
+//! `FAIL_IF_EXISTS=/path` (`/health` fails while that file exists: an outage of something the
+//! version depends on, fixed without a new version).
 //! Environment variables of the same names override the file.
 
 use std::collections::HashMap;
@@ -28,6 +30,7 @@ struct Settings {
     version: String,
     fail_health: bool,
     hang_health: bool,
+    fail_if_exists: Option<std::path::PathBuf>,
     error_rate: f64,
     latency: Duration,
 }
@@ -75,6 +78,10 @@ fn settings() -> Settings {
                 hosts.split(',').any(|h| !me.is_empty() && h.trim() == me)
             }),
         hang_health: vars.get("HANG_HEALTH").is_some_and(|v| v == "1"),
+        fail_if_exists: vars
+            .get("FAIL_IF_EXISTS")
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from),
         error_rate: vars
             .get("ERROR_RATE")
             .and_then(|v| v.parse().ok())
@@ -159,6 +166,9 @@ fn route(path: &str, s: &Settings, m: &Metrics) -> (u16, String) {
             (500, String::new())
         }
         "/health" if s.fail_health => (500, "unhealthy (broken build)\n".into()),
+        "/health" if s.fail_if_exists.as_ref().is_some_and(|p| p.exists()) => {
+            (500, "unhealthy (a dependency is down)\n".into())
+        }
         "/health" => (200, "ok\n".into()),
         "/version" => (200, format!("{}\n", s.version)),
         "/metrics" => (200, metrics_text(s, m)),

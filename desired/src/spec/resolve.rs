@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Approval, Compare, Digest, Direction, Dur, Kind, OnMedium, RelPath, Repo, Rollout, ServiceSpec,
-    Template, Vars, VerifyOverride,
+    Approval, Compare, Digest, Direction, Dur, Kind, OnMedium, RelPath, Repo, Rollout,
+    ServiceManager, ServiceSpec, Template, Vars, VerifyOverride,
 };
-use crate::config::ServiceManager;
 use crate::yaml::{Mark, Problem, Problems};
 
 /// The host the plan is for.

@@ -265,6 +265,16 @@ pub struct VerifyOverride {
     pub metrics: Option<Vec<Metric>>,
 }
 
+/// How an agent stops and starts the services of its host (agent config `service_manager`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceManager {
+    /// `systemctl stop/start` of the service's `run.unit`.
+    Systemd,
+    /// The agent runs `run.command` itself, detached, and supervises it.
+    Process,
+}
+
 /// What kind of target a service runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -530,6 +540,21 @@ pub struct Approval {
     /// Unanswered approvals abort after this long. Default 24h.
     #[serde(default = "default_approval_timeout")]
     pub timeout: Dur,
+    /// Whether a return to a version that succeeded in this environment before (a `git
+    /// revert`) waits for an approval too. Default `automatic`: it starts at once.
+    #[serde(default)]
+    pub rollbacks: Rollbacks,
+}
+
+/// `approval.rollbacks`: whether a return to a version that succeeded before is approved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rollbacks {
+    /// It starts at once, like an emergency fix should.
+    #[default]
+    Automatic,
+    /// It waits for an approval like any other version.
+    Required,
 }
 
 fn default_approval_timeout() -> Dur {
@@ -542,6 +567,7 @@ impl Default for Approval {
             required: false,
             approvers: Vec::new(),
             timeout: default_approval_timeout(),
+            rollbacks: Rollbacks::Automatic,
         }
     }
 }

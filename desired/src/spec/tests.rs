@@ -225,7 +225,7 @@ fn host<'a>(labels: &'a BTreeMap<String, String>, vars: &'a BTreeMap<String, Str
         environment: "prod",
         labels,
         vars,
-        manager: crate::config::ServiceManager::Process,
+        manager: ServiceManager::Process,
         kind: Kind::Vm,
     }
 }

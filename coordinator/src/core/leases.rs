@@ -1,0 +1,370 @@
+//! Leases: a host asks before touching itself, renews while it deploys, and releases with the
+//! outcome. At most `max_parallel` leases are held per (environment, service), whichever of
+//! its rollouts they belong to.
+
+use super::{ApiError, Change, Core, check_names, key, short};
+use crate::auth::Caller;
+use crate::wire::{
+    AcquireRequest, Granted, Lease, Outcome, Purpose, ReleaseRequest, Renewed, RolloutState,
+    RolloutView,
+};
+
+impl Core {
+    /// `POST /v1/leases`.
+    pub fn acquire(
+        &mut self,
+        req: &AcquireRequest,
+        who: &Caller,
+        now: u64,
+    ) -> Result<Granted, ApiError> {
+        check_names(&[
+            ("host", &req.host, 253),
+            ("environment", &req.environment, 63),
+            ("service", &req.service, 63),
+            ("version", &req.version, 128),
+            ("commit", &req.commit, 64),
+        ])?;
+        let (env, service, version) = (&req.environment, &req.service, &req.version);
+        let k = key(env, service, version);
+        let Some(desired) = &self.desired else {
+            self.host_read(&req.commit, now);
+            return Err(ApiError::wait(
+                "no_desired_state",
+                2000,
+                "the coordinator has not read the desired state from Git yet; nothing moves until it has",
+            ));
+        };
+        let tip = desired.commit.clone();
+        self.host_read(&req.commit, now);
+        let id = match req.purpose {
+            Purpose::Deploy => {
+                let wanted = self.wanted(env, service);
+                if wanted != Some(version.as_str()) {
+                    let o = self.overrides.get(&(env.clone(), service.clone()));
+                    return Err(match (o, wanted) {
+                        (Some(o), _) if o.from == *version => ApiError::wait(
+                            "rolled_back",
+                            5000,
+                            format!(
+                                "{env}/{service} was {}: commit a change of its version to end the rollback",
+                                o.note()
+                            ),
+                        ),
+                        (_, Some(w)) => ApiError::wait(
+                            "stale",
+                            2000,
+                            format!(
+                                "{env}/{service}: Git asks for {w} (commit {}), this host for {version} (commit {}); the host fetches again",
+                                short(&tip),
+                                short(&req.commit)
+                            ),
+                        ),
+                        (_, None) => ApiError::wait(
+                            "stale",
+                            5000,
+                            format!(
+                                "{env}/{service} is not in the desired state the coordinator follows (commit {})",
+                                short(&tip)
+                            ),
+                        ),
+                    });
+                }
+                let Some(id) = self.newest(env, service, Some(version)) else {
+                    return Err(ApiError::wait(
+                        "stale",
+                        2000,
+                        format!("{k} has no rollout yet"),
+                    ));
+                };
+                let r = &self.rollouts[&id];
+                match r.state {
+                    RolloutState::Running | RolloutState::Verifying | RolloutState::Success => {}
+                    RolloutState::Pending | RolloutState::Approved => {
+                        let why = self
+                            .upstream_missing(r)
+                            .unwrap_or_else(|| format!("{k} has not started yet"));
+                        return Err(ApiError::wait("upstream_missing", 5000, why));
+                    }
+                    RolloutState::ApprovalRequired => {
+                        let approvers = if r.policy.approvers.is_empty() {
+                            "any approver".to_string()
+                        } else {
+                            r.policy.approvers.join(", ")
+                        };
+                        return Err(ApiError::wait(
+                            "approval_required",
+                            2000,
+                            format!(
+                                "{k} waits for approval ({approvers}): drover approve {env} {service} {version}"
+                            ),
+                        ));
+                    }
+                    RolloutState::Paused => {
+                        return Err(ApiError::wait(
+                            "paused",
+                            2000,
+                            format!(
+                                "{k} is paused ({})",
+                                r.reason.as_deref().unwrap_or("by an operator")
+                            ),
+                        ));
+                    }
+                    RolloutState::Failed | RolloutState::RollingBack => {
+                        return Err(ApiError::rejected(
+                            "failed",
+                            format!(
+                                "{k} failed at commit {} ({}); it will not be deployed unless a new commit asks for it again or an operator runs drover retry {env} {service}",
+                                short(&r.commit),
+                                r.reason.as_deref().unwrap_or("too many failures")
+                            ),
+                        ));
+                    }
+                    RolloutState::Aborted => {
+                        let why = r.reason.clone().unwrap_or_else(|| "aborted".into());
+                        let reason = if why.starts_with("superseded") {
+                            "superseded"
+                        } else {
+                            "aborted"
+                        };
+                        return Err(ApiError::rejected(
+                            reason,
+                            format!(
+                                "{k} was aborted at commit {} ({why}); it will not be deployed unless a new commit asks for it again or an operator runs drover retry {env} {service}",
+                                short(&r.commit)
+                            ),
+                        ));
+                    }
+                }
+                id
+            }
+            Purpose::Revert => {
+                let Some(id) = self.newest(env, service, Some(version)) else {
+                    return Err(ApiError::not_found(format!(
+                        "no rollout {k} to revert from"
+                    )));
+                };
+                let r = &self.rollouts[&id];
+                if r.state != RolloutState::RollingBack {
+                    return Err(ApiError::conflict(format!(
+                        "{k} is {}, not rolling back",
+                        r.state
+                    )));
+                }
+                if !self.to_revert(r).contains(&req.host) {
+                    return Err(ApiError::conflict(format!(
+                        "host {} has nothing to revert in {k}",
+                        req.host
+                    )));
+                }
+                id
+            }
+        };
+        // A retry from a host that already holds a lease on this rollout gets the same lease;
+        // a lease it holds on another rollout of the service is of a deploy it gave up.
+        let mut mine: Vec<Lease> = self
+            .leases
+            .values()
+            .filter(|l| l.host == req.host && l.environment == *env && l.service == *service)
+            .cloned()
+            .collect();
+        if let Some(pos) = mine.iter().position(|l| l.rollout == id) {
+            let held = self.leases.get_mut(&mine[pos].id).expect("listed");
+            held.expires_at_ms = now.saturating_add(self.lease_ttl_ms);
+            let lease = held.clone();
+            return Ok(Granted {
+                lease,
+                rollout: self.view_of(id, now),
+            });
+        }
+        for old in mine.drain(..) {
+            self.leases.remove(&old.id);
+            self.changes.push(Change::LeaseGone(old.id.clone()));
+            self.audit(
+                now,
+                &req.host,
+                "lease_dropped",
+                &key(&old.environment, &old.service, &old.version),
+                format!("{} asks for {version} instead", req.host),
+            );
+        }
+        let max = self.rollouts[&id].policy.max_parallel as usize;
+        if self.leases_of_service(env, service) >= max {
+            return Err(ApiError::wait(
+                "no_slot",
+                300,
+                format!("{k}: {max} host(s) already deploying (max_parallel {max})"),
+            ));
+        }
+        self.lease_counter += 1;
+        let lease_id = format!(
+            "{:016x}{:08x}",
+            rand::random::<u64>(),
+            self.lease_counter as u32
+        );
+        let lease = Lease {
+            id: lease_id,
+            host: req.host.clone(),
+            environment: env.clone(),
+            service: service.clone(),
+            version: version.clone(),
+            purpose: req.purpose,
+            ttl_ms: self.lease_ttl_ms,
+            expires_at_ms: now.saturating_add(self.lease_ttl_ms),
+            rollout: id,
+        };
+        self.leases.insert(lease.id.clone(), lease.clone());
+        self.changes.push(Change::Lease(lease.clone()));
+        let purpose = match req.purpose {
+            Purpose::Deploy => "deploy",
+            Purpose::Revert => "revert",
+        };
+        self.audit(
+            now,
+            &req.host,
+            "lease_granted",
+            &k,
+            format!("{purpose} lease (rollout #{id}) by {}", who.name),
+        );
+        Ok(Granted {
+            lease,
+            rollout: self.view_of(id, now),
+        })
+    }
+
+    /// `POST /v1/leases/{id}/renew`.
+    pub fn renew(&mut self, id: &str, now: u64) -> Result<Renewed, ApiError> {
+        match self.leases.get_mut(id) {
+            Some(l) if l.expires_at_ms > now => {
+                // Renewals are not written: a restart gives every lease a fresh TTL anyway.
+                l.expires_at_ms = now.saturating_add(self.lease_ttl_ms);
+                Ok(Renewed {
+                    expires_at_ms: l.expires_at_ms,
+                })
+            }
+            _ => Err(ApiError::lease_lost(format!(
+                "lease {id} is unknown, expired or already released"
+            ))),
+        }
+    }
+
+    /// `POST /v1/leases/{id}/release`.
+    pub fn release(
+        &mut self,
+        id: &str,
+        req: &ReleaseRequest,
+        now: u64,
+    ) -> Result<RolloutView, ApiError> {
+        let Some(lease) = self.leases.remove(id) else {
+            return Err(ApiError::lease_lost(format!(
+                "lease {id} is unknown, expired or already released; nothing was changed"
+            )));
+        };
+        self.changes.push(Change::LeaseGone(id.into()));
+        let k = key(&lease.environment, &lease.service, &lease.version);
+        let outcome = match req.outcome {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        };
+        self.audit(
+            now,
+            &lease.host,
+            "lease_released",
+            &k,
+            match &req.message {
+                Some(m) => format!("{outcome}: {m}"),
+                None => outcome.to_string(),
+            },
+        );
+        let rid = lease.rollout;
+        let Some(r) = self.rollouts.get_mut(&rid) else {
+            return Err(ApiError::not_found(format!("rollout {k} is gone")));
+        };
+        match (lease.purpose, req.outcome) {
+            (Purpose::Deploy, Outcome::Success) => {
+                r.succeeded.insert(lease.host.clone());
+                r.failed.remove(&lease.host);
+            }
+            (Purpose::Deploy, Outcome::Failure) => {
+                r.failed.insert(lease.host.clone());
+            }
+            (Purpose::Revert, Outcome::Success) => {
+                r.reverted.insert(lease.host.clone());
+            }
+            (Purpose::Revert, Outcome::Failure) => {}
+        }
+        r.updated_at_ms = now;
+        if let Some(v) = &req.verification {
+            r.verdicts
+                .insert(lease.host.clone(), format!("{}: {}", v.risk, v.summary));
+        }
+        let (state, failures, max) = (r.state, r.failed.len() as u32, r.policy.max_failures);
+        self.save(rid);
+        if let Some(v) = &req.verification {
+            self.audit(
+                now,
+                &lease.host,
+                "verification",
+                &k,
+                format!("risk {}: {}", v.risk, v.summary),
+            );
+        }
+        match (lease.purpose, req.outcome) {
+            (Purpose::Deploy, Outcome::Failure) if failures > max => {
+                if matches!(state, RolloutState::Running | RolloutState::Verifying) {
+                    self.fail(
+                        rid,
+                        format!(
+                            "{failures} host(s) failed (max_failures {max}); last: {} ({})",
+                            lease.host,
+                            req.message.as_deref().unwrap_or("no message")
+                        ),
+                        now,
+                    );
+                }
+            }
+            (Purpose::Deploy, Outcome::Success)
+                if req
+                    .verification
+                    .as_ref()
+                    .is_some_and(|v| v.risk == "medium")
+                    && matches!(state, RolloutState::Running | RolloutState::Verifying) =>
+            {
+                // The host kept the version but its metrics were not conclusive: a human
+                // decides (`drover resume` or `drover abort`).
+                self.set_state(
+                    rid,
+                    RolloutState::Paused,
+                    Some(format!(
+                        "verification on {} was not conclusive (medium risk); resume or abort",
+                        lease.host
+                    )),
+                    "coordinator",
+                    now,
+                );
+            }
+            (Purpose::Revert, Outcome::Failure) if state == RolloutState::RollingBack => {
+                self.set_state(
+                    rid,
+                    RolloutState::Failed,
+                    Some(format!(
+                        "revert failed on {}: {}; an operator is needed",
+                        lease.host,
+                        req.message.as_deref().unwrap_or("no message")
+                    )),
+                    "coordinator",
+                    now,
+                );
+            }
+            _ => {}
+        }
+        self.progress(rid, now);
+        Ok(self.view_of(rid, now))
+    }
+
+    /// RUNNING/VERIFYING → FAILED → ROLLING_BACK.
+    pub(super) fn fail(&mut self, id: u64, why: String, now: u64) {
+        self.set_state(id, RolloutState::Failed, Some(why), "coordinator", now);
+        self.set_state(id, RolloutState::RollingBack, None, "coordinator", now);
+        self.progress(id, now);
+    }
+}
