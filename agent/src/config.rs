@@ -86,6 +86,13 @@ struct CoordinatorInput {
     required: bool,
     #[serde(default = "default_heartbeat")]
     heartbeat_interval: Dur,
+    /// PEM file of the CA certificates that sign the coordinator's TLS certificate (else the
+    /// system roots).
+    ca_file: Option<Spanned<String>>,
+    /// Allow plain http:// to a non-loopback coordinator (the token crosses the network
+    /// readable).
+    #[serde(default)]
+    insecure: bool,
 }
 
 fn yes() -> bool {
@@ -210,6 +217,8 @@ pub struct CoordinatorConfig {
     pub required: bool,
     /// How often to heartbeat.
     pub heartbeat: Duration,
+    /// TLS trust and plain-HTTP permission.
+    pub options: drover_coordinator::client::Options,
 }
 
 impl std::fmt::Debug for CoordinatorConfig {
@@ -219,6 +228,7 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("token", &"<redacted>")
             .field("required", &self.required)
             .field("heartbeat", &self.heartbeat)
+            .field("options", &self.options)
             .finish()
     }
 }
@@ -394,6 +404,23 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
                 format!("coordinator url `{url}` must start with http:// or https://"),
             ));
         }
+        if let Some(p) = drover_coordinator::client::plain_http_problem(&url, c.insecure) {
+            problems.push(Problem::new(c.url.mark.clone(), format!("coordinator {p}")));
+        }
+        let ca_file = c.ca_file.map(|f| {
+            if !f.value.starts_with('/') {
+                problems.push(Problem::new(
+                    f.mark.clone(),
+                    format!("coordinator ca_file `{}` must be an absolute path", f.value),
+                ));
+            } else if let Err(e) = std::fs::read(&f.value) {
+                problems.push(Problem::new(
+                    f.mark.clone(),
+                    format!("cannot read coordinator ca_file {}: {e}", f.value),
+                ));
+            }
+            PathBuf::from(f.value)
+        });
         let token = match std::fs::read_to_string(&c.token_file.value) {
             Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
             Ok(_) => {
@@ -419,6 +446,10 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             token,
             required: c.required,
             heartbeat: c.heartbeat_interval.0,
+            options: drover_coordinator::client::Options {
+                ca_file,
+                insecure: c.insecure,
+            },
         }
     });
     let ecs = i.ecs.map(|e| EcsConfig {

@@ -68,7 +68,7 @@ impl Agent {
         let http_for_ecs = http.clone();
         let gate = match &config.coordinator {
             Some(c) => Some(Gate::new(
-                drover_coordinator::client::Client::new(&c.url, &c.token)?,
+                drover_coordinator::client::Client::with_options(&c.url, &c.token, &c.options)?,
                 &config.host,
                 &config.environment,
                 c.required,

@@ -34,9 +34,9 @@ pub enum Command {
     /// Ask for a lease.
     Acquire(AcquireRequest, Caller, Reply<Granted>),
     /// Renew a lease.
-    Renew(String, Reply<Renewed>),
+    Renew(String, Caller, Reply<Renewed>),
     /// Release a lease.
-    Release(String, ReleaseRequest, Reply<RolloutReply>),
+    Release(String, ReleaseRequest, Caller, Reply<RolloutReply>),
     /// A host's heartbeat.
     Heartbeat(String, Heartbeat, Reply<HeartbeatReply>),
     /// Approve or reject.
@@ -117,6 +117,79 @@ struct Stats {
     batches: u64,
     commit_errors: u64,
     commit_micros: u64,
+    /// Requests answered 503 because the store could not be written.
+    unavailable: u64,
+    /// Audit entries removed by the retention.
+    audit_pruned: u64,
+    /// Whether the store is read-only now (a write failed).
+    read_only: bool,
+}
+
+/// How the actor runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often leases and approvals are checked for time-outs.
+    pub tick: Duration,
+    /// Audit entries older than this are removed.
+    pub audit_max_age: Duration,
+    /// At most this many audit entries are kept (the newest).
+    pub audit_max_entries: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            tick: Duration::from_millis(250),
+            audit_max_age: Duration::from_secs(400 * 24 * 3600),
+            audit_max_entries: 1_000_000,
+        }
+    }
+}
+
+/// How often the audit retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// First and longest wait between probes of a store that failed a write.
+const PROBE_FIRST: Duration = Duration::from_secs(1);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// The store failed a write: the coordinator answers reads and renewals, refuses changes
+/// with 503, and probes the store with backoff until a write works again.
+struct ReadOnly {
+    why: String,
+    next_probe: Instant,
+    backoff: Duration,
+    /// The newest desired state read from Git meanwhile, applied on recovery.
+    held: Option<Box<Update>>,
+}
+
+impl ReadOnly {
+    fn error(&self) -> ApiError {
+        ApiError::unavailable(
+            self.backoff.as_millis() as u64,
+            format!(
+                "the coordinator cannot write its store ({}); it answers reads and lease renewals and refuses changes until the store can be written again; retry later",
+                self.why
+            ),
+        )
+    }
+}
+
+impl Command {
+    /// Refuses a command that would change the state (while the store is read-only); returns
+    /// the command back if it does not change anything.
+    fn refuse(self, e: &ApiError) -> Option<Command> {
+        match self {
+            Command::Acquire(_, _, r) => drop(r.send(Err(e.clone()))),
+            Command::Release(_, _, _, r) => drop(r.send(Err(e.clone()))),
+            Command::Heartbeat(_, _, r) => drop(r.send(Err(e.clone()))),
+            Command::Decide { reply, .. }
+            | Command::Retry { reply, .. }
+            | Command::Rollback { reply, .. }
+            | Command::Operate { reply, .. } => drop(reply.send(Err(e.clone()))),
+            other => return Some(other),
+        }
+        None
+    }
 }
 
 /// An answer waiting for its batch to be stored.
@@ -137,11 +210,14 @@ pub fn run(
     mut core: Core,
     mut store: Box<dyn Store>,
     rx: mpsc::Receiver<Command>,
-    tick: Duration,
+    settings: Settings,
     wake_git: Option<tokio::sync::mpsc::Sender<()>>,
 ) {
+    let tick = settings.tick;
     let mut stats = Stats::default();
     let mut last_tick = Instant::now();
+    let mut last_prune: Option<Instant> = None;
+    let mut read_only: Option<ReadOnly> = None;
     loop {
         let first = match rx.recv_timeout(tick) {
             Ok(c) => Some(c),
@@ -160,18 +236,42 @@ pub fn run(
         let mut histories: Vec<(u32, Reply<History>)> = Vec::new();
         for cmd in batch {
             stats.commands += 1;
+            let cmd = match &mut read_only {
+                None => cmd,
+                Some(ro) => match cmd {
+                    Command::Desired(update) => {
+                        ro.held = Some(update);
+                        continue;
+                    }
+                    // Not stored while read-only; the tracing log has it.
+                    Command::Denied { who, what, why } => {
+                        tracing::warn!(%who, %what, %why, "denied (not audited: the store is read-only)");
+                        continue;
+                    }
+                    cmd => match cmd.refuse(&ro.error()) {
+                        Some(c) => c,
+                        None => {
+                            stats.unavailable += 1;
+                            continue;
+                        }
+                    },
+                },
+            };
             match cmd {
                 Command::Acquire(req, caller, reply) => {
                     let r = core.acquire(&req, &caller, now);
                     pending.push(deferred(reply, r));
                 }
-                Command::Renew(id, reply) => {
-                    let r = core.renew(&id, now);
+                Command::Renew(id, caller, reply) => {
+                    let r = core
+                        .check_holder(&id, &caller, "renew lease", now)
+                        .and_then(|()| core.renew(&id, now));
                     pending.push(deferred(reply, r));
                 }
-                Command::Release(id, req, reply) => {
+                Command::Release(id, req, caller, reply) => {
                     let r = core
-                        .release(&id, &req, now)
+                        .check_holder(&id, &caller, "release lease", now)
+                        .and_then(|()| core.release(&id, &req, now))
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }
@@ -215,11 +315,7 @@ pub fn run(
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }
-                Command::Desired(update) => match *update {
-                    Update::Desired(d) => core.apply_desired(d, now),
-                    Update::Refused(r) => core.refuse(r, now),
-                    Update::Error(e) => core.git_error(e),
-                },
+                Command::Desired(update) => apply(&mut core, *update, now),
                 Command::Operate {
                     env,
                     service,
@@ -238,42 +334,97 @@ pub fn run(
                 Command::History(limit, reply) => histories.push((limit, reply)),
                 Command::Denied { who, what, why } => core.denied(now, &who, &what, &why),
                 Command::Metrics(reply) => {
+                    stats.read_only = read_only.is_some();
                     let _ = reply.send(Ok(metrics(&core, &stats)));
                 }
             }
         }
-        if last_tick.elapsed() >= tick {
-            core.tick(now);
-            last_tick = Instant::now();
-        }
-        if core.take_wake()
-            && let Some(w) = &wake_git
-        {
-            let _ = w.try_send(());
-        }
-        let changes = core.take_changes();
-        let t0 = Instant::now();
-        let stored = store.commit(&changes);
-        stats.commit_micros += t0.elapsed().as_micros() as u64;
-        stats.batches += 1;
-        match stored {
-            Ok(()) => {
-                for p in pending {
-                    p(Ok(()));
+        if let Some(ro) = &mut read_only {
+            // Only renewals (kept in memory) were served: nothing to write. Probe the store.
+            let dropped = core.take_changes();
+            if !dropped.is_empty() {
+                tracing::warn!(changes = dropped.len(), "not stored: the store is read-only");
+            }
+            for p in pending {
+                p(Ok(()));
+            }
+            if Instant::now() >= ro.next_probe {
+                match store.probe() {
+                    Ok(()) => {
+                        tracing::info!("the store can be written again; leaving read-only mode");
+                        if let Some(u) = ro.held.take() {
+                            apply(&mut core, *u, now);
+                        }
+                        read_only = None;
+                    }
+                    Err(e) => {
+                        ro.backoff = (ro.backoff * 2).min(PROBE_MAX);
+                        ro.next_probe = Instant::now() + ro.backoff;
+                        ro.why = e.to_string();
+                        tracing::warn!(error = %e, retry_in = ?ro.backoff, "the store is still not writable");
+                    }
                 }
             }
-            Err(e) => {
-                stats.commit_errors += 1;
-                tracing::error!(error = %e, changes = changes.len(), "store write failed; reloading state");
-                let err = ApiError::internal(format!(
-                    "the coordinator could not store the change ({e}); nothing was changed, retry"
-                ));
-                match store.load() {
-                    Ok(snap) => core = Core::new(snap, core.lease_ttl_ms, core.heartbeat_ms, now),
-                    Err(e2) => tracing::error!(error = %e2, "reloading state failed"),
+        } else {
+            if last_tick.elapsed() >= tick {
+                core.tick(now);
+                last_tick = Instant::now();
+            }
+            if core.take_wake()
+                && let Some(w) = &wake_git
+            {
+                let _ = w.try_send(());
+            }
+            let changes = core.take_changes();
+            let t0 = Instant::now();
+            let stored = store.commit(&changes);
+            stats.commit_micros += t0.elapsed().as_micros() as u64;
+            stats.batches += 1;
+            match stored {
+                Ok(()) => {
+                    for p in pending {
+                        p(Ok(()));
+                    }
                 }
-                for p in pending {
-                    p(Err(&err));
+                Err(e) => {
+                    stats.commit_errors += 1;
+                    tracing::error!(error = %e, changes = changes.len(), "store write failed; read-only until the store can be written again");
+                    let ro = ReadOnly {
+                        why: e.to_string(),
+                        next_probe: Instant::now() + PROBE_FIRST,
+                        backoff: PROBE_FIRST,
+                        held: None,
+                    };
+                    // The changes of this batch were not stored: go back to what the store
+                    // holds, once, keeping each lease's expiry (a reload must not extend them).
+                    let expiries = core.lease_expiries();
+                    match store.load() {
+                        Ok(snap) => {
+                            let max_hosts = core.max_hosts;
+                            core = Core::new(snap, core.lease_ttl_ms, core.heartbeat_ms, now);
+                            core.max_hosts = max_hosts;
+                            core.keep_expiries(&expiries);
+                        }
+                        Err(e2) => tracing::error!(error = %e2, "reloading state failed"),
+                    }
+                    let err = ro.error();
+                    for p in pending {
+                        stats.unavailable += 1;
+                        p(Err(&err));
+                    }
+                    read_only = Some(ro);
+                }
+            }
+            if read_only.is_none() && last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                last_prune = Some(Instant::now());
+                let before = now.saturating_sub(settings.audit_max_age.as_millis() as u64);
+                match store.prune_audit(before, settings.audit_max_entries) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        stats.audit_pruned += n;
+                        tracing::info!(removed = n, "audit retention removed old entries");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "audit retention failed"),
                 }
             }
         }
@@ -286,6 +437,14 @@ pub fn run(
         }
     }
     tracing::info!("coordinator state actor stopped");
+}
+
+fn apply(core: &mut Core, update: Update, now: u64) {
+    match update {
+        Update::Desired(d) => core.apply_desired(d, now),
+        Update::Refused(r) => core.refuse(r, now),
+        Update::Error(e) => core.git_error(e),
+    }
 }
 
 fn metrics(core: &Core, s: &Stats) -> String {
@@ -303,6 +462,9 @@ fn metrics(core: &Core, s: &Stats) -> String {
         "counter",
         (s.commit_micros as f64 / 1e6).to_string(),
     );
+    one("unavailable_total", "counter", s.unavailable.to_string());
+    one("store_read_only", "gauge", u8::from(s.read_only).to_string());
+    one("audit_pruned_total", "counter", s.audit_pruned.to_string());
     one("leases", "gauge", core.lease_count().to_string());
     one("hosts", "gauge", core.host_count().to_string());
     t.push_str("# TYPE drover_coordinator_rollouts gauge\n");
@@ -327,6 +489,9 @@ mod tests {
             batches: 3,
             commit_errors: 1,
             commit_micros: 1_500_000,
+            unavailable: 2,
+            audit_pruned: 4,
+            read_only: true,
         };
         assert_eq!(
             metrics(&core, &stats),
@@ -338,6 +503,12 @@ mod tests {
              drover_coordinator_store_errors_total 1\n\
              # TYPE drover_coordinator_store_seconds_total counter\n\
              drover_coordinator_store_seconds_total 1.5\n\
+             # TYPE drover_coordinator_unavailable_total counter\n\
+             drover_coordinator_unavailable_total 2\n\
+             # TYPE drover_coordinator_store_read_only gauge\n\
+             drover_coordinator_store_read_only 1\n\
+             # TYPE drover_coordinator_audit_pruned_total counter\n\
+             drover_coordinator_audit_pruned_total 4\n\
              # TYPE drover_coordinator_leases gauge\n\
              drover_coordinator_leases 0\n\
              # TYPE drover_coordinator_hosts gauge\n\

@@ -94,6 +94,40 @@ pub struct Caller {
     pub role: Role,
     /// Its groups (for approvals).
     pub groups: Vec<String>,
+    /// The one host an agent token may act as; `None` for a fleet-wide agent token (and for
+    /// every other role).
+    pub host: Option<String>,
+}
+
+impl Caller {
+    /// Whether this caller may heartbeat, lease, renew and release as `host`: a host-bound
+    /// agent token only as its own host; a fleet-wide agent token or an admin as any.
+    pub fn may_act_as(&self, host: &str) -> bool {
+        self.host.as_deref().is_none_or(|h| h == host)
+    }
+
+    /// The 403 text for acting as another host.
+    pub fn not_as(&self, host: &str) -> String {
+        format!(
+            "token {} is bound to host {}; it cannot act as host {}",
+            self.name,
+            self.host.as_deref().unwrap_or("*"),
+            cap(host, 64)
+        )
+    }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), with `…` when cut: what the
+/// coordinator keeps of client-supplied text in its audit and errors.
+pub fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// The known tokens, by hash.
@@ -116,6 +150,72 @@ impl Tokens {
     /// The caller presenting `token`, if known.
     pub fn check(&self, token: &str) -> Option<&Caller> {
         self.by_hash.get(&hash_token(token))
+    }
+
+    /// The names of agent tokens that may act as any host (warned about at start).
+    pub fn fleet_wide(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .by_hash
+            .values()
+            .filter(|c| c.role == Role::Agent && c.host.is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A token bucket per key: `rate` requests a second on average, bursts of up to `burst`.
+/// At most `max_keys` keys are tracked; when full, the keys idle longest are forgotten (a
+/// forgotten key starts again with a full bucket, which only ever errs towards serving).
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    max_keys: usize,
+    buckets: HashMap<String, (f64, std::time::Instant)>,
+}
+
+impl RateLimiter {
+    /// A limiter of `rate` per second with bursts of `burst`; `rate` 0 turns it off.
+    pub fn new(rate: u32, burst: u32, max_keys: usize) -> RateLimiter {
+        RateLimiter {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            max_keys: max_keys.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one request for `key` at `now`; `Err(wait)` when over the rate, with how long
+    /// until a request would pass.
+    pub fn take(&mut self, key: &str, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            // Forget the half of the keys idle longest.
+            let mut by_age: Vec<(std::time::Instant, String)> =
+                self.buckets.iter().map(|(k, v)| (v.1, k.clone())).collect();
+            by_age.sort_unstable();
+            for (_, k) in by_age.into_iter().take(self.max_keys / 2 + 1) {
+                self.buckets.remove(&k);
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let b = self
+            .buckets
+            .entry(key.to_string())
+            .or_insert((burst, now));
+        let refill = now.saturating_duration_since(b.1).as_secs_f64() * rate;
+        b.0 = (b.0 + refill).min(burst);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - b.0) / rate))
+        }
     }
 }
 
@@ -177,6 +277,7 @@ mod tests {
             name: "alice".into(),
             role: Role::Approver,
             groups: vec!["release-managers".into()],
+            host: None,
         };
         t.add(&hash_token("s3cret"), caller.clone());
         assert_eq!(t.check("s3cret\n"), Some(&caller));
@@ -185,5 +286,64 @@ mod tests {
             hash_token("test"),
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         );
+    }
+
+    #[test]
+    fn host_bound_tokens_act_only_as_their_host() {
+        let bound = Caller {
+            name: "web-01".into(),
+            role: Role::Agent,
+            groups: vec![],
+            host: Some("web-01".into()),
+        };
+        assert!(bound.may_act_as("web-01"));
+        assert!(!bound.may_act_as("web-02"));
+        assert!(bound.not_as("web-02").contains("bound to host web-01"));
+        let fleet = Caller {
+            host: None,
+            name: "fleet".into(),
+            ..bound.clone()
+        };
+        assert!(fleet.may_act_as("web-02"));
+        let mut t = Tokens::default();
+        t.add(&hash_token("a"), bound);
+        t.add(&hash_token("b"), fleet);
+        assert_eq!(t.fleet_wide(), vec!["fleet"]);
+    }
+
+    #[test]
+    fn cap_cuts_on_a_character_boundary() {
+        assert_eq!(cap("short", 10), "short");
+        assert_eq!(cap("abcdef", 3), "abc…");
+        assert_eq!(cap("ééé", 3), "é…");
+        assert!(cap(&"x".repeat(10_000), 256).len() <= 256 + '…'.len_utf8());
+    }
+
+    #[test]
+    fn rate_limiter_allows_bursts_then_the_rate() {
+        let t0 = std::time::Instant::now();
+        let mut r = RateLimiter::new(10, 5, 100);
+        for _ in 0..5 {
+            r.take("a", t0).unwrap();
+        }
+        let wait = r.take("a", t0).unwrap_err();
+        assert!(wait <= std::time::Duration::from_millis(100), "{wait:?}");
+        // Another key has its own bucket.
+        r.take("b", t0).unwrap();
+        // 100 ms later one more request passes.
+        r.take("a", t0 + std::time::Duration::from_millis(100)).unwrap();
+        r.take("a", t0 + std::time::Duration::from_millis(100))
+            .unwrap_err();
+        // Off.
+        let mut off = RateLimiter::new(0, 0, 1);
+        for _ in 0..1000 {
+            off.take("a", t0).unwrap();
+        }
+        // Bounded keys.
+        let mut small = RateLimiter::new(1, 1, 4);
+        for i in 0..100 {
+            small.take(&format!("k{i}"), t0).unwrap();
+        }
+        assert!(small.buckets.len() <= 4);
     }
 }

@@ -56,19 +56,30 @@ impl ClientError {
                 "bad_request" => "bad_request",
                 "payload_too_large" => "payload_too_large",
                 "internal" => "internal",
+                "rate_limited" => "rate_limited",
+                "unavailable" => "unavailable",
+                "timeout" => "timeout",
                 _ => "other",
             },
         }
     }
 
-    /// For a `wait` answer: (reason, retry after).
+    /// For an answer that says to come back later — `wait`, and the coordinator's
+    /// `rate_limited` (429), `unavailable` and `timeout` (503) — (reason, retry after).
     pub fn wait(&self) -> Option<(&str, Duration)> {
         match self {
-            ClientError::Api { body, .. } if body.kind == "wait" => Some((
-                body.reason.as_deref().unwrap_or("wait"),
+            ClientError::Api { body, .. }
+                if matches!(
+                    body.kind.as_str(),
+                    "wait" | "rate_limited" | "unavailable" | "timeout"
+                ) =>
+            {
+                Some((
+                body.reason.as_deref().unwrap_or(body.kind.as_str()),
                 // Bounded: a retry time from the server never overflows a clock nor waits forever.
                 Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
-            )),
+            ))
+            }
             _ => None,
         }
     }
@@ -103,18 +114,77 @@ fn path_part(s: &str) -> String {
         .collect()
 }
 
+/// How the client reaches the coordinator.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// PEM file of the CA certificates to trust (instead of the system roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Allow plain `http://` to a non-loopback address (the token crosses the network
+    /// readable).
+    pub insecure: bool,
+}
+
+/// Why `url` may not be used: plain HTTP to a host that is not loopback, unless `insecure`.
+/// `None` when it may.
+pub fn plain_http_problem(url: &str, insecure: bool) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    if insecure {
+        return None;
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "{url} is plain HTTP to a host that is not loopback: the token would cross the network readable; \
+             use https:// (the coordinator's `tls:`), or set insecure: true (--insecure) if something else encrypts the traffic"
+        )
+    })
+}
+
 impl Client {
-    /// A client for the coordinator at `base` (e.g. `http://coordinator:7070`) with `token`.
+    /// A client for the coordinator at `base` (e.g. `https://coordinator:7070`) with
+    /// `token`, trusting the system roots.
     pub fn new(base: &str, token: &str) -> Result<Client, ClientError> {
-        let http = reqwest::Client::builder()
+        Client::with_options(base, token, &Options::default())
+    }
+
+    /// A client with `options` (a CA file, plain HTTP beyond loopback).
+    pub fn with_options(base: &str, token: &str, options: &Options) -> Result<Client, ClientError> {
+        let fail = |message: String| ClientError::Unreachable {
+            url: base.to_string(),
+            message,
+        };
+        if let Some(p) = plain_http_problem(base, options.insecure) {
+            return Err(fail(p));
+        }
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
-            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ClientError::Unreachable {
-                url: base.to_string(),
-                message: e.to_string(),
-            })?;
+            // Below the coordinator's idle-connection timeout, so a pooled connection is not
+            // reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
+            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &options.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| fail(format!("cannot read CA file {}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| fail(format!("CA file {}: {e}", ca.display())))?;
+            if certs.is_empty() {
+                return Err(fail(format!(
+                    "CA file {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().map_err(|e| fail(e.to_string()))?;
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
@@ -281,4 +351,34 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_insecure() {
+        for ok in [
+            "http://127.0.0.1:7070",
+            "http://localhost:7070/",
+            "http://[::1]:7070",
+            "http://127.0.0.2",
+            "https://coordinator.example:7070",
+        ] {
+            assert_eq!(plain_http_problem(ok, false), None, "{ok}");
+        }
+        for bad in [
+            "http://coordinator:7070",
+            "http://10.0.0.5:7070",
+            "http://[fe80::1]:7070",
+            "http://127.0.0.1.evil.example:7070",
+        ] {
+            let p = plain_http_problem(bad, false).expect(bad);
+            assert!(p.contains("insecure"), "{p}");
+            assert_eq!(plain_http_problem(bad, true), None);
+        }
+        let e = Client::new("http://coordinator:7070", "t").unwrap_err();
+        assert!(e.to_string().contains("not loopback"), "{e}");
+    }
 }

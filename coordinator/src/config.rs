@@ -35,6 +35,46 @@ struct Input {
     heartbeat_interval: Spanned<Dur>,
     /// Bearer tokens, by SHA-256.
     tokens: Vec<Spanned<TokenInput>>,
+    /// TLS certificate chain and key (PEM files). Without it the coordinator speaks plain HTTP,
+    /// which it only does on a loopback address unless `insecure: true`.
+    tls: Option<Spanned<TlsInput>>,
+    /// Allow plain HTTP on a non-loopback address (tokens cross the network readable).
+    #[serde(default)]
+    insecure: bool,
+    /// A second, token-less address serving only `/metrics` (for a Prometheus on the host).
+    metrics_listen: Option<Spanned<String>>,
+    /// How long the audit is kept.
+    #[serde(default)]
+    audit_retention: RetentionInput,
+    /// Server limits.
+    #[serde(default)]
+    limits: LimitsInput,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsInput {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionInput {
+    max_age: Option<Spanned<Dur>>,
+    max_entries: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsInput {
+    connections: Option<Spanned<u32>>,
+    connections_per_address: Option<Spanned<u32>>,
+    header_timeout: Option<Spanned<Dur>>,
+    request_timeout: Option<Spanned<Dur>>,
+    requests_per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+    max_hosts: Option<Spanned<u32>>,
 }
 
 fn at_start<T>(value: T) -> Spanned<T> {
@@ -79,6 +119,50 @@ struct TokenInput {
     #[serde(default)]
     groups: Vec<String>,
     sha256: String,
+    /// For an agent token: the one host it may act as (`*`: any host, as if absent).
+    host: Option<String>,
+}
+
+/// TLS files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (not readable by others).
+    pub key: PathBuf,
+}
+
+/// Server limits: what one client, or all together, may take of the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most (beyond it new ones are closed at once).
+    pub connections: u32,
+    /// Open connections at most from one source address.
+    pub connections_per_address: u32,
+    /// Time to send a request's headers (and the TLS handshake).
+    pub header_timeout: Duration,
+    /// Time to answer a request, body included.
+    pub request_timeout: Duration,
+    /// Requests a second per token, on average (0: no limit).
+    pub requests_per_second: u32,
+    /// Requests a token may send at once above the rate.
+    pub burst: u32,
+    /// Hosts tracked at most.
+    pub max_hosts: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: 4096,
+            connections_per_address: 256,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            requests_per_second: 50,
+            burst: 200,
+            max_hosts: 100_000,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -98,6 +182,25 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Tokens.
     pub tokens: Tokens,
+    /// The file it was read from (re-read on SIGHUP).
+    pub path: PathBuf,
+    /// TLS, if set.
+    pub tls: Option<TlsFiles>,
+    /// Plain HTTP allowed on a non-loopback address.
+    pub insecure: bool,
+    /// The token-less metrics address, if set.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Audit entries older than this are removed.
+    pub audit_max_age: Duration,
+    /// At most this many audit entries are kept.
+    pub audit_max_entries: u64,
+    /// Server limits.
+    pub limits: Limits,
+}
+
+/// Whether `addr` is a loopback address (plain HTTP is only spoken there unless insecure).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
 }
 
 impl Config {
@@ -105,7 +208,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())
+        let mut c =
+            Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())?;
+        c.path = path.to_path_buf();
+        Ok(c)
     }
 
     /// Parses and validates a configuration text; `file` names it in problems.
@@ -184,7 +290,7 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             .map(|p| p.join("git"))
             .unwrap_or_else(|| PathBuf::from("/var/lib/drover/git")),
     };
-    let mut at_least = |what: &str, d: &Spanned<Dur>, min: Duration| {
+    let at_least_in = |problems: &mut Vec<Problem>, what: &str, d: &Spanned<Dur>, min: Duration| {
         if d.value.0 < min {
             problems.push(Problem::new(
                 mark(&d.mark),
@@ -195,8 +301,9 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             d.value.0
         }
     };
-    let lease_ttl = at_least("lease_ttl", &i.lease_ttl, Duration::from_secs(1));
-    let heartbeat = at_least(
+    let lease_ttl = at_least_in(problems, "lease_ttl", &i.lease_ttl, Duration::from_secs(1));
+    let heartbeat = at_least_in(
+        problems,
         "heartbeat_interval",
         &i.heartbeat_interval,
         Duration::from_millis(100),
@@ -223,19 +330,135 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         }
         if !names.insert(t.name.clone()) {
             problems.push(Problem::new(
-                m,
+                m.clone(),
                 format!("token `{}` is defined twice", t.name),
             ));
         }
+        let host = match (t.role, t.host) {
+            (_, None) => None,
+            (Role::Agent, Some(h)) if h == "*" => None,
+            (Role::Agent, Some(h)) => {
+                if !valid_host(&h) {
+                    problems.push(Problem::new(
+                        m.clone(),
+                        format!(
+                            "token `{}`: host `{h}` is not a host name (letters, digits, `.`, `-`, `_`, `+`; or `*` for any host)",
+                            t.name
+                        ),
+                    ));
+                }
+                Some(h)
+            }
+            (role, Some(_)) => {
+                problems.push(Problem::new(
+                    m.clone(),
+                    format!(
+                        "token `{}`: `host` binds an agent token to its host; a {} token acts for people, not hosts",
+                        t.name,
+                        role.name()
+                    ),
+                ));
+                None
+            }
+        };
         tokens.add(
             &hash,
             Caller {
                 name: t.name,
                 role: t.role,
                 groups: t.groups,
+                host,
             },
         );
     }
+    let tls = i.tls.map(|t| {
+        for (what, p) in [("tls.cert", &t.value.cert), ("tls.key", &t.value.key)] {
+            if !p.starts_with('/') {
+                problems.push(Problem::new(
+                    mark(&t.mark),
+                    format!("{what} `{p}` must be an absolute path"),
+                ));
+            }
+        }
+        TlsFiles {
+            cert: PathBuf::from(t.value.cert),
+            key: PathBuf::from(t.value.key),
+        }
+    });
+    if tls.is_none() && !i.insecure && !is_loopback(&listen) {
+        problems.push(Problem::new(
+            mark(&i.listen.mark),
+            format!(
+                "listen {listen} is not a loopback address, and without `tls: {{ cert, key }}` bearer tokens would cross the network readable; \
+                 set tls, or `insecure: true` if something else encrypts the traffic"
+            ),
+        ));
+    }
+    let metrics_listen = i.metrics_listen.and_then(|m| match m.value.parse::<SocketAddr>() {
+        Ok(a) if a == listen => {
+            problems.push(Problem::new(
+                mark(&m.mark),
+                "metrics_listen must differ from listen (or leave it out: /metrics on listen needs a viewer token)",
+            ));
+            None
+        }
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(Problem::new(
+                mark(&m.mark),
+                format!("metrics_listen `{}` is not an address like 127.0.0.1:9170", m.value),
+            ));
+            None
+        }
+    });
+    let audit_max_age = i
+        .audit_retention
+        .max_age
+        .map(|d| at_least_in(problems, "audit_retention.max_age", &d, Duration::from_secs(3600)))
+        .unwrap_or(Duration::from_secs(400 * 24 * 3600));
+    let audit_max_entries = match i.audit_retention.max_entries {
+        Some(n) if n.value < 1000 => {
+            problems.push(Problem::new(
+                mark(&n.mark),
+                "audit_retention.max_entries must be at least 1000",
+            ));
+            1000
+        }
+        Some(n) => n.value,
+        None => 1_000_000,
+    };
+    let d = Limits::default();
+    let l = i.limits;
+    let count = |problems: &mut Vec<Problem>, what: &str, v: Option<Spanned<u32>>, min: u32, default: u32| match v {
+        Some(v) if v.value < min => {
+            problems.push(Problem::new(
+                mark(&v.mark),
+                format!("limits.{what} must be at least {min}"),
+            ));
+            min
+        }
+        Some(v) => v.value,
+        None => default,
+    };
+    let connections = count(problems, "connections", l.connections, 16, d.connections);
+    let connections_per_address = count(
+        problems,
+        "connections_per_address",
+        l.connections_per_address,
+        1,
+        d.connections_per_address,
+    );
+    let requests_per_second = count(problems, "requests_per_second", l.requests_per_second, 0, d.requests_per_second);
+    let burst = count(problems, "burst", l.burst, 1, d.burst);
+    let max_hosts = count(problems, "max_hosts", l.max_hosts, 1, d.max_hosts);
+    let header_timeout = l
+        .header_timeout
+        .map(|t| at_least_in(problems, "limits.header_timeout", &t, Duration::from_millis(100)))
+        .unwrap_or(d.header_timeout);
+    let request_timeout = l
+        .request_timeout
+        .map(|t| at_least_in(problems, "limits.request_timeout", &t, Duration::from_secs(1)))
+        .unwrap_or(d.request_timeout);
     Config {
         listen,
         sqlite,
@@ -244,7 +467,29 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         lease_ttl,
         heartbeat,
         tokens,
+        path: PathBuf::from(file),
+        tls,
+        insecure: i.insecure,
+        metrics_listen,
+        audit_max_age,
+        audit_max_entries,
+        limits: Limits {
+            connections,
+            connections_per_address,
+            header_timeout,
+            request_timeout,
+            requests_per_second,
+            burst,
+            max_hosts,
+        },
     }
+}
+
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! handler checks the caller and the body, then hands a [`Command`] to the actor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use axum::Router;
 use axum::body::Body;
@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::actor::{Command, Reply};
-use crate::auth::{Caller, Need, Tokens};
+use crate::auth::{Caller, Need, RateLimiter, Tokens, cap};
+use crate::server::ServerStats;
 use crate::core::ApiError;
 use crate::wire::{
     AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, RollbackRequest,
@@ -24,30 +25,61 @@ use crate::wire::{
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 256 << 10;
 
+/// Most token buckets the rate limiter keeps.
+const RATE_KEYS: usize = 200_000;
+
 /// Shared by the handlers.
 #[derive(Clone)]
 pub struct App {
     tx: mpsc::Sender<Command>,
-    tokens: Arc<Tokens>,
+    tokens: Arc<RwLock<Arc<Tokens>>>,
+    rate: Arc<Mutex<RateLimiter>>,
     requests: Arc<[AtomicU64; 6]>,
+    /// Requests without a valid token (never stored, only counted).
+    unauthenticated: Arc<AtomicU64>,
+    /// Requests refused by the rate limit.
+    rate_limited: Arc<AtomicU64>,
+    /// The server's counters, shown in /metrics.
+    server: Arc<ServerStats>,
 }
 
 impl App {
-    /// Handlers sending to the actor through `tx`, checking `tokens`.
-    pub fn new(tx: mpsc::Sender<Command>, tokens: Tokens) -> App {
+    /// Handlers sending to the actor through `tx`, checking `tokens`, allowing each token
+    /// `rate` requests a second with bursts of `burst` (rate 0: no limit).
+    pub fn new(
+        tx: mpsc::Sender<Command>,
+        tokens: Tokens,
+        rate: u32,
+        burst: u32,
+        server: Arc<ServerStats>,
+    ) -> App {
         App {
             tx,
-            tokens: Arc::new(tokens),
+            tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+            rate: Arc::new(Mutex::new(RateLimiter::new(rate, burst, RATE_KEYS))),
             requests: Arc::new(Default::default()),
+            unauthenticated: Arc::new(AtomicU64::new(0)),
+            rate_limited: Arc::new(AtomicU64::new(0)),
+            server,
         }
+    }
+
+    /// Replaces the tokens (SIGHUP). Requests under way keep the tokens they were checked
+    /// with; leases are untouched.
+    pub fn set_tokens(&self, tokens: Tokens) {
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+    }
+
+    fn tokens(&self) -> Arc<Tokens> {
+        self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
-/// The router.
+/// The router of the API (`listen`). `/metrics` there needs a token that may read.
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_with_token))
         .route("/v1/hosts/{host}/heartbeat", post(heartbeat))
         .route("/v1/leases", post(acquire))
         .route("/v1/leases/{id}/renew", post(renew))
@@ -60,6 +92,15 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/rollouts/{env}/{service}/{verb}", post(operate))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
+        .with_state(app)
+}
+
+/// The router of `metrics_listen`: `/metrics` and `/healthz` without a token, nothing else.
+pub fn metrics_router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("this address serves only /metrics") })
         .with_state(app)
 }
 
@@ -120,32 +161,17 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let deny = |who: &str, why: String, status: u16, kind: &str| {
-        let _ = app.tx.send(Command::Denied {
-            who: who.into(),
-            what: what.into(),
-            why: why.clone(),
-        });
-        ApiError {
-            status,
-            body: crate::wire::ErrorBody {
-                kind: kind.into(),
-                message: why,
-                reason: None,
-                retry_after_ms: None,
-            },
-        }
+    // Without a valid token nothing reaches the actor nor the store (a flood of them cannot
+    // grow the audit): it is only counted.
+    let unauthorized = |why: &str| {
+        app.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        ApiError::new(401, "unauthorized", why)
     };
     let Some(token) = token else {
-        return Err(deny(
-            "unknown",
-            "missing bearer token".into(),
-            401,
-            "unauthorized",
-        ));
+        return Err(unauthorized("missing bearer token"));
     };
-    let Some(c) = app.tokens.check(token) else {
-        return Err(deny("unknown", "unknown token".into(), 401, "unauthorized"));
+    let Some(c) = app.tokens().check(token).cloned() else {
+        return Err(unauthorized("unknown token"));
     };
     if !need.allows(c.role) {
         let why = format!(
@@ -154,9 +180,54 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
             c.role.name(),
             need.roles()
         );
-        return Err(deny(&c.name, why, 403, "forbidden"));
+        return Err(deny(app, &c, what, why));
     }
-    Ok(c.clone())
+    Ok(c)
+}
+
+/// A 403 for a known token, audited (the actor caps the text).
+fn deny(app: &App, who: &Caller, what: &str, why: String) -> ApiError {
+    let _ = app.tx.send(Command::Denied {
+        who: who.name.clone(),
+        what: cap(what, 128),
+        why: why.clone(),
+    });
+    ApiError::forbidden(why)
+}
+
+/// The rate limit of `who` (acting as `host`, for an agent): 429 `rate_limited` when over.
+/// A host-bound token has one bucket; a fleet-wide agent token one per host it acts as.
+fn limit(app: &App, who: &Caller, host: Option<&str>) -> Result<(), ApiError> {
+    let key = match host {
+        Some(h) if who.host.is_none() => format!("{}/{}", who.name, cap(h, 253)),
+        _ => who.name.clone(),
+    };
+    let taken = app
+        .rate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(&key, std::time::Instant::now());
+    taken.map_err(|wait| {
+        app.rate_limited.fetch_add(1, Ordering::Relaxed);
+        ApiError::rate_limited(
+            (wait.as_millis() as u64).max(100),
+            format!(
+                "token {} sends more requests than the coordinator's rate limit (limits.requests_per_second); slow down",
+                who.name
+            ),
+        )
+    })
+}
+
+/// Checks the caller, that it may act as `host`, and its rate.
+fn agent_as(app: &App, headers: &HeaderMap, host: &str, what: &str) -> Result<Caller, ApiError> {
+    let who = caller(app, headers, Need::Agent, what)?;
+    if !who.may_act_as(host) {
+        let why = who.not_as(host);
+        return Err(deny(app, &who, what, why));
+    }
+    limit(app, &who, Some(host))?;
+    Ok(who)
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes.
@@ -218,9 +289,25 @@ async fn healthz(State(app): State<App>) -> Response {
     }
 }
 
+async fn metrics_with_token(State(app): State<App>, headers: HeaderMap) -> Response {
+    match caller(&app, &headers, Need::Read, "metrics") {
+        Ok(_) => metrics(State(app)).await,
+        Err(e) => answer::<()>(&app, Err(e)),
+    }
+}
+
 async fn metrics(State(app): State<App>) -> Response {
     match ask(&app, Command::Metrics).await {
         Ok(mut text) => {
+            text.push_str(&format!(
+                "# TYPE drover_coordinator_unauthenticated_total counter\ndrover_coordinator_unauthenticated_total {}\n",
+                app.unauthenticated.load(Ordering::Relaxed)
+            ));
+            text.push_str(&format!(
+                "# TYPE drover_coordinator_rate_limited_total counter\ndrover_coordinator_rate_limited_total {}\n",
+                app.rate_limited.load(Ordering::Relaxed)
+            ));
+            text.push_str(&app.server.metrics());
             text.push_str("# TYPE drover_coordinator_http_responses_total counter\n");
             for (i, class) in ["2xx", "auth", "wait", "4xx", "5xx", "other"]
                 .iter()
@@ -244,7 +331,7 @@ async fn heartbeat(
     b: Body,
 ) -> Response {
     let r = async {
-        caller(&app, &headers, Need::Agent, &format!("heartbeat {host}"))?;
+        agent_as(&app, &headers, &host, &format!("heartbeat {}", cap(&host, 64)))?;
         let hb: Heartbeat = body(b).await?;
         ask(&app, |r| Command::Heartbeat(host, hb, r)).await
     }
@@ -256,6 +343,8 @@ async fn acquire(State(app): State<App>, headers: HeaderMap, b: Body) -> Respons
     let r = async {
         let who = caller(&app, &headers, Need::Agent, "acquire lease")?;
         let req: AcquireRequest = body(b).await?;
+        // Whether it may act as req.host is the core's to decide (and audit).
+        limit(&app, &who, Some(&req.host))?;
         ask(&app, |r| Command::Acquire(req, who, r)).await
     }
     .await;
@@ -264,8 +353,10 @@ async fn acquire(State(app): State<App>, headers: HeaderMap, b: Body) -> Respons
 
 async fn renew(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let r = async {
-        caller(&app, &headers, Need::Agent, &format!("renew lease {id}"))?;
-        ask(&app, |r| Command::Renew(id, r)).await
+        // The lease id is its holder's secret: never in the audit.
+        let who = caller(&app, &headers, Need::Agent, "renew lease")?;
+        limit(&app, &who, None)?;
+        ask(&app, |r| Command::Renew(id, who, r)).await
     }
     .await;
     answer(&app, r)
@@ -278,9 +369,10 @@ async fn release(
     b: Body,
 ) -> Response {
     let r = async {
-        caller(&app, &headers, Need::Agent, &format!("release lease {id}"))?;
+        let who = caller(&app, &headers, Need::Agent, "release lease")?;
+        limit(&app, &who, None)?;
         let req: ReleaseRequest = body(b).await?;
-        ask(&app, |r| Command::Release(id, req, r)).await
+        ask(&app, |r| Command::Release(id, req, who, r)).await
     }
     .await;
     answer(&app, r)
@@ -288,7 +380,8 @@ async fn release(
 
 async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
     let r = async {
-        caller(&app, &headers, Need::Read, "status")?;
+        let who = caller(&app, &headers, Need::Read, "status")?;
+        limit(&app, &who, None)?;
         ask(&app, Command::Status).await
     }
     .await;
@@ -306,7 +399,8 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Response {
     let r = async {
-        caller(&app, &headers, Need::Read, "history")?;
+        let who = caller(&app, &headers, Need::Read, "history")?;
+        limit(&app, &who, None)?;
         let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
         ask(&app, |r| Command::History(limit, r)).await
     }
@@ -335,6 +429,7 @@ async fn decide(
             Need::Approve,
             &format!("{verb} {env}/{service}/{version}"),
         )?;
+        limit(&app, &who, None)?;
         ask(&app, |reply| Command::Decide {
             env,
             service,
@@ -368,6 +463,7 @@ async fn operate(
             }
         };
         let who = caller(&app, &headers, need, &format!("{verb} {env}/{service}"))?;
+        limit(&app, &who, None)?;
         match verb.as_str() {
             "retry" => {
                 ask(&app, |reply| Command::Retry {

@@ -6,7 +6,8 @@
 //! the rollout state machine ([`rollout`]), the pure decisions over a state snapshot
 //! ([`core`]), the coordinator's own reading of the desired-state repo ([`git`]), the store
 //! ([`store`], SQLite), the actor that batches requests into store transactions ([`actor`])
-//! and the HTTP layer ([`http`]).
+//! and the HTTP layer ([`http`]) behind the coordinator's own accept loop ([`server`], with
+//! [`tls`]).
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -29,4 +30,8 @@ pub mod http;
 #[cfg(feature = "server")]
 pub mod rollout;
 #[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod tls;

@@ -1,18 +1,20 @@
 //! `drover-coordinator`: the coordinator server (`serve`) and its helpers.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use drover_coordinator::actor::{self, now_ms};
+use drover_coordinator::actor::{self, Settings, now_ms};
 use drover_coordinator::auth::hash_token;
 use drover_coordinator::config::Config;
 use drover_coordinator::core::Core;
-use drover_coordinator::http::{App, router};
-use drover_coordinator::store::{Sqlite, Store};
+use drover_coordinator::http::{App, metrics_router, router};
+use drover_coordinator::server::{self, ServerStats};
+use drover_coordinator::store::{Sqlite, Store, dump};
+use drover_coordinator::tls::{self, TlsSlot};
 
 /// drover's coordinator: rolling-batch leases, approval gates, fleet view, audit.
 #[derive(Parser)]
@@ -38,9 +40,45 @@ enum Command {
     },
     /// Print the sha256 line for a token read from stdin (for the `tokens:` list).
     HashToken,
+    /// Make a fresh agent token for HOST: prints the token (for the host's token_file) and
+    /// the line to add to `tokens:`.
+    Enroll {
+        /// The host's name, as in its agent configuration.
+        host: String,
+    },
+    /// Check, export or import the store (recovery of a damaged store).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Integrity check and a read of every row; exit 1 if anything is wrong.
+    Check {
+        /// The SQLite store file.
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Every readable row as JSON lines on stdout.
+    Export {
+        /// The SQLite store file.
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// A new store (the file must not exist) from JSON lines on stdin.
+    Import {
+        /// The SQLite store file to create.
+        #[arg(long)]
+        store: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
+    // Files the coordinator creates (the store, its WAL, the Git mirror) are its own.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let filter = std::env::var("DROVER_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
@@ -76,8 +114,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("sha256: {}", hash_token(&token));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Enroll { host } => {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
+            if !ok {
+                anyhow::bail!(
+                    "`{host}` is not a host name (letters, digits, `.`, `-`, `_`, `+`; at most 253)"
+                );
+            }
+            let token = hex::encode(rand::random::<[u8; 32]>());
+            println!("# token for {host} (put it in the host's token_file, mode 600; it is shown once):");
+            println!("{token}");
+            println!("# add to tokens: in coordinator.yaml, then `systemctl reload drover-coordinator`:");
+            println!(
+                "  - {{ name: {host}, role: agent, host: {host}, sha256: {} }}",
+                hash_token(&token)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store { command } => store_command(command),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
+                if let Some(t) = &c.tls {
+                    tls::load(t)?;
+                }
+                for name in c.tokens.fleet_wide() {
+                    println!("warning: agent token `{name}` may act as any host; give it `host:` (drover-coordinator enroll HOST)");
+                }
                 println!(
                     "ok: listen {}, store {}, repo {} ({})",
                     c.listen,
@@ -130,17 +196,137 @@ impl SystemdNotify {
     }
 }
 
+fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
+    let show = |c: &dump::Counts| {
+        for (table, n) in &c.rows {
+            eprintln!("{table}: {n} rows");
+        }
+        for p in &c.problems {
+            eprintln!("problem: {p}");
+        }
+    };
+    match command {
+        StoreCommand::Check { store } => {
+            let c = dump::check(&store)?;
+            show(&c);
+            if c.problems.is_empty() {
+                println!("ok: {} is sound", store.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "{} has {} problem(s); `store export` saves the readable rows",
+                    store.display(),
+                    c.problems.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        StoreCommand::Export { store } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let c = dump::export(&store, &mut out)?;
+            show(&c);
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Import { store } => {
+            let stdin = std::io::stdin();
+            let c = dump::import(&store, &mut stdin.lock())?;
+            show(&c);
+            println!("ok: {} created", store.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// How many connections the open-file limit leaves room for. The soft limit is raised to the
+/// hard one first (systemd's default soft limit is 1024, its hard limit much higher).
+fn connection_budget(wanted: u32) -> u32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return wanted;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    // Room for the store, the Git mirror, the listeners and the runtime.
+    let room = soft.saturating_sub(128).min(u64::from(u32::MAX)) as u32;
+    if room < wanted {
+        tracing::warn!(
+            open_files = soft,
+            connections = room,
+            wanted,
+            "the open-file limit allows fewer connections than limits.connections (raise LimitNOFILE)"
+        );
+    }
+    wanted.min(room.max(16))
+}
+
+/// Re-reads the tokens and the TLS files (SIGHUP). On any problem the running ones stay.
+fn reload(path: &Path, app: &App, tls: Option<&TlsSlot>) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: invalid configuration; keeping the running one");
+            return;
+        }
+    };
+    match (tls, &config.tls) {
+        (Some(slot), Some(files)) => match tls::load(files) {
+            Ok(c) => slot.set(c),
+            Err(e) => {
+                tracing::error!(error = %e, "reload: TLS files unusable; keeping the running ones");
+                return;
+            }
+        },
+        (None, None) => {}
+        _ => tracing::warn!("reload: turning TLS on or off needs a restart; only the tokens are reloaded"),
+    }
+    for name in config.tokens.fleet_wide() {
+        tracing::warn!(token = name, "agent token may act as any host; bind it with `host:`");
+    }
+    app.set_tokens(config.tokens);
+    tracing::info!("reloaded the tokens and the TLS files");
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     let notify = SystemdNotify::from_env();
+    let tls = match &config.tls {
+        Some(files) => Some(TlsSlot::new(tls::load(files)?)),
+        None => None,
+    };
     let mut store = Sqlite::open(&config.sqlite)?;
     let snap = store.load()?;
     let (leases, rollouts) = (snap.leases.len(), snap.rollouts.len());
-    let core = Core::new(
+    let mut core = Core::new(
         snap,
         config.lease_ttl.as_millis() as u64,
         config.heartbeat.as_millis() as u64,
         now_ms(),
     );
+    core.max_hosts = config.limits.max_hosts as usize;
+    for name in config.tokens.fleet_wide() {
+        tracing::warn!(token = name, "agent token may act as any host: a holder can lease, release and heartbeat as any host; give each host its own (drover-coordinator enroll HOST)");
+    }
+    let mut limits = config.limits.clone();
+    limits.connections = connection_budget(limits.connections);
+    let settings = Settings {
+        audit_max_age: config.audit_max_age,
+        audit_max_entries: config.audit_max_entries,
+        ..Settings::default()
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
     let state = std::thread::Builder::new()
@@ -150,7 +336,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                 core,
                 Box::new(store) as Box<dyn Store>,
                 rx,
-                Duration::from_millis(250),
+                settings,
                 Some(wake_tx),
             )
         })
@@ -164,31 +350,77 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        tracing::info!(listen = %config.listen, store = %config.sqlite.display(), repo = %config.repo.url, rollouts, leases, "coordinator serving");
+        let metrics_listener = match config.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a} (metrics_listen)"))?,
+            ),
+            None => None,
+        };
+        tracing::info!(listen = %config.listen, tls = tls.is_some(), store = %config.sqlite.display(), repo = %config.repo.url, rollouts, leases, connections = limits.connections, "coordinator serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let git = tokio::spawn(drover_coordinator::git::follow(
             config.repo.clone(),
             config.git_dir.clone(),
             tx.clone(),
             wake_rx,
-            stop_rx,
+            stop_rx.clone(),
         ));
-        let app = App::new(tx, config.tokens.clone());
-        notify.send(&format!("READY=1\nSTATUS=serving on {}", config.listen));
-        let served = axum::serve(listener, router(app))
-            .with_graceful_shutdown(async move {
+        let stats = Arc::new(ServerStats::default());
+        let app = App::new(
+            tx,
+            config.tokens.clone(),
+            limits.requests_per_second,
+            limits.burst,
+            stats.clone(),
+        );
+        let metrics = metrics_listener.map(|l| {
+            let mut limits = limits.clone();
+            limits.connections = 64;
+            let mut stop = stop_rx.clone();
+            tokio::spawn(server::serve(
+                l,
+                metrics_router(app.clone()),
+                None,
+                limits,
+                Arc::new(ServerStats::default()),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            ))
+        });
+        let hup = {
+            let (app, tls, path) = (app.clone(), tls.clone(), config.path.clone());
+            tokio::spawn(async move {
                 use tokio::signal::unix::{SignalKind, signal};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                tracing::info!("shutting down");
-                notify.send("STOPPING=1");
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    notify.send("RELOADING=1");
+                    reload(&path, &app, tls.as_ref());
+                    notify.send("READY=1");
+                }
             })
-            .await
-            .context("serving");
+        };
+        SystemdNotify::from_env().send(&format!("READY=1\nSTATUS=serving on {}", config.listen));
+        server::serve(listener, router(app), tls, limits, stats, async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("shutting down");
+            SystemdNotify::from_env().send("STOPPING=1");
+        })
+        .await;
+        hup.abort();
         let _ = stop_tx.send(true);
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         let _ = git.await;
-        served
+        anyhow::Ok(())
     })?;
     // The router and the Git follower (and their senders) are gone: the actor finishes its
     // last batch and stops.

@@ -166,6 +166,10 @@ pub struct Lease {
     /// The id of the rollout it belongs to.
     #[serde(default)]
     pub rollout: u64,
+    /// When it expired unrenewed (the slot was given away; the holder's late release still
+    /// counts). Absent while it is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at_ms: Option<u64>,
 }
 
 /// A rollout as shown to clients.

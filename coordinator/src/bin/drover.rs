@@ -23,6 +23,14 @@ struct Cli {
     /// A file holding the bearer token (else the DROVER_TOKEN environment variable).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the coordinator's TLS certificate (else the
+    /// system roots).
+    #[arg(long, global = true, env = "DROVER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Allow plain http:// to a coordinator that is not on loopback (the token crosses the
+    /// network readable).
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,7 +143,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
-    let c = Client::new(&cli.url, token)?;
+    let c = Client::with_options(
+        &cli.url,
+        token,
+        &drover_coordinator::client::Options {
+            ca_file: cli.ca_file.clone(),
+            insecure: cli.insecure,
+        },
+    )?;
     match cli.command {
         Command::Status { json } => {
             let s = c.status().await?;

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use super::{ApiError, Change, Core, Host, Rollout, WAIT_SHOWN_AFTER, short, valid_name};
+use super::{
+    ApiError, Change, Core, Host, Rollout, WAIT_SHOWN_AFTER, check_names, short, valid_name,
+};
+use crate::auth::cap;
 use crate::wire::{Action, ActionKind, Heartbeat, HeartbeatReply, RolloutState, ServiceReport};
 
 /// Where the hosts of a VERIFYING rollout stand.
@@ -17,6 +20,67 @@ pub struct Verification {
     pub moved_on: Vec<String>,
     /// Still to report it running healthy.
     pub pending: Vec<String>,
+}
+
+/// Most services one heartbeat may report.
+pub const MAX_SERVICES: usize = 256;
+/// Most labels one heartbeat may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// A heartbeat as a host record, every field checked and bounded: what one host can make the
+/// coordinator store is a few tens of kilobytes at most.
+fn bounded(hb: &Heartbeat, now: u64) -> Result<Host, ApiError> {
+    check_names(&[("environment", &hb.environment, 63)])?;
+    if hb.services.len() > MAX_SERVICES {
+        return Err(ApiError::bad_request(format!(
+            "heartbeat reports {} services; at most {MAX_SERVICES}",
+            hb.services.len()
+        )));
+    }
+    if hb.labels.len() > MAX_LABELS {
+        return Err(ApiError::bad_request(format!(
+            "heartbeat has {} labels; at most {MAX_LABELS}",
+            hb.labels.len()
+        )));
+    }
+    for (k, v) in &hb.labels {
+        if k.is_empty() || k.len() > 63 || v.len() > 253 || (k.chars().chain(v.chars())).any(char::is_control) {
+            return Err(ApiError::bad_request(format!(
+                "label `{}`: names are 1 to 63 bytes, values at most 253, no control characters",
+                cap(k, 63)
+            )));
+        }
+    }
+    if let Some(c) = &hb.commit {
+        check_names(&[("commit", c, 64)])?;
+    }
+    let mut seen = BTreeSet::new();
+    let mut services = Vec::with_capacity(hb.services.len());
+    for s in &hb.services {
+        check_names(&[("service", &s.service, 63)])?;
+        if !seen.insert(s.service.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "service {} is reported twice",
+                s.service
+            )));
+        }
+        for v in [&s.desired, &s.actual, &s.failed].into_iter().flatten() {
+            check_names(&[("version", v, 128)])?;
+        }
+        services.push(ServiceReport {
+            phase: s.phase.as_deref().map(|p| cap(p, 64)),
+            last_error: s.last_error.as_deref().map(|e| cap(e, 512)),
+            ..s.clone()
+        });
+    }
+    Ok(Host {
+        environment: hb.environment.clone(),
+        labels: hb.labels.clone(),
+        agent_version: hb.agent_version.as_deref().map(|v| cap(v, 64)),
+        services,
+        commit: hb.commit.clone(),
+        last_seen_ms: now,
+    })
 }
 
 impl Core {
@@ -33,14 +97,13 @@ impl Core {
                 host.chars().take(80).collect::<String>()
             )));
         }
-        let rec = Host {
-            environment: hb.environment.clone(),
-            labels: hb.labels.clone(),
-            agent_version: hb.agent_version.clone(),
-            services: hb.services.clone(),
-            commit: hb.commit.clone(),
-            last_seen_ms: now,
-        };
+        let rec = bounded(hb, now)?;
+        if !self.hosts.contains_key(host) && self.hosts.len() >= self.max_hosts {
+            return Err(ApiError::conflict(format!(
+                "the coordinator already tracks {} hosts (limits.max_hosts); host {host} is not added",
+                self.hosts.len()
+            )));
+        }
         if let Some(commit) = &hb.commit {
             self.host_read(commit, now);
         }

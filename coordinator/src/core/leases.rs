@@ -3,7 +3,7 @@
 //! its rollouts they belong to.
 
 use super::{ApiError, Change, Core, check_names, key, short};
-use crate::auth::Caller;
+use crate::auth::{Caller, cap};
 use crate::wire::{
     AcquireRequest, Granted, Lease, Outcome, Purpose, ReleaseRequest, Renewed, RolloutState,
     RolloutView,
@@ -24,6 +24,11 @@ impl Core {
             ("version", &req.version, 128),
             ("commit", &req.commit, 64),
         ])?;
+        if !who.may_act_as(&req.host) {
+            let why = who.not_as(&req.host);
+            self.denied(now, &who.name, "acquire lease", &why);
+            return Err(ApiError::forbidden(why));
+        }
         let (env, service, version) = (&req.environment, &req.service, &req.version);
         let k = key(env, service, version);
         let Some(desired) = &self.desired else {
@@ -211,6 +216,7 @@ impl Core {
             ttl_ms: self.lease_ttl_ms,
             expires_at_ms: now.saturating_add(self.lease_ttl_ms),
             rollout: id,
+            expired_at_ms: None,
         };
         self.leases.insert(lease.id.clone(), lease.clone());
         self.changes.push(Change::Lease(lease.clone()));
@@ -241,6 +247,9 @@ impl Core {
                     expires_at_ms: l.expires_at_ms,
                 })
             }
+            _ if self.expired.contains_key(id) => Err(ApiError::lease_lost(format!(
+                "lease {id} expired unrenewed and its slot was given away; stop renewing it, and release it with the outcome when the deploy ends (the outcome still counts)"
+            ))),
             _ => Err(ApiError::lease_lost(format!(
                 "lease {id} is unknown, expired or already released"
             ))),
@@ -254,10 +263,18 @@ impl Core {
         req: &ReleaseRequest,
         now: u64,
     ) -> Result<RolloutView, ApiError> {
-        let Some(lease) = self.leases.remove(id) else {
-            return Err(ApiError::lease_lost(format!(
-                "lease {id} is unknown, expired or already released; nothing was changed"
-            )));
+        let (lease, late) = match self.leases.remove(id) {
+            Some(l) => (l, false),
+            // The lease expired while its host was still deploying: its slot was given away,
+            // but the outcome is the host's and still counts (max_failures included).
+            None => match self.expired.remove(id) {
+                Some(l) => (l, true),
+                None => {
+                    return Err(ApiError::lease_lost(format!(
+                        "lease {id} is unknown or already released; nothing was changed"
+                    )));
+                }
+            },
         };
         self.changes.push(Change::LeaseGone(id.into()));
         let k = key(&lease.environment, &lease.service, &lease.version);
@@ -270,10 +287,18 @@ impl Core {
             &lease.host,
             "lease_released",
             &k,
-            match &req.message {
-                Some(m) => format!("{outcome}: {m}"),
-                None => outcome.to_string(),
-            },
+            format!(
+                "{outcome}{}{}",
+                if late {
+                    " (after its lease expired)"
+                } else {
+                    ""
+                },
+                match &req.message {
+                    Some(m) => format!(": {}", cap(m, 1024)),
+                    None => String::new(),
+                }
+            ),
         );
         let rid = lease.rollout;
         let Some(r) = self.rollouts.get_mut(&rid) else {
@@ -294,8 +319,10 @@ impl Core {
         }
         r.updated_at_ms = now;
         if let Some(v) = &req.verification {
-            r.verdicts
-                .insert(lease.host.clone(), format!("{}: {}", v.risk, v.summary));
+            r.verdicts.insert(
+                lease.host.clone(),
+                format!("{}: {}", cap(&v.risk, 32), cap(&v.summary, 1024)),
+            );
         }
         let (state, failures, max) = (r.state, r.failed.len() as u32, r.policy.max_failures);
         self.save(rid);
@@ -305,7 +332,7 @@ impl Core {
                 &lease.host,
                 "verification",
                 &k,
-                format!("risk {}: {}", v.risk, v.summary),
+                format!("risk {}: {}", cap(&v.risk, 32), cap(&v.summary, 1024)),
             );
         }
         match (lease.purpose, req.outcome) {
@@ -316,7 +343,7 @@ impl Core {
                         format!(
                             "{failures} host(s) failed (max_failures {max}); last: {} ({})",
                             lease.host,
-                            req.message.as_deref().unwrap_or("no message")
+                            cap(req.message.as_deref().unwrap_or("no message"), 256)
                         ),
                         now,
                     );
@@ -349,7 +376,7 @@ impl Core {
                     Some(format!(
                         "revert failed on {}: {}; an operator is needed",
                         lease.host,
-                        req.message.as_deref().unwrap_or("no message")
+                        cap(req.message.as_deref().unwrap_or("no message"), 256)
                     )),
                     "coordinator",
                     now,

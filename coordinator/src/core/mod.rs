@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Caller, cap};
 use crate::rollout::transition;
 use crate::wire::{
     AuditEntry, Decision, DesiredView, ErrorBody, HostView, Lease, OverrideView, Policy,
@@ -254,7 +255,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, kind: &str, message: impl Into<String>) -> ApiError {
+    /// An error of any status and kind.
+    pub fn new(status: u16, kind: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: ErrorBody {
@@ -285,6 +287,19 @@ impl ApiError {
     pub fn lease_lost(m: impl Into<String>) -> ApiError {
         ApiError::new(410, "lease_lost", m)
     }
+    /// 503 unavailable: the coordinator cannot store changes now (disk full, I/O error);
+    /// reads still work, retry later.
+    pub fn unavailable(retry_after_ms: u64, m: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(503, "unavailable", m);
+        e.body.retry_after_ms = Some(retry_after_ms);
+        e
+    }
+    /// 429 rate_limited.
+    pub fn rate_limited(retry_after_ms: u64, m: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(429, "rate_limited", m);
+        e.body.retry_after_ms = Some(retry_after_ms);
+        e
+    }
     /// 500 internal.
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(500, "internal", m)
@@ -310,7 +325,11 @@ pub struct Core {
     rollouts: BTreeMap<u64, Rollout>,
     next_rollout: u64,
     leases: HashMap<String, Lease>,
+    /// Leases that expired unrenewed, kept for a day so their holder's late release counts.
+    expired: HashMap<String, Lease>,
     hosts: BTreeMap<String, Host>,
+    /// The most hosts the coordinator tracks (heartbeats of new hosts beyond it get 409).
+    pub max_hosts: usize,
     desired: Option<Desired>,
     /// The last commit fetched (valid or refused).
     tip: Option<String>,
@@ -333,6 +352,13 @@ pub struct Core {
     /// Commits read lately (the tips followed): a host reporting one of them is only behind.
     seen: std::collections::VecDeque<String>,
 }
+
+/// How long an expired lease is remembered, so that its holder's late release still counts.
+const EXPIRED_KEPT_MS: u64 = 24 * 3600 * 1000;
+/// At most this many expired leases are remembered (the oldest are forgotten first).
+const EXPIRED_KEPT: usize = 10_000;
+/// Default for [`Core::max_hosts`].
+pub const DEFAULT_MAX_HOSTS: usize = 100_000;
 
 /// How many recent tips the coordinator remembers.
 const SEEN_COMMITS: usize = 256;
@@ -370,6 +396,8 @@ impl Core {
             rollouts: snap.rollouts.into_iter().map(|r| (r.id, r)).collect(),
             next_rollout,
             leases: HashMap::new(),
+            expired: HashMap::new(),
+            max_hosts: DEFAULT_MAX_HOSTS,
             hosts: snap
                 .hosts
                 .into_iter()
@@ -402,6 +430,10 @@ impl Core {
             seen: std::collections::VecDeque::new(),
         };
         for mut l in snap.leases {
+            if l.expired_at_ms.is_some() {
+                core.expired.insert(l.id.clone(), l);
+                continue;
+            }
             l.expires_at_ms = l.expires_at_ms.max(now.saturating_add(lease_ttl_ms));
             l.ttl_ms = lease_ttl_ms;
             core.leases.insert(l.id.clone(), l);
@@ -454,9 +486,58 @@ impl Core {
         self.changes.push(Change::Audit(e));
     }
 
-    /// Records a denied call.
+    /// Records a denied call by a known token, its text capped: a token holder cannot grow
+    /// the audit by more than a few hundred bytes a call.
     pub fn denied(&mut self, now: u64, who: &str, what: &str, why: &str) {
-        self.audit(now, who, "denied", what, why.into());
+        self.audit(
+            now,
+            &cap(who, 64),
+            "denied",
+            &cap(what, 128),
+            cap(why, 256),
+        );
+    }
+
+    /// Checks that `who` may act on lease `id` (live or expired): a host-bound token only on
+    /// its own host's leases. A refusal is audited (without the lease id, its holder's secret).
+    pub fn check_holder(
+        &mut self,
+        id: &str,
+        who: &Caller,
+        what: &str,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        let holder = self
+            .leases
+            .get(id)
+            .or_else(|| self.expired.get(id))
+            .map(|l| l.host.clone());
+        match holder {
+            Some(h) if !who.may_act_as(&h) => {
+                let why = who.not_as(&h);
+                self.denied(now, &who.name, what, &why);
+                Err(ApiError::forbidden(why))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Lease expiry times (kept across a reload of the state from the store, which would
+    /// otherwise give every lease a fresh TTL).
+    pub fn lease_expiries(&self) -> HashMap<String, u64> {
+        self.leases
+            .values()
+            .map(|l| (l.id.clone(), l.expires_at_ms))
+            .collect()
+    }
+
+    /// Puts back expiry times taken by [`Core::lease_expiries`].
+    pub fn keep_expiries(&mut self, expiries: &HashMap<String, u64>) {
+        for l in self.leases.values_mut() {
+            if let Some(&at) = expiries.get(&l.id) {
+                l.expires_at_ms = at;
+            }
+        }
     }
 
     fn save(&mut self, id: u64) {
@@ -585,19 +666,26 @@ impl Core {
             .filter(|l| l.expires_at_ms <= now)
             .cloned()
             .collect();
-        for l in expired {
+        for mut l in expired {
             self.leases.remove(&l.id);
-            self.changes.push(Change::LeaseGone(l.id.clone()));
+            // Kept (as expired) so the holder's late release still counts.
+            l.expired_at_ms = Some(now);
+            self.changes.push(Change::Lease(l.clone()));
             let k = key(&l.environment, &l.service, &l.version);
-            tracing::warn!(lease = %l.id, host = %l.host, rollout = %k, "lease expired");
+            tracing::warn!(host = %l.host, rollout = %k, "lease expired");
             self.audit(
                 now,
                 "coordinator",
                 "lease_expired",
                 &k,
-                format!("lease of {} was not renewed", l.host),
+                format!(
+                    "lease of {} was not renewed; its slot is given away, its outcome still counts when it comes",
+                    l.host
+                ),
             );
+            self.expired.insert(l.id.clone(), l);
         }
+        self.forget_expired(now);
         let timed_out: Vec<u64> = self
             .rollouts
             .values()
@@ -630,6 +718,25 @@ impl Core {
                 .collect();
             for id in open {
                 self.progress(id, now);
+            }
+        }
+    }
+
+    /// Forgets expired leases older than a day, and the oldest beyond [`EXPIRED_KEPT`].
+    fn forget_expired(&mut self, now: u64) {
+        let mut old: Vec<(u64, String)> = self
+            .expired
+            .values()
+            .map(|l| (l.expired_at_ms.unwrap_or(0), l.id.clone()))
+            .collect();
+        old.sort_unstable();
+        let over = old.len().saturating_sub(EXPIRED_KEPT);
+        for (i, (at, id)) in old.into_iter().enumerate() {
+            if i < over || now.saturating_sub(at) > EXPIRED_KEPT_MS {
+                self.expired.remove(&id);
+                self.changes.push(Change::LeaseGone(id));
+            } else {
+                break;
             }
         }
     }

@@ -24,6 +24,7 @@ fn agent() -> Caller {
         name: "fleet".into(),
         role: Role::Agent,
         groups: vec![],
+        host: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn person(name: &str, role: Role, groups: &[&str]) -> Caller {
         name: name.into(),
         role,
         groups: groups.iter().map(|g| g.to_string()).collect(),
+        host: None,
     }
 }
 

@@ -2,9 +2,10 @@
 //! produces [`Change`]s, and a [`Store`] writes a batch of them atomically. SQLite is the
 //! embedded default; an etcd store would implement the same trait.
 
+pub mod dump;
 mod sqlite;
 
-pub use sqlite::Sqlite;
+pub use sqlite::{Sqlite, TABLES};
 
 use crate::core::{Change, Snapshot};
 use crate::wire::AuditEntry;
@@ -27,4 +28,10 @@ pub trait Store: Send {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
     /// The last `limit` audit entries, oldest first.
     fn history(&mut self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+    /// A small durable write, to learn whether the store can be written again after a
+    /// failure (disk full, I/O error).
+    fn probe(&mut self) -> Result<(), StoreError>;
+    /// Removes audit entries older than `before_ms`, and the oldest beyond `keep`; returns
+    /// how many were removed.
+    fn prune_audit(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError>;
 }

@@ -13,6 +13,31 @@ use crate::wire::{AuditEntry, Lease};
 /// refused commit and overrides in `state`.
 const SCHEMA: i64 = 2;
 
+/// The tables of a drover store, in the order a dump lists them.
+pub const TABLES: [&str; 6] = ["meta", "rollouts", "leases", "hosts", "state", "audit"];
+
+/// Makes the database and its WAL and shared-memory files readable by their owner only: they
+/// hold lease ids (each its holder's secret) and the audit.
+pub fn restrict(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError {
+                    what: "open",
+                    message: format!("cannot make {} private (mode 0600): {e}", p.display()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A SQLite database file.
 pub struct Sqlite {
     conn: Connection,
@@ -34,7 +59,10 @@ fn override_key(env: &str, service: &str) -> String {
 }
 
 impl Sqlite {
-    /// Opens (creating if needed) the database at `path`, upgrading an older schema.
+    /// Opens (creating if needed) the database at `path`, upgrading an older schema. An
+    /// existing file must be a sound drover store: an empty (truncated) file, a damaged one or
+    /// another program's database is refused with what to do, never started as an empty
+    /// coordinator (that would silently lose approvals and failure history).
     pub fn open(path: &Path) -> Result<Sqlite, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError {
@@ -42,7 +70,65 @@ impl Sqlite {
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
+        let existing = match std::fs::metadata(path) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(StoreError {
+                    what: "open",
+                    message: format!("cannot read {}: {e}", path.display()),
+                });
+            }
+        };
+        if existing == Some(0) {
+            return Err(StoreError {
+                what: "open",
+                message: format!(
+                    "{} is empty (0 bytes), but a drover store is never empty once created: it was truncated or replaced. \
+                     Refusing to start as an empty coordinator (that would lose approvals and failure history). \
+                     Restore it from a backup (or `drover-coordinator store import` a dump); delete it only if you mean to start from nothing",
+                    path.display()
+                ),
+            });
+        }
+        let damaged = |why: String| StoreError {
+            what: "open",
+            message: format!(
+                "{} is damaged ({why}). Refusing to start. `drover-coordinator store check --store {p}` tells what is readable; \
+                 `drover-coordinator store export --store {p} > dump.jsonl` saves the readable rows, and \
+                 `drover-coordinator store import --store NEW.db < dump.jsonl` makes a new store of them",
+                path.display(),
+                p = path.display()
+            ),
+        };
         let mut conn = Connection::open(path).map_err(err("open"))?;
+        if existing.is_some() {
+            let check: Result<Vec<String>, rusqlite::Error> = conn
+                .prepare("PRAGMA quick_check(5)")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect());
+            match check {
+                Ok(lines) if lines == ["ok"] => {}
+                Ok(lines) => return Err(damaged(lines.join("; "))),
+                Err(e) => return Err(damaged(e.to_string())),
+            }
+            let has_meta: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n > 0)
+                .map_err(|e| damaged(e.to_string()))?;
+            if !has_meta {
+                return Err(StoreError {
+                    what: "open",
+                    message: format!(
+                        "{} is a SQLite file but not a drover store (no `meta` table); check store.sqlite in the configuration",
+                        path.display()
+                    ),
+                });
+            }
+        }
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -62,6 +148,9 @@ impl Sqlite {
             .optional()
             .map_err(err("open"))?;
         match version {
+            None if existing.is_some() => {
+                return Err(damaged("its meta table has no schema version".into()));
+            }
             None => {
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
@@ -81,6 +170,7 @@ impl Sqlite {
                 });
             }
         }
+        restrict(path)?;
         Ok(Sqlite { conn })
     }
 
@@ -276,6 +366,52 @@ impl Store for Sqlite {
         tx.commit().map_err(err("commit"))
     }
 
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)",
+                [crate::actor::now_ms() as i64],
+            )
+            .map(drop)
+            .map_err(err("probe"))
+    }
+
+    fn prune_audit(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction().map_err(err("prune"))?;
+        // Sequence numbers are consecutive: everything `keep` below the newest goes.
+        let mut n = tx
+            .execute(
+                "DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?1",
+                [keep as i64],
+            )
+            .map_err(err("prune"))? as u64;
+        // Then by age, oldest first, in order: stop at the first entry young enough.
+        let cut: Option<i64> = {
+            let mut st = tx
+                .prepare("SELECT seq, json_extract(body, '$.at_ms') FROM audit ORDER BY seq")
+                .map_err(err("prune"))?;
+            let mut rows = st.query([]).map_err(err("prune"))?;
+            let mut cut = None;
+            while let Some(r) = rows.next().map_err(err("prune"))? {
+                let (seq, at): (i64, Option<i64>) =
+                    (r.get(0).map_err(err("prune"))?, r.get(1).map_err(err("prune"))?);
+                if at.is_some_and(|a| (a as u64) < before_ms) {
+                    cut = Some(seq);
+                } else {
+                    break;
+                }
+            }
+            cut
+        };
+        if let Some(seq) = cut {
+            n += tx
+                .execute("DELETE FROM audit WHERE seq <= ?1", [seq])
+                .map_err(err("prune"))? as u64;
+        }
+        tx.commit().map_err(err("prune"))?;
+        Ok(n)
+    }
+
     fn history(&mut self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
         let mut stmt = self
             .conn
@@ -313,6 +449,7 @@ mod tests {
             ttl_ms: 30000,
             expires_at_ms: 5,
             rollout,
+            expired_at_ms: None,
         }
     }
 
