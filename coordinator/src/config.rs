@@ -561,4 +561,55 @@ mod tests {
         .to_string();
         assert!(e.contains("missing field `repo`"), "{e}");
     }
+
+    #[test]
+    fn tokens_name_hosts_and_plain_http_stays_local() {
+        let base = "store: { sqlite: /x/c.db }\nrepo: { url: /r }\n";
+        let c = Config::parse(
+            "c.yaml",
+            &format!(
+                "{base}tokens:\n  - {{ name: web-01, role: agent, host: web-01, sha256: {H} }}\n  - {{ name: any, role: agent, host: \"*\", sha256: {} }}\n",
+                "a".repeat(64)
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.tokens.check("test").unwrap().host.as_deref(), Some("web-01"));
+        assert_eq!(c.tokens.fleet_wide(), vec!["any"]);
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.audit_max_entries, 1_000_000);
+        let e = Config::parse(
+            "c.yaml",
+            &format!(
+                "{base}listen: 0.0.0.0:7070\ntokens:\n  - {{ name: a, role: viewer, host: web-01, sha256: {H} }}\n  - {{ name: b, role: agent, host: \"web 01\", sha256: {} }}\nlimits: {{ connections: 1, header_timeout: 1ms }}\naudit_retention: {{ max_entries: 5 }}\nmetrics_listen: nowhere\n",
+                "b".repeat(64)
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "c.yaml:3:9: listen 0.0.0.0:7070 is not a loopback address",
+            "a viewer token acts for people",
+            "host `web 01` is not a host name",
+            "limits.connections must be at least 16",
+            "limits.header_timeout must be at least",
+            "audit_retention.max_entries must be at least 1000",
+            "metrics_listen `nowhere`",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+        // TLS, or an explicit insecure, allows a non-loopback address.
+        for extra in [
+            "tls: { cert: /etc/drover/tls.crt, key: /etc/drover/tls.key }\n",
+            "insecure: true\n",
+        ] {
+            let c = Config::parse(
+                "c.yaml",
+                &format!(
+                    "{base}listen: 0.0.0.0:7070\n{extra}tokens:\n  - {{ name: a, role: agent, sha256: {H} }}\n"
+                ),
+            )
+            .unwrap();
+            assert_eq!(c.listen.to_string(), "0.0.0.0:7070");
+        }
+    }
 }

@@ -157,6 +157,11 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
             });
         }
     }
+    authenticate(app, headers, need, what)
+}
+
+/// Checks the token (not the protocol header: for `/metrics`, which scrapers read).
+fn authenticate(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Caller, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -290,7 +295,7 @@ async fn healthz(State(app): State<App>) -> Response {
 }
 
 async fn metrics_with_token(State(app): State<App>, headers: HeaderMap) -> Response {
-    match caller(&app, &headers, Need::Read, "metrics") {
+    match authenticate(&app, &headers, Need::Read, "metrics") {
         Ok(_) => metrics(State(app)).await,
         Err(e) => answer::<()>(&app, Err(e)),
     }

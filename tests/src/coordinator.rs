@@ -17,6 +17,9 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
     ("root", "admin", ""),
 ];
 
+/// Hosts with an agent token of their own (`host:` set to their name).
+pub const HOSTS: &[&str] = &["web-01", "web-02"];
+
 /// A running coordinator.
 pub struct Coordinator {
     /// Its port.
@@ -26,6 +29,10 @@ pub struct Coordinator {
     child: Option<Child>,
     /// Its log file.
     pub log: PathBuf,
+    /// The CA that signs its TLS certificate, when it speaks TLS.
+    pub ca: Option<PathBuf>,
+    /// A command (and its arguments) the coordinator is started under, e.g. `prlimit …`.
+    pub wrapper: Vec<String>,
 }
 
 /// The secret token of `name` (deterministic for tests).
@@ -37,6 +44,13 @@ impl Coordinator {
     /// Writes a config under `dir/coordinator` and starts it, reading the desired-state repo
     /// at `dir/fleet` (where the test fleets keep it); `extra` is appended to the config.
     pub fn start(dir: &Path, extra: &str) -> Coordinator {
+        let mut c = Coordinator::prepare(dir, extra);
+        c.restart();
+        c
+    }
+
+    /// Writes the config and token files as [`Coordinator::start`] does, without starting it.
+    pub fn prepare(dir: &Path, extra: &str) -> Coordinator {
         let repo = dir.join("fleet");
         let dir = dir.join("coordinator");
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -58,33 +72,77 @@ impl Coordinator {
             ));
             std::fs::write(dir.join(format!("{name}.token")), token(name)).expect("token file");
         }
+        for host in HOSTS {
+            cfg.push_str(&format!(
+                "  - {{ name: {host}, role: agent, host: {host}, sha256: {} }}\n",
+                crate::artifact::sha256(token(host).as_bytes())
+            ));
+            std::fs::write(dir.join(format!("{host}.token")), token(host)).expect("token file");
+        }
         std::fs::write(dir.join("coordinator.yaml"), cfg).expect("config");
-        let mut c = Coordinator {
+        Coordinator {
             port,
             log: dir.join("coordinator.log"),
             dir,
             child: None,
-        };
-        c.restart();
-        c
+            ca: None,
+            wrapper: Vec::new(),
+        }
     }
 
-    /// Starts it again (same port, same database).
-    pub fn restart(&mut self) {
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("coordinator.yaml")
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for it to exit by itself (for a start that must fail); its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let code = crate::wait_for("the coordinator to exit", limit, || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        code.code()
+    }
+
+    /// Starts it without waiting for it to serve.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(crate::bin("drover-coordinator"))
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(crate::bin("drover-coordinator"));
+                c
+            }
+            None => Command::new(crate::bin("drover-coordinator")),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--config")
-            .arg(self.dir.join("coordinator.yaml"))
+            .arg(self.config())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("coordinator starts");
         self.child = Some(child);
+    }
+
+    /// Starts it again (same port, same database).
+    pub fn restart(&mut self) {
+        self.spawn();
+        if self.ca.is_some() {
+            crate::wait_port(self.port, Duration::from_secs(20));
+            return;
+        }
         crate::wait_for("the coordinator", Duration::from_secs(20), || {
             crate::http_get(self.port, "/healthz").filter(|(s, _)| *s == 200)
         });
@@ -100,7 +158,10 @@ impl Coordinator {
 
     /// Its URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match self.ca {
+            Some(_) => format!("https://127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The token file of `name`.
@@ -110,17 +171,29 @@ impl Coordinator {
 
     /// The agent config block pointing at this coordinator.
     pub fn agent_config(&self) -> String {
+        self.agent_config_as("fleet")
+    }
+
+    /// The agent config block with the token of `name` (a host's own token).
+    pub fn agent_config_as(&self, name: &str) -> String {
+        let ca = match &self.ca {
+            Some(ca) => format!(", ca_file: \"{}\"", ca.display()),
+            None => String::new(),
+        };
         format!(
-            "coordinator: {{ url: \"{}\", token_file: \"{}\", heartbeat_interval: 500ms }}\n",
+            "coordinator: {{ url: \"{}\", token_file: \"{}\", heartbeat_interval: 500ms{ca} }}\n",
             self.url(),
-            self.token_file("fleet").display()
+            self.token_file(name).display()
         )
     }
 
     /// Runs the `drover` CLI as `who`.
     pub fn cli(&self, who: &str, args: &[&str]) -> crate::host::Out {
-        Command::new(crate::bin("drover"))
-            .arg("--url")
+        let mut cmd = Command::new(crate::bin("drover"));
+        if let Some(ca) = &self.ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.arg("--url")
             .arg(self.url())
             .arg("--token-file")
             .arg(self.token_file(who))

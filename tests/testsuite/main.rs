@@ -9,5 +9,6 @@ mod git;
 mod gitops;
 mod packaging;
 mod recovery;
+mod security;
 mod validate;
 mod verify;

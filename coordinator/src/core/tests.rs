@@ -1069,3 +1069,150 @@ fn a_verifying_rollout_superseded_goes_on_counting() {
         "{r:?}"
     );
 }
+
+fn bound(host: &str) -> Caller {
+    Caller {
+        name: host.into(),
+        role: Role::Agent,
+        groups: vec![],
+        host: Some(host.into()),
+    }
+}
+
+#[test]
+fn a_host_bound_token_acts_only_as_its_host() {
+    let mut c = core();
+    push(&mut c, "prod", "1.0", &policy(2, 0), T0);
+    c.take_changes();
+    // web-01 asks for a lease as web-02: 403, audited, no lease.
+    let r = req(&c, "web-02", "prod", "1.0");
+    let e = c.acquire(&r, &bound("web-01"), T0).unwrap_err();
+    assert_eq!((e.status, e.body.kind.as_str()), (403, "forbidden"));
+    assert!(e.body.message.contains("bound to host web-01"), "{e:?}");
+    assert_eq!(c.lease_count(), 0);
+    let a = audit(&c.take_changes());
+    assert!(a.iter().any(|e| e.1 == "denied"), "{a:?}");
+    // web-02's own lease: web-01 can neither renew nor release it, and the audit does not
+    // show the lease id.
+    let g = c.acquire(&r, &bound("web-02"), T0).unwrap();
+    c.take_changes();
+    let id = g.lease.id.clone();
+    for what in ["renew lease", "release lease"] {
+        let e = c.check_holder(&id, &bound("web-01"), what, T0 + 1).unwrap_err();
+        assert_eq!(e.status, 403);
+    }
+    let changes = c.take_changes();
+    assert_eq!(audit(&changes).len(), 2);
+    assert!(!format!("{changes:?}").contains(&id), "lease id in the audit");
+    assert!(c.check_holder(&id, &bound("web-02"), "renew lease", T0 + 1).is_ok());
+    assert!(c.check_holder(&id, &agent(), "renew lease", T0 + 1).is_ok(), "fleet-wide");
+    assert_eq!(rollout(&c, "prod", "1.0").failed.len(), 0);
+}
+
+#[test]
+fn a_late_release_after_expiry_still_counts() {
+    let mut c = core();
+    push(&mut c, "prod", "1.0", &policy(1, 0), T0);
+    let g = acquire(&mut c, "h1", "prod", "1.0", T0).unwrap();
+    // Not renewed: it expires, the slot goes to h2.
+    c.tick(T0 + 30_001);
+    let e = c.renew(&g.lease.id, T0 + 30_002).unwrap_err();
+    assert_eq!(e.status, 410);
+    assert!(e.body.message.contains("still counts"), "{e:?}");
+    assert!(acquire(&mut c, "h2", "prod", "1.0", T0 + 30_003).is_ok());
+    // It survives a restart (stored as expired).
+    let changes = c.take_changes();
+    let stored: Vec<&Lease> = changes
+        .iter()
+        .filter_map(|ch| match ch {
+            Change::Lease(l) if l.expired_at_ms.is_some() => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored.len(), 1);
+    let snap = Snapshot {
+        rollouts: c.rollouts.values().cloned().collect(),
+        leases: c
+            .leases
+            .values()
+            .cloned()
+            .chain(stored.into_iter().cloned())
+            .collect(),
+        hosts: vec![],
+        last_audit: 10,
+        desired: c.desired.clone(),
+        refused: None,
+        overrides: vec![],
+    };
+    let mut c = Core::new(snap, 30_000, 5_000, T0 + 40_000);
+    assert_eq!(c.lease_count(), 1, "only h2's lease is live");
+    // h1's failure arrives late: it counts, and max_failures 0 fails the rollout.
+    let v = c
+        .release(&g.lease.id, &ok(Outcome::Failure), T0 + 40_001)
+        .unwrap();
+    assert_eq!(v.failed, vec!["h1".to_string()]);
+    assert!(matches!(
+        state(&c, "prod", "1.0"),
+        RolloutState::RollingBack | RolloutState::Failed
+    ));
+    let a = audit(&c.take_changes());
+    assert!(
+        a.iter().any(|e| e.2.contains("after its lease expired")),
+        "{a:?}"
+    );
+    // Replayed: now unknown.
+    let e = c
+        .release(&g.lease.id, &ok(Outcome::Failure), T0 + 40_002)
+        .unwrap_err();
+    assert_eq!(e.status, 410);
+    // Expired leases are forgotten after a day.
+    let g3 = {
+        c.tick(T0 + 100_000);
+        c.expired.len()
+    };
+    c.tick(T0 + 100_000 + 25 * 3600 * 1000);
+    assert!(c.expired.len() <= g3);
+    assert!(c.expired.is_empty());
+}
+
+#[test]
+fn heartbeats_are_bounded() {
+    let mut c = core();
+    c.max_hosts = 2;
+    let hb = |services: usize, labels: usize| Heartbeat {
+        environment: "prod".into(),
+        labels: (0..labels).map(|i| (format!("l{i}"), "v".into())).collect(),
+        agent_version: Some("x".repeat(10_000)),
+        commit: None,
+        services: (0..services)
+            .map(|i| ServiceReport {
+                service: format!("s{i}"),
+                desired: None,
+                actual: None,
+                healthy: true,
+                phase: Some("p".repeat(10_000)),
+                last_error: Some("e".repeat(100_000)),
+                failed: None,
+            })
+            .collect(),
+    };
+    let e = c.heartbeat("h1", &hb(257, 0), T0).unwrap_err();
+    assert!(e.body.message.contains("at most 256"), "{e:?}");
+    let e = c.heartbeat("h1", &hb(1, 65), T0).unwrap_err();
+    assert!(e.body.message.contains("at most 64"), "{e:?}");
+    let mut bad = hb(1, 0);
+    bad.environment = "x/../y".into();
+    assert_eq!(c.heartbeat("h1", &bad, T0).unwrap_err().status, 400);
+    let mut twice = hb(2, 0);
+    twice.services[1].service = "s0".into();
+    assert!(c.heartbeat("h1", &twice, T0).unwrap_err().body.message.contains("twice"));
+    c.heartbeat("h1", &hb(3, 3), T0).unwrap();
+    let stored = format!("{:?}", c.take_changes());
+    assert!(stored.len() < 10_000, "long texts are capped: {}", stored.len());
+    c.heartbeat("h2", &hb(1, 0), T0).unwrap();
+    let e = c.heartbeat("h3", &hb(1, 0), T0).unwrap_err();
+    assert_eq!(e.status, 409);
+    assert!(e.body.message.contains("max_hosts"), "{e:?}");
+    // A known host still heartbeats.
+    c.heartbeat("h1", &hb(1, 0), T0 + 1).unwrap();
+}

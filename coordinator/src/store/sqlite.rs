@@ -111,15 +111,17 @@ impl Sqlite {
                 Ok(lines) => return Err(damaged(lines.join("; "))),
                 Err(e) => return Err(damaged(e.to_string())),
             }
-            let has_meta: bool = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map(|n| n > 0)
+            let tables: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
                 .map_err(|e| damaged(e.to_string()))?;
-            if !has_meta {
+            if tables.is_empty() {
+                return Err(damaged(
+                    "it holds no tables at all: its content is lost (was its -wal file removed?)"
+                        .into(),
+                ));
+            }
+            if !tables.iter().any(|t| t == "meta") {
                 return Err(StoreError {
                     what: "open",
                     message: format!(
