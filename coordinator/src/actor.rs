@@ -343,7 +343,10 @@ pub fn run(
             // Only renewals (kept in memory) were served: nothing to write. Probe the store.
             let dropped = core.take_changes();
             if !dropped.is_empty() {
-                tracing::warn!(changes = dropped.len(), "not stored: the store is read-only");
+                tracing::warn!(
+                    changes = dropped.len(),
+                    "not stored: the store is read-only"
+                );
             }
             for p in pending {
                 p(Ok(()));
@@ -463,7 +466,11 @@ fn metrics(core: &Core, s: &Stats) -> String {
         (s.commit_micros as f64 / 1e6).to_string(),
     );
     one("unavailable_total", "counter", s.unavailable.to_string());
-    one("store_read_only", "gauge", u8::from(s.read_only).to_string());
+    one(
+        "store_read_only",
+        "gauge",
+        u8::from(s.read_only).to_string(),
+    );
     one("audit_pruned_total", "counter", s.audit_pruned.to_string());
     one("leases", "gauge", core.lease_count().to_string());
     one("hosts", "gauge", core.host_count().to_string());

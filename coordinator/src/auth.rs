@@ -203,10 +203,7 @@ impl RateLimiter {
             }
         }
         let (rate, burst) = (self.rate, self.burst);
-        let b = self
-            .buckets
-            .entry(key.to_string())
-            .or_insert((burst, now));
+        let b = self.buckets.entry(key.to_string()).or_insert((burst, now));
         let refill = now.saturating_duration_since(b.1).as_secs_f64() * rate;
         b.0 = (b.0 + refill).min(burst);
         b.1 = now;
@@ -331,7 +328,8 @@ mod tests {
         // Another key has its own bucket.
         r.take("b", t0).unwrap();
         // 100 ms later one more request passes.
-        r.take("a", t0 + std::time::Duration::from_millis(100)).unwrap();
+        r.take("a", t0 + std::time::Duration::from_millis(100))
+            .unwrap();
         r.take("a", t0 + std::time::Duration::from_millis(100))
             .unwrap_err();
         // Off.

@@ -75,10 +75,10 @@ impl ClientError {
                 ) =>
             {
                 Some((
-                body.reason.as_deref().unwrap_or(body.kind.as_str()),
-                // Bounded: a retry time from the server never overflows a clock nor waits forever.
-                Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
-            ))
+                    body.reason.as_deref().unwrap_or(body.kind.as_str()),
+                    // Bounded: a retry time from the server never overflows a clock nor waits forever.
+                    Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
+                ))
             }
             _ => None,
         }

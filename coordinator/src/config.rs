@@ -208,8 +208,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut c =
-            Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())?;
+        let mut c = Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())?;
         c.path = path.to_path_buf();
         Ok(c)
     }
@@ -414,7 +413,14 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
     let audit_max_age = i
         .audit_retention
         .max_age
-        .map(|d| at_least_in(problems, "audit_retention.max_age", &d, Duration::from_secs(3600)))
+        .map(|d| {
+            at_least_in(
+                problems,
+                "audit_retention.max_age",
+                &d,
+                Duration::from_secs(3600),
+            )
+        })
         .unwrap_or(Duration::from_secs(400 * 24 * 3600));
     let audit_max_entries = match i.audit_retention.max_entries {
         Some(n) if n.value < 1000 => {
@@ -429,7 +435,11 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
     };
     let d = Limits::default();
     let l = i.limits;
-    let count = |problems: &mut Vec<Problem>, what: &str, v: Option<Spanned<u32>>, min: u32, default: u32| match v {
+    let count = |problems: &mut Vec<Problem>,
+                 what: &str,
+                 v: Option<Spanned<u32>>,
+                 min: u32,
+                 default: u32| match v {
         Some(v) if v.value < min => {
             problems.push(Problem::new(
                 mark(&v.mark),
@@ -448,16 +458,36 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         1,
         d.connections_per_address,
     );
-    let requests_per_second = count(problems, "requests_per_second", l.requests_per_second, 0, d.requests_per_second);
+    let requests_per_second = count(
+        problems,
+        "requests_per_second",
+        l.requests_per_second,
+        0,
+        d.requests_per_second,
+    );
     let burst = count(problems, "burst", l.burst, 1, d.burst);
     let max_hosts = count(problems, "max_hosts", l.max_hosts, 1, d.max_hosts);
     let header_timeout = l
         .header_timeout
-        .map(|t| at_least_in(problems, "limits.header_timeout", &t, Duration::from_millis(100)))
+        .map(|t| {
+            at_least_in(
+                problems,
+                "limits.header_timeout",
+                &t,
+                Duration::from_millis(100),
+            )
+        })
         .unwrap_or(d.header_timeout);
     let request_timeout = l
         .request_timeout
-        .map(|t| at_least_in(problems, "limits.request_timeout", &t, Duration::from_secs(1)))
+        .map(|t| {
+            at_least_in(
+                problems,
+                "limits.request_timeout",
+                &t,
+                Duration::from_secs(1),
+            )
+        })
         .unwrap_or(d.request_timeout);
     Config {
         listen,
@@ -573,7 +603,10 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(c.tokens.check("test").unwrap().host.as_deref(), Some("web-01"));
+        assert_eq!(
+            c.tokens.check("test").unwrap().host.as_deref(),
+            Some("web-01")
+        );
         assert_eq!(c.tokens.fleet_wide(), vec!["any"]);
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.audit_max_entries, 1_000_000);

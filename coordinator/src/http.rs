@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 
 use crate::actor::{Command, Reply};
 use crate::auth::{Caller, Need, RateLimiter, Tokens, cap};
-use crate::server::ServerStats;
 use crate::core::ApiError;
+use crate::server::ServerStats;
 use crate::wire::{
     AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, RollbackRequest,
 };
@@ -71,7 +71,10 @@ impl App {
     }
 
     fn tokens(&self) -> Arc<Tokens> {
-        self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -161,7 +164,12 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
 }
 
 /// Checks the token (not the protocol header: for `/metrics`, which scrapers read).
-fn authenticate(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Caller, ApiError> {
+fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    need: Need,
+    what: &str,
+) -> Result<Caller, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -336,7 +344,12 @@ async fn heartbeat(
     b: Body,
 ) -> Response {
     let r = async {
-        agent_as(&app, &headers, &host, &format!("heartbeat {}", cap(&host, 64)))?;
+        agent_as(
+            &app,
+            &headers,
+            &host,
+            &format!("heartbeat {}", cap(&host, 64)),
+        )?;
         let hb: Heartbeat = body(b).await?;
         ask(&app, |r| Command::Heartbeat(host, hb, r)).await
     }

@@ -126,9 +126,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let token = hex::encode(rand::random::<[u8; 32]>());
-            println!("# token for {host} (put it in the host's token_file, mode 600; it is shown once):");
+            println!(
+                "# token for {host} (put it in the host's token_file, mode 600; it is shown once):"
+            );
             println!("{token}");
-            println!("# add to tokens: in coordinator.yaml, then `systemctl reload drover-coordinator`:");
+            println!(
+                "# add to tokens: in coordinator.yaml, then `systemctl reload drover-coordinator`:"
+            );
             println!(
                 "  - {{ name: {host}, role: agent, host: {host}, sha256: {} }}",
                 hash_token(&token)
@@ -142,7 +146,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tls::load(t)?;
                 }
                 for name in c.tokens.fleet_wide() {
-                    println!("warning: agent token `{name}` may act as any host; give it `host:` (drover-coordinator enroll HOST)");
+                    println!(
+                        "warning: agent token `{name}` may act as any host; give it `host:` (drover-coordinator enroll HOST)"
+                    );
                 }
                 println!(
                     "ok: listen {}, store {}, repo {} ({})",
@@ -292,10 +298,15 @@ fn reload(path: &Path, app: &App, tls: Option<&TlsSlot>) {
             }
         },
         (None, None) => {}
-        _ => tracing::warn!("reload: turning TLS on or off needs a restart; only the tokens are reloaded"),
+        _ => tracing::warn!(
+            "reload: turning TLS on or off needs a restart; only the tokens are reloaded"
+        ),
     }
     for name in config.tokens.fleet_wide() {
-        tracing::warn!(token = name, "agent token may act as any host; bind it with `host:`");
+        tracing::warn!(
+            token = name,
+            "agent token may act as any host; bind it with `host:`"
+        );
     }
     app.set_tokens(config.tokens);
     tracing::info!("reloaded the tokens and the TLS files");
@@ -318,7 +329,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
     );
     core.max_hosts = config.limits.max_hosts as usize;
     for name in config.tokens.fleet_wide() {
-        tracing::warn!(token = name, "agent token may act as any host: a holder can lease, release and heartbeat as any host; give each host its own (drover-coordinator enroll HOST)");
+        tracing::warn!(
+            token = name,
+            "agent token may act as any host: a holder can lease, release and heartbeat as any host; give each host its own (drover-coordinator enroll HOST)"
+        );
     }
     let mut limits = config.limits.clone();
     limits.connections = connection_budget(limits.connections);

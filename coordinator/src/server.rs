@@ -177,12 +177,24 @@ pub async fn serve(
             let _slot = slot;
             let _guard = guard;
             match tls {
-                None => connection(TokioIo::new(stream), peer, router, &limits, &stats, &mut done).await,
+                None => {
+                    connection(
+                        TokioIo::new(stream),
+                        peer,
+                        router,
+                        &limits,
+                        &stats,
+                        &mut done,
+                    )
+                    .await
+                }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
                         Ok(Ok(s)) => {
-                            connection(TokioIo::new(s), peer, router, &limits, &stats, &mut done).await
+                            connection(TokioIo::new(s), peer, router, &limits, &stats, &mut done)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => {
@@ -281,6 +293,10 @@ mod tests {
         assert_eq!(stats.connections_open.load(Ordering::Relaxed), 3);
         drop(a1);
         assert!(take(&slots, b, 3, 2, &stats).is_some());
-        assert!(stats.metrics().contains("drover_coordinator_connections_refused_total 0"));
+        assert!(
+            stats
+                .metrics()
+                .contains("drover_coordinator_connections_refused_total 0")
+        );
     }
 }

@@ -32,17 +32,35 @@ impl TestCa {
     pub fn new(dir: &Path) -> TestCa {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).expect("mkdir");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
         ca.extend([
-            "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=drover test CA", "-days", "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=drover test CA",
+            "-days",
+            "2",
         ]);
         openssl(dir, &ca);
         let mut csr = vec!["req"];
         csr.extend(ec);
         csr.extend([
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
         ]);
         openssl(dir, &csr);
         std::fs::write(
@@ -53,8 +71,21 @@ impl TestCa {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
         );
         let key = dir.join("server.key");

@@ -34,7 +34,11 @@ fn metric(c: &Coordinator, name: &str) -> f64 {
 fn store_size(c: &Coordinator) -> u64 {
     ["coordinator.db", "coordinator.db-wal"]
         .iter()
-        .map(|f| std::fs::metadata(c.dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .map(|f| {
+            std::fs::metadata(c.dir.join(f))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
         .sum()
 }
 
@@ -46,19 +50,55 @@ fn a_host_token_cannot_act_as_another_host() {
     c.wait_commit(&commit);
     let (web1, web2) = (token("web-01"), token("web-02"));
     // Its own heartbeat works; another host's is refused.
-    let (s, b) = c.http("POST", "/v1/hosts/web-01/heartbeat", Some(&web1), HEARTBEAT, true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/hosts/web-01/heartbeat",
+        Some(&web1),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 200, "{b}");
-    let (s, b) = c.http("POST", "/v1/hosts/web-02/heartbeat", Some(&web1), HEARTBEAT, true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/hosts/web-02/heartbeat",
+        Some(&web1),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!((s, b["kind"].as_str()), (403, Some("forbidden")), "{b}");
-    assert!(b["message"].as_str().unwrap().contains("bound to host web-01"), "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("bound to host web-01"),
+        "{b}"
+    );
     // A lease for another host: refused.
-    let (s, b) = c.http("POST", "/v1/leases", Some(&web1), &acquire_body("web-02", &commit), true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&web1),
+        &acquire_body("web-02", &commit),
+        true,
+    );
     assert_eq!(s, 403, "{b}");
     // web-02 takes its lease; web-01 can neither renew nor release it (as a failure).
-    let (s, b) = c.http("POST", "/v1/leases", Some(&web2), &acquire_body("web-02", &commit), true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&web2),
+        &acquire_body("web-02", &commit),
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     let id = b["lease"]["id"].as_str().unwrap().to_string();
-    let (s, _) = c.http("POST", &format!("/v1/leases/{id}/renew"), Some(&web1), "", true);
+    let (s, _) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/renew"),
+        Some(&web1),
+        "",
+        true,
+    );
     assert_eq!(s, 403);
     let (s, _) = c.http(
         "POST",
@@ -81,7 +121,13 @@ fn a_host_token_cannot_act_as_another_host() {
     let out = c.cli("watcher", &["status", "--json"]);
     assert!(!out.stdout.contains(&id), "a viewer sees the lease id");
     // The holder renews and releases.
-    let (s, _) = c.http("POST", &format!("/v1/leases/{id}/renew"), Some(&web2), "", true);
+    let (s, _) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/renew"),
+        Some(&web2),
+        "",
+        true,
+    );
     assert_eq!(s, 200);
     let (s, _) = c.http(
         "POST",
@@ -92,7 +138,13 @@ fn a_host_token_cannot_act_as_another_host() {
     );
     assert_eq!(s, 200);
     // The fleet-wide token still acts as any host (small setups), with a warning at start.
-    let (s, _) = c.http("POST", "/v1/hosts/web-02/heartbeat", Some(&token("fleet")), HEARTBEAT, true);
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-02/heartbeat",
+        Some(&token("fleet")),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 200);
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("may act as any host"), "{log}");
@@ -147,7 +199,13 @@ fn an_unauthenticated_flood_leaves_the_store_unchanged() {
     assert_eq!(size_after, size_before, "the store did not grow");
     assert!(metric(&c, "drover_coordinator_unauthenticated_total") >= answered as f64);
     // A real client is still served.
-    let (s, _) = c.http("POST", "/v1/hosts/web-01/heartbeat", Some(&token("web-01")), HEARTBEAT, true);
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-01/heartbeat",
+        Some(&token("web-01")),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 200);
 }
 
@@ -203,11 +261,21 @@ fn slowloris_does_not_delay_a_heartbeat() {
         &mut line,
     )
     .unwrap();
-    eprintln!("slowloris: {} connections attempted, {} open", 1200, line.trim());
+    eprintln!(
+        "slowloris: {} connections attempted, {} open",
+        1200,
+        line.trim()
+    );
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let t0 = Instant::now();
-        let (s, b) = c.http("POST", "/v1/hosts/web-01/heartbeat", Some(&token("web-01")), HEARTBEAT, true);
+        let (s, b) = c.http(
+            "POST",
+            "/v1/hosts/web-01/heartbeat",
+            Some(&token("web-01")),
+            HEARTBEAT,
+            true,
+        );
         worst = worst.max(t0.elapsed());
         assert_eq!(s, 200, "{b}");
         std::thread::sleep(Duration::from_millis(200));
@@ -261,7 +329,12 @@ fn the_fleet_runs_over_tls() {
         .env("DROVER_CA_FILE", &ca.ca)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A world-readable key is refused at start, saying which file and how to fix it.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&ca.key, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -272,7 +345,10 @@ fn the_fleet_runs_over_tls() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_ne!(out.status.code(), Some(0));
-    assert!(err.contains("server.key") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("server.key") && err.contains("chmod 600"),
+        "{err}"
+    );
     // Plain HTTP to a non-loopback address is refused by the CLI unless --insecure.
     let out = Command::new(drover_tests::bin("drover"))
         .args(["--url", "http://192.0.2.1:7070", "--token-file"])
@@ -281,7 +357,10 @@ fn the_fleet_runs_over_tls() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(err.contains("not loopback") && err.contains("--insecure"), "{err}");
+    assert!(
+        err.contains("not loopback") && err.contains("--insecure"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -291,14 +370,26 @@ fn a_late_failure_after_the_lease_expired_fails_the_rollout() {
     let c = Coordinator::start(f.dir.path(), "lease_ttl: 2s\n");
     c.wait_commit(&commit);
     let agent = token("fleet");
-    let (s, b) = c.http("POST", "/v1/leases", Some(&agent), &acquire_body("h1", &commit), true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&agent),
+        &acquire_body("h1", &commit),
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     let id = b["lease"]["id"].as_str().unwrap().to_string();
     // Not renewed: it expires and its slot is given away.
     wait_for("the lease to expire", Duration::from_secs(20), || {
         (c.rollout("test", "1.0").unwrap()["leases"] == 0).then_some(())
     });
-    let (s, b) = c.http("POST", &format!("/v1/leases/{id}/renew"), Some(&agent), "", true);
+    let (s, b) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/renew"),
+        Some(&agent),
+        "",
+        true,
+    );
     assert_eq!((s, b["kind"].as_str()), (410, Some("lease_lost")), "{b}");
     // The host's failure arrives late: it counts (max_failures 0), the rollout fails.
     let (s, b) = c.http(
@@ -312,13 +403,17 @@ fn a_late_failure_after_the_lease_expired_fails_the_rollout() {
     let r = c.rollout("test", "1.0").unwrap();
     assert_eq!(r["failed"], serde_json::json!(["h1"]), "{r}");
     assert!(
-        matches!(r["state"].as_str(), Some("FAILED" | "ROLLING_BACK" | "ABORTED")),
+        matches!(
+            r["state"].as_str(),
+            Some("FAILED" | "ROLLING_BACK" | "ABORTED")
+        ),
         "{r}"
     );
     assert!(
-        c.history()
-            .iter()
-            .any(|e| e["detail"].as_str().unwrap_or("").contains("after its lease expired")),
+        c.history().iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("after its lease expired")),
         "audited as late"
     );
 }
@@ -343,12 +438,21 @@ fn a_truncated_or_damaged_store_refuses_to_start_and_can_be_recovered() {
     let commit = f.pin_raw("1.0", &"a".repeat(64));
     let mut c = Coordinator::start(f.dir.path(), "");
     c.wait_commit(&commit);
-    let (s, _) = c.http("POST", "/v1/leases", Some(&token("fleet")), &acquire_body("h1", &commit), true);
+    let (s, _) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&token("fleet")),
+        &acquire_body("h1", &commit),
+        true,
+    );
     assert_eq!(s, 200);
     let audit = c.history().len();
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(c.dir.join("coordinator.db")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(c.dir.join("coordinator.db"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "the store is private");
     }
     // A clean stop folds the WAL into the database file.
@@ -379,7 +483,10 @@ fn a_truncated_or_damaged_store_refuses_to_start_and_can_be_recovered() {
     c.spawn();
     assert_ne!(c.wait_exit(Duration::from_secs(20)), Some(0));
     let log = std::fs::read_to_string(&c.log).unwrap();
-    assert!(log.contains("is damaged") && log.contains("store export"), "{log}");
+    assert!(
+        log.contains("is damaged") && log.contains("store export"),
+        "{log}"
+    );
     let (code, out, _) = store_cmd(&["check"], &db, None);
     assert_eq!(code, 1, "{out}");
     // Recovery from the sound copy: export, import into a new file, start from it.
@@ -394,7 +501,11 @@ fn a_truncated_or_damaged_store_refuses_to_start_and_can_be_recovered() {
         .stdout(std::fs::File::create(&dump).unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(c.dir.join(format!("coordinator.db{suffix}")));
     }
@@ -402,7 +513,11 @@ fn a_truncated_or_damaged_store_refuses_to_start_and_can_be_recovered() {
     assert_eq!(code, 0, "{out}{err}");
     c.restart();
     assert!(c.history().len() >= audit, "every audit entry came back");
-    assert_eq!(c.rollout("test", "1.0").unwrap()["leases"], 1, "and the lease");
+    assert_eq!(
+        c.rollout("test", "1.0").unwrap()["leases"],
+        1,
+        "and the lease"
+    );
 }
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -428,7 +543,12 @@ impl Drop for Tmpfs {
 
 fn big_heartbeat(services: usize) -> String {
     let s: Vec<String> = (0..services)
-        .map(|i| format!(r#"{{"service":"s{i}","healthy":true,"last_error":"{}"}}"#, "e".repeat(500)))
+        .map(|i| {
+            format!(
+                r#"{{"service":"s{i}","healthy":true,"last_error":"{}"}}"#,
+                "e".repeat(500)
+            )
+        })
         .collect();
     format!(r#"{{"environment":"test","services":[{}]}}"#, s.join(","))
 }
@@ -442,7 +562,10 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); disk-full path not exercised");
         return;
     };
-    let mut c = Coordinator::prepare(f.dir.path(), &format!("state_dir: {}\n", f.dir.path().join("state").display()));
+    let mut c = Coordinator::prepare(
+        f.dir.path(),
+        &format!("state_dir: {}\n", f.dir.path().join("state").display()),
+    );
     let cfg = std::fs::read_to_string(c.config()).unwrap().replace(
         &format!("sqlite: {}", c.dir.join("coordinator.db").display()),
         &format!("sqlite: {}", small.join("coordinator.db").display()),
@@ -451,7 +574,13 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     c.restart();
     c.wait_commit(&commit);
     let agent = token("fleet");
-    let (s, b) = c.http("POST", "/v1/leases", Some(&agent), &acquire_body("h1", &commit), true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&agent),
+        &acquire_body("h1", &commit),
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     let lease = b["lease"]["id"].as_str().unwrap().to_string();
     // Fill the disk.
@@ -463,7 +592,13 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     // Writes until one fails: 503 `unavailable`.
     let mut refused = None;
     for i in 0..2000 {
-        let (s, b) = c.http("POST", &format!("/v1/hosts/n{i}/heartbeat"), Some(&agent), &big_heartbeat(40), true);
+        let (s, b) = c.http(
+            "POST",
+            &format!("/v1/hosts/n{i}/heartbeat"),
+            Some(&agent),
+            &big_heartbeat(40),
+            true,
+        );
         if s == 503 {
             refused = Some(b);
             break;
@@ -475,11 +610,27 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     // Read-only: changes get 503 at once, reads and renewals work, nothing reloads.
     let errors = metric(&c, "drover_coordinator_store_errors_total");
     for i in 0..200 {
-        let (s, _) = c.http("POST", &format!("/v1/hosts/m{i}/heartbeat"), Some(&agent), HEARTBEAT, true);
+        let (s, _) = c.http(
+            "POST",
+            &format!("/v1/hosts/m{i}/heartbeat"),
+            Some(&agent),
+            HEARTBEAT,
+            true,
+        );
         assert_eq!(s, 503);
     }
-    assert_eq!(c.http("GET", "/v1/status", Some(&token("watcher")), "", true).0, 200);
-    let (s, b) = c.http("POST", &format!("/v1/leases/{lease}/renew"), Some(&agent), "", true);
+    assert_eq!(
+        c.http("GET", "/v1/status", Some(&token("watcher")), "", true)
+            .0,
+        200
+    );
+    let (s, b) = c.http(
+        "POST",
+        &format!("/v1/leases/{lease}/renew"),
+        Some(&agent),
+        "",
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     assert_eq!(metric(&c, "drover_coordinator_store_read_only"), 1.0);
     assert_eq!(
@@ -491,13 +642,29 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     assert_eq!(log.matches("store write failed").count(), 1, "{log}");
     // Space returns: it recovers by itself.
     std::fs::remove_file(&filler).unwrap();
-    wait_for("the coordinator to write again", Duration::from_secs(60), || {
-        let (s, _) = c.http("POST", "/v1/hosts/back/heartbeat", Some(&agent), HEARTBEAT, true);
-        (s == 200).then_some(())
-    });
+    wait_for(
+        "the coordinator to write again",
+        Duration::from_secs(60),
+        || {
+            let (s, _) = c.http(
+                "POST",
+                "/v1/hosts/back/heartbeat",
+                Some(&agent),
+                HEARTBEAT,
+                true,
+            );
+            (s == 200).then_some(())
+        },
+    );
     assert_eq!(metric(&c, "drover_coordinator_store_read_only"), 0.0);
     // The lease held all along, its expiry kept.
-    let (s, _) = c.http("POST", &format!("/v1/leases/{lease}/renew"), Some(&agent), "", true);
+    let (s, _) = c.http(
+        "POST",
+        &format!("/v1/leases/{lease}/renew"),
+        Some(&agent),
+        "",
+        true,
+    );
     assert_eq!(s, 200);
     c.kill();
 }
@@ -508,7 +675,13 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     let commit = f.pin_raw("1.0", &"a".repeat(64));
     let c = Coordinator::start(f.dir.path(), "");
     c.wait_commit(&commit);
-    let (s, b) = c.http("POST", "/v1/leases", Some(&token("web-01")), &acquire_body("web-01", &commit), true);
+    let (s, b) = c.http(
+        "POST",
+        "/v1/leases",
+        Some(&token("web-01")),
+        &acquire_body("web-01", &commit),
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     let id = b["lease"]["id"].as_str().unwrap().to_string();
     let out = Command::new(drover_tests::bin("drover-coordinator"))
@@ -520,8 +693,17 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
     let (secret, line) = (lines[0], lines[1]);
     assert_eq!(secret.len(), 64, "{text}");
-    assert!(line.contains("host: web-09") && !line.contains(secret), "{text}");
-    let (s, _) = c.http("POST", "/v1/hosts/web-09/heartbeat", Some(secret), HEARTBEAT, true);
+    assert!(
+        line.contains("host: web-09") && !line.contains(secret),
+        "{text}"
+    );
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-09/heartbeat",
+        Some(secret),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 401, "not known before the reload");
     let mut cfg = std::fs::read_to_string(c.config()).unwrap();
     cfg.push_str(line);
@@ -530,19 +712,43 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     // SAFETY: kill(2) on the coordinator's pid.
     unsafe { libc::kill(c.pid().unwrap() as i32, libc::SIGHUP) };
     wait_for("the reload", Duration::from_secs(10), || {
-        let (s, _) = c.http("POST", "/v1/hosts/web-09/heartbeat", Some(secret), HEARTBEAT, true);
+        let (s, _) = c.http(
+            "POST",
+            "/v1/hosts/web-09/heartbeat",
+            Some(secret),
+            HEARTBEAT,
+            true,
+        );
         (s == 200).then_some(())
     });
-    let (s, _) = c.http("POST", "/v1/hosts/web-01/heartbeat", Some(secret), HEARTBEAT, true);
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-01/heartbeat",
+        Some(secret),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 403, "bound to web-09");
     // The lease taken before the reload is still held.
-    let (s, b) = c.http("POST", &format!("/v1/leases/{id}/renew"), Some(&token("web-01")), "", true);
+    let (s, b) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/renew"),
+        Some(&token("web-01")),
+        "",
+        true,
+    );
     assert_eq!(s, 200, "{b}");
     // A broken config on reload keeps the running tokens.
     std::fs::write(c.config(), "nonsense: [").unwrap();
     unsafe { libc::kill(c.pid().unwrap() as i32, libc::SIGHUP) };
     std::thread::sleep(Duration::from_millis(500));
-    let (s, _) = c.http("POST", "/v1/hosts/web-09/heartbeat", Some(secret), HEARTBEAT, true);
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-09/heartbeat",
+        Some(secret),
+        HEARTBEAT,
+        true,
+    );
     assert_eq!(s, 200);
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("keeping the running one"), "{log}");

@@ -357,6 +357,15 @@ impl Deployer {
                 reason,
             }),
             Action::EnsureRunning => self.ensure_running(&mut st, desired).await,
+            // An earlier deploy's outcome is not delivered yet: a new deploy would replace
+            // the record of it, and the coordinator would never count it. Deliver it first.
+            Action::Deploy if st.lease.as_ref().is_some_and(|l| l.success.is_some()) => {
+                Ok(Outcome::Waiting {
+                    version: desired.version.clone(),
+                    reason: "the outcome of the previous deploy is not delivered to the coordinator yet; it is sent again first".into(),
+                    retry_after_ms: 2000,
+                })
+            }
             Action::Deploy => self.deploy(&mut st, desired, attempts, ctx).await,
         }
     }

@@ -44,7 +44,11 @@ fn bounded(hb: &Heartbeat, now: u64) -> Result<Host, ApiError> {
         )));
     }
     for (k, v) in &hb.labels {
-        if k.is_empty() || k.len() > 63 || v.len() > 253 || (k.chars().chain(v.chars())).any(char::is_control) {
+        if k.is_empty()
+            || k.len() > 63
+            || v.len() > 253
+            || (k.chars().chain(v.chars())).any(char::is_control)
+        {
             return Err(ApiError::bad_request(format!(
                 "label `{}`: names are 1 to 63 bytes, values at most 253, no control characters",
                 cap(k, 63)

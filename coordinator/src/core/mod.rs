@@ -489,13 +489,7 @@ impl Core {
     /// Records a denied call by a known token, its text capped: a token holder cannot grow
     /// the audit by more than a few hundred bytes a call.
     pub fn denied(&mut self, now: u64, who: &str, what: &str, why: &str) {
-        self.audit(
-            now,
-            &cap(who, 64),
-            "denied",
-            &cap(what, 128),
-            cap(why, 256),
-        );
+        self.audit(now, &cap(who, 64), "denied", &cap(what, 128), cap(why, 256));
     }
 
     /// Checks that `who` may act on lease `id` (live or expired): a host-bound token only on

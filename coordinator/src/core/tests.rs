@@ -1098,14 +1098,25 @@ fn a_host_bound_token_acts_only_as_its_host() {
     c.take_changes();
     let id = g.lease.id.clone();
     for what in ["renew lease", "release lease"] {
-        let e = c.check_holder(&id, &bound("web-01"), what, T0 + 1).unwrap_err();
+        let e = c
+            .check_holder(&id, &bound("web-01"), what, T0 + 1)
+            .unwrap_err();
         assert_eq!(e.status, 403);
     }
     let changes = c.take_changes();
     assert_eq!(audit(&changes).len(), 2);
-    assert!(!format!("{changes:?}").contains(&id), "lease id in the audit");
-    assert!(c.check_holder(&id, &bound("web-02"), "renew lease", T0 + 1).is_ok());
-    assert!(c.check_holder(&id, &agent(), "renew lease", T0 + 1).is_ok(), "fleet-wide");
+    assert!(
+        !format!("{changes:?}").contains(&id),
+        "lease id in the audit"
+    );
+    assert!(
+        c.check_holder(&id, &bound("web-02"), "renew lease", T0 + 1)
+            .is_ok()
+    );
+    assert!(
+        c.check_holder(&id, &agent(), "renew lease", T0 + 1).is_ok(),
+        "fleet-wide"
+    );
     assert_eq!(rollout(&c, "prod", "1.0").failed.len(), 0);
 }
 
@@ -1205,10 +1216,20 @@ fn heartbeats_are_bounded() {
     assert_eq!(c.heartbeat("h1", &bad, T0).unwrap_err().status, 400);
     let mut twice = hb(2, 0);
     twice.services[1].service = "s0".into();
-    assert!(c.heartbeat("h1", &twice, T0).unwrap_err().body.message.contains("twice"));
+    assert!(
+        c.heartbeat("h1", &twice, T0)
+            .unwrap_err()
+            .body
+            .message
+            .contains("twice")
+    );
     c.heartbeat("h1", &hb(3, 3), T0).unwrap();
     let stored = format!("{:?}", c.take_changes());
-    assert!(stored.len() < 10_000, "long texts are capped: {}", stored.len());
+    assert!(
+        stored.len() < 10_000,
+        "long texts are capped: {}",
+        stored.len()
+    );
     c.heartbeat("h2", &hb(1, 0), T0).unwrap();
     let e = c.heartbeat("h3", &hb(1, 0), T0).unwrap_err();
     assert_eq!(e.status, 409);

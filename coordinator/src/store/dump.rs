@@ -81,8 +81,8 @@ fn body_problem(table: &str, key: &serde_json::Value, value: &serde_json::Value)
 /// where the file is damaged, the scan jumps ahead and goes on. Rows whose body does not
 /// parse are reported as problems and skipped.
 fn read(path: &Path, mut each: impl FnMut(Row)) -> Result<Counts, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(err("open"))?;
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err("open"))?;
     let mut counts = Counts::default();
     for table in TABLES {
         let (k, v) = match table {
@@ -97,7 +97,9 @@ fn read(path: &Path, mut each: impl FnMut(Row)) -> Result<Counts, StoreError> {
         }) {
             Ok(m) => m.unwrap_or(0),
             Err(e) => {
-                counts.problems.push(format!("table {table}: unreadable ({e})"));
+                counts
+                    .problems
+                    .push(format!("table {table}: unreadable ({e})"));
                 continue;
             }
         };
@@ -110,9 +112,9 @@ fn read(path: &Path, mut each: impl FnMut(Row)) -> Result<Counts, StoreError> {
             let mut rows = match st.query(params![after]) {
                 Ok(r) => r,
                 Err(e) => {
-                    counts
-                        .problems
-                        .push(format!("table {table}: rows after {after} unreadable ({e})"));
+                    counts.problems.push(format!(
+                        "table {table}: rows after {after} unreadable ({e})"
+                    ));
                     after = after.saturating_add(skip);
                     skip = skip.saturating_mul(2);
                     continue;
@@ -271,7 +273,10 @@ pub fn import(path: &Path, input: &mut dyn BufRead) -> Result<Counts, StoreError
         let row: Row = serde_json::from_str(&line)
             .map_err(|e| fail(format!("dump line {at}: not a dump row ({e})")))?;
         if !TABLES.contains(&row.table.as_str()) {
-            return Err(fail(format!("dump line {at}: unknown table `{}`", row.table)));
+            return Err(fail(format!(
+                "dump line {at}: unknown table `{}`",
+                row.table
+            )));
         }
         if let Some(p) = body_problem(&row.table, &row.key, &row.value) {
             counts
@@ -370,7 +375,10 @@ mod tests {
         let empty = dir.path().join("empty.db");
         std::fs::write(&empty, b"").unwrap();
         let e = Sqlite::open(&empty).err().unwrap().to_string();
-        assert!(e.contains("empty (0 bytes)") && e.contains("empty.db"), "{e}");
+        assert!(
+            e.contains("empty (0 bytes)") && e.contains("empty.db"),
+            "{e}"
+        );
         assert!(!check(&empty).unwrap().problems.is_empty());
         let junk = dir.path().join("junk.db");
         std::fs::write(&junk, vec![b'x'; 8192]).unwrap();

@@ -395,8 +395,10 @@ impl Store for Sqlite {
             let mut rows = st.query([]).map_err(err("prune"))?;
             let mut cut = None;
             while let Some(r) = rows.next().map_err(err("prune"))? {
-                let (seq, at): (i64, Option<i64>) =
-                    (r.get(0).map_err(err("prune"))?, r.get(1).map_err(err("prune"))?);
+                let (seq, at): (i64, Option<i64>) = (
+                    r.get(0).map_err(err("prune"))?,
+                    r.get(1).map_err(err("prune"))?,
+                );
                 if at.is_some_and(|a| (a as u64) < before_ms) {
                     cut = Some(seq);
                 } else {
