@@ -1,10 +1,11 @@
 //! Coordinator benchmark: lease acquire+release throughput and latency with 100 concurrent
-//! clients, then the coordinator's memory with 10,000 hosts heartbeating every 30 s.
+//! clients, over plain HTTP and over TLS in the same run, then the coordinator's memory with
+//! 10,000 hosts heartbeating every 30 s.
 //!
 //!     cargo bench -p drover-coordinator --bench leases [-- SECONDS]
 //!
 //! It builds and starts the real `drover-coordinator` (release build, SQLite store with
-//! `synchronous = FULL`) and drives it over loopback HTTP with the crate's own client.
+//! `synchronous = FULL`) and drives it over loopback HTTP(S) with the crate's own client.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_coordinator::auth::hash_token;
-use drover_coordinator::client::Client;
+use drover_coordinator::client::{Client, Options};
 use drover_coordinator::wire::{
     AcquireRequest, Heartbeat, Outcome, Purpose, ReleaseRequest, ServiceReport,
 };
@@ -53,49 +54,154 @@ fn main() {
         .unwrap()
         .join("drover-coordinator");
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let token = "bench-token";
     let (repo, commit) = desired_state(dir.path());
-    std::fs::write(
-        dir.path().join("c.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\" }}\nheartbeat_interval: 30s\ntokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
-            dir.path().join("c.db").display(),
-            repo.display(),
-            hash_token(token)
-        ),
-    )
-    .unwrap();
-    let mut server = Command::new(&bin)
-        .args(["serve", "--config"])
-        .arg(dir.path().join("c.yaml"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("coordinator starts");
+    let ca = test_ca(dir.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    rt.block_on(async {
-        let c = Client::new(&url, token).unwrap();
-        // Ready once it has read the desired state (the lease requests need it).
-        for _ in 0..400 {
-            if c.acquire(&request(0, 0, &commit)).await.is_ok() {
-                break;
+    // The same load over plain HTTP, then over TLS, in one run.
+    let mut plain = 0.0;
+    for tls in [false, true] {
+        let name = if tls { "tls" } else { "plain" };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let tls_line = if tls {
+            format!(
+                "tls: {{ cert: {}, key: {} }}\n",
+                dir.path().join("server.pem").display(),
+                dir.path().join("server.key").display()
+            )
+        } else {
+            String::new()
+        };
+        // The rate limit is off: this measures what the coordinator can do.
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            format!(
+                "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\" }}\nstate_dir: {}\nheartbeat_interval: 30s\nlimits: {{ requests_per_second: 0 }}\n{tls_line}tokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
+                dir.path().join(format!("{name}.db")).display(),
+                repo.display(),
+                dir.path().join(name).display(),
+                hash_token(token)
+            ),
+        )
+        .unwrap();
+        let mut server = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(dir.path().join(format!("{name}.yaml")))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("coordinator starts");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        let options = Options {
+            ca_file: tls.then(|| ca.clone()),
+            insecure: false,
+        };
+        rt.block_on(async {
+            let c = Client::with_options(&url, token, &options).unwrap();
+            // Ready once it has read the desired state (the lease requests need it).
+            for _ in 0..400 {
+                if c.acquire(&request(0, 0, &commit)).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        leases(&url, token, &commit, secs).await;
-        heartbeats(&url, token, server.id()).await;
-    });
-    let _ = server.kill();
-    let _ = server.wait();
+            let ops = leases(&url, token, &options, &commit, secs, name).await;
+            if tls {
+                println!(
+                    "leases over TLS: {:.2}x the plain-HTTP throughput of the same run",
+                    ops / plain
+                );
+            } else {
+                plain = ops;
+                heartbeats(&url, token, server.id()).await;
+            }
+        });
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+/// A test CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn test_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    let ec = "ec_paramgen_curve:prime256v1";
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        ec,
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=bench CA",
+        "-days",
+        "1",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        ec,
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    dir.join("ca.pem")
 }
 
 /// A desired-state repo (git CLI) with environment `bench` pinning services svc0..svc{CLIENTS}
@@ -181,12 +287,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn leases(url: &str, token: &str, commit: &str, secs: u64) {
+async fn leases(
+    url: &str,
+    token: &str,
+    options: &Options,
+    commit: &str,
+    secs: u64,
+    name: &str,
+) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
         let (stop, commit) = (stop.clone(), commit.to_string());
-        let c = Client::new(url, token).unwrap();
+        let c = Client::with_options(url, token, options).unwrap();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut n = 0u64;
@@ -223,15 +336,16 @@ async fn leases(url: &str, token: &str, commit: &str, secs: u64) {
     }
     let elapsed = t0.elapsed() + Duration::from_secs(1);
     lat.sort();
+    let ops = lat.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "leases: {CLIENTS} concurrent clients, {:.0} ops/s (acquire + release, {} ops in {:.1}s), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms   target ≥ 5000 ops/s",
-        lat.len() as f64 / elapsed.as_secs_f64(),
+        "leases ({name}): {CLIENTS} concurrent clients, {ops:.0} ops/s (acquire + release, {} ops in {:.1}s), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms   target ≥ 5000 ops/s",
         lat.len(),
         elapsed.as_secs_f64(),
         percentile(&lat, 0.5).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().unwrap().as_secs_f64() * 1e3
     );
+    ops
 }
 
 fn rss_mib(pid: u32) -> f64 {
