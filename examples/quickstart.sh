@@ -64,7 +64,7 @@ promote 1.0.0 "$sha1" "hello 1.0.0"
 say "starting the coordinator (SQLite store $work/coordinator.db); it reads the repo itself"
 mkdir -p "$work/tokens"
 coord_port=$(free_port)
-for who in fleet alice; do head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/$who"; done
+head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/alice"
 hash() { "$bin/drover-coordinator" hash-token < "$work/tokens/$1" | cut -d' ' -f2; }
 cat >"$work/coordinator.yaml" <<CFG
 listen: 127.0.0.1:$coord_port
@@ -73,9 +73,15 @@ repo: { url: "$work/fleet", branch: main, poll_interval: 3s }
 lease_ttl: 30s
 heartbeat_interval: 1s
 tokens:
-  - { name: fleet, role: agent, sha256: $(hash fleet) }
   - { name: alice, role: approver, groups: [release-managers], sha256: $(hash alice) }
 CFG
+# Each host its own agent token, bound to its name: it can lease and report only as itself.
+for h in "${hosts[@]}"; do
+  "$bin/drover-coordinator" enroll "$h" > "$work/tokens/$h.enroll"
+  grep -v '^#' "$work/tokens/$h.enroll" | head -n 1 > "$work/tokens/$h"
+  grep '^  - ' "$work/tokens/$h.enroll" >> "$work/coordinator.yaml"
+  rm "$work/tokens/$h.enroll"
+done
 "$bin/drover-coordinator" serve --config "$work/coordinator.yaml" >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 export DROVER_URL="http://127.0.0.1:$coord_port"
@@ -95,7 +101,7 @@ vars: { port: "$port", artifact_port: "$art_port", hosts_dir: "$work/hosts" }
 repo: { url: "$url", branch: main, poll_interval: 3s }
 state_dir: $d/state
 service_manager: process
-coordinator: { url: "$DROVER_URL", token_file: "$work/tokens/fleet", heartbeat_interval: 1s }
+coordinator: { url: "$DROVER_URL", token_file: "$work/tokens/$h", heartbeat_interval: 1s }
 CFG
   echo "$port" > "$d/port"
   "$bin/drover-agent" --config "$d/agent.yaml" run >"$d/agent.log" 2>&1 &
