@@ -198,8 +198,13 @@ fn authenticate(
     Ok(c)
 }
 
-/// A 403 for a known token, audited (the actor caps the text).
+/// A 403 for a known token, audited (the actor caps the text). Denials count against the
+/// token's rate like any request: over it, the answer is 429 and nothing is audited, so a
+/// token cannot grow the audit faster than its rate.
 fn deny(app: &App, who: &Caller, what: &str, why: String) -> ApiError {
+    if let Err(e) = limit(app, who, None) {
+        return e;
+    }
     let _ = app.tx.send(Command::Denied {
         who: who.name.clone(),
         what: cap(what, 128),

@@ -753,3 +753,50 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("keeping the running one"), "{log}");
 }
+
+#[test]
+fn a_token_over_its_rate_gets_429_and_cannot_flood_the_audit() {
+    let f = Fleet::new();
+    let commit = f.pin_raw("1.0", &"a".repeat(64));
+    let c = Coordinator::start(
+        f.dir.path(),
+        "limits: { requests_per_second: 1, burst: 40 }\n",
+    );
+    c.wait_commit(&commit);
+    let audit = c.history().len();
+    // web-01 asks again and again to act as web-02: a few denials are audited, then 429.
+    let mut codes = Vec::new();
+    for _ in 0..100 {
+        let (s, b) = c.http(
+            "POST",
+            "/v1/hosts/web-02/heartbeat",
+            Some(&token("web-01")),
+            HEARTBEAT,
+            true,
+        );
+        if s == 429 {
+            assert_eq!(b["kind"], "rate_limited", "{b}");
+            assert!(b["retry_after_ms"].as_u64().unwrap() >= 100, "{b}");
+        }
+        codes.push(s);
+    }
+    // The burst (40) and about one a second more.
+    let forbidden = codes.iter().filter(|s| **s == 403).count();
+    assert!((40..=50).contains(&forbidden), "{codes:?}");
+    assert!(
+        codes.iter().filter(|s| **s == 429).count() >= 50,
+        "{codes:?}"
+    );
+    let denied = c.history().len() - audit;
+    assert_eq!(denied, forbidden, "only the answered denials are audited");
+    // Other tokens have their own budget.
+    let (s, _) = c.http(
+        "POST",
+        "/v1/hosts/web-02/heartbeat",
+        Some(&token("web-02")),
+        HEARTBEAT,
+        true,
+    );
+    assert_eq!(s, 200);
+    assert!(metric(&c, "drover_coordinator_rate_limited_total") >= 50.0);
+}
