@@ -206,6 +206,19 @@ fn validate(
             if !spec::is_spec_file(&rel) {
                 continue;
             }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if size > drover_desired::yaml::MAX_FILE_BYTES as u64 {
+                anyhow::bail!(
+                    "{rel}: the file is {size} bytes; desired-state files are at most {} bytes",
+                    drover_desired::yaml::MAX_FILE_BYTES
+                );
+            }
+            if files.len() >= drover_desired::git::MAX_REPO_FILES {
+                anyhow::bail!(
+                    "more than {} desired-state files under services/ and environments/",
+                    drover_desired::git::MAX_REPO_FILES
+                );
+            }
             let text = std::fs::read_to_string(e.path())
                 .with_context(|| format!("cannot read {}", e.path().display()))?;
             files.push((rel, text));

@@ -298,6 +298,7 @@ impl Mirror {
             .map_err(|e| read_err(&e))?;
         let tree = commit_obj.tree().map_err(|e| read_err(&e))?;
         let mut files = Vec::new();
+        let mut total = 0u64;
         for dir in ["services", "environments"] {
             let Some(entry) = tree.find_entry(dir) else {
                 continue;
@@ -316,6 +317,23 @@ impl Mirror {
                 if !e.mode().is_blob() || !is_spec_file(&path) {
                     continue;
                 }
+                // Sizes are checked from the object header, before anything is loaded.
+                let size = repo
+                    .find_header(e.oid().to_owned())
+                    .map_err(|e| read_err(&e))?
+                    .size();
+                if size > crate::yaml::MAX_FILE_BYTES as u64 {
+                    return Err(read_err(&format!(
+                        "{path} is {size} bytes; desired-state files are at most {} bytes",
+                        crate::yaml::MAX_FILE_BYTES
+                    )));
+                }
+                total = total.saturating_add(size);
+                if files.len() >= MAX_REPO_FILES || total > MAX_REPO_BYTES {
+                    return Err(read_err(&format!(
+                        "the desired state has more than {MAX_REPO_FILES} files or {MAX_REPO_BYTES} bytes under services/ and environments/"
+                    )));
+                }
                 let blob = e.object().map_err(|e| read_err(&e))?;
                 let text = String::from_utf8(blob.data.clone())
                     .map_err(|_| read_err(&format!("{path} is not UTF-8 text")))?;
@@ -329,6 +347,11 @@ impl Mirror {
         })
     }
 }
+
+/// Most desired-state files read from one commit.
+pub const MAX_REPO_FILES: usize = 10_000;
+/// Most bytes of desired-state files read from one commit.
+pub const MAX_REPO_BYTES: u64 = 32 << 20;
 
 /// Fetches and reads the tip with a time limit, off the async threads.
 pub async fn fetch_snapshot(mirror: &Arc<Mirror>, timeout: Duration) -> Result<Snapshot, GitError> {

@@ -7,6 +7,7 @@ mod deploy;
 mod ecs;
 mod git;
 mod gitops;
+mod hostile;
 mod packaging;
 mod recovery;
 mod security;

@@ -9,7 +9,10 @@
 //!   (see [`report`]), so one run of `drover-agent validate` shows all of them;
 //! - keeps plain scalars as text when the target is a string, so `version: 1.10` stays
 //!   `"1.10"` instead of becoming the float `1.1`;
-//! - rejects duplicate keys, which YAML parsers usually resolve silently (last one wins).
+//! - rejects duplicate keys, which YAML parsers usually resolve silently (last one wins);
+//! - is bounded: a file of at most [`MAX_FILE_BYTES`], nesting at most [`MAX_DEPTH`] deep, at
+//!   most [`MAX_NODES`] nodes once aliases are expanded (an alias bomb is refused, not
+//!   expanded), and a duplicate-key check linear in the size of each mapping.
 
 mod de;
 
@@ -179,6 +182,29 @@ impl Node {
     }
 }
 
+/// Largest YAML file read (drover's files are a few kilobytes).
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// Deepest nesting of lists and mappings (aliases included).
+pub const MAX_DEPTH: usize = 64;
+/// Most nodes in one file, counting each alias as the nodes it stands for.
+pub const MAX_NODES: usize = 100_000;
+
+/// (nodes, depth) of a subtree.
+fn measure(n: &Node) -> (usize, usize) {
+    match &n.value {
+        Value::Null | Value::Scalar { .. } => (1, 0),
+        Value::Seq(items) => items.iter().fold((1, 1), |(c, d), i| {
+            let (ic, id) = measure(i);
+            (c + ic, d.max(id + 1))
+        }),
+        Value::Map(entries) => entries.iter().fold((1, 1), |(c, d), (k, v)| {
+            let (kc, _) = measure(k);
+            let (vc, vd) = measure(v);
+            (c + kc + vc, d.max(vd + 1))
+        }),
+    }
+}
+
 /// Parses one YAML document from `text`; `file` names it in positions.
 ///
 /// An empty document is [`Value::Null`]. Several documents, anchors used before they are
@@ -186,24 +212,48 @@ impl Node {
 /// All structural problems are returned (a syntax error stops the parse at that point).
 pub fn parse(file: &str, text: &str) -> Result<Node, Problems> {
     let file: Arc<str> = file.into();
+    if text.len() > MAX_FILE_BYTES {
+        return Err(Problems(vec![Problem::new(
+            Mark::file_start(&file),
+            format!(
+                "file is {} bytes; drover reads YAML files of at most {MAX_FILE_BYTES} bytes",
+                text.len()
+            ),
+        )]));
+    }
     let mut builder = Builder {
         file: file.clone(),
         stack: Vec::new(),
         anchors: Vec::new(),
         docs: Vec::new(),
         problems: Vec::new(),
+        nodes: 0,
+        stopped: false,
     };
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, true) {
-        let m = e.marker();
-        builder.problems.push(Problem::new(
-            Mark {
-                file: file.clone(),
-                line: m.line() as u32,
-                col: m.col() as u32 + 1,
-            },
-            format!("invalid YAML: {}", e.info()),
-        ));
+    // Event by event, so that a file over a limit stops the parse at once.
+    while !builder.stopped {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break,
+            Ok((ev, m)) => builder.on_event(ev, m),
+            Err(e) => {
+                let m = e.marker();
+                builder.problems.push(Problem::new(
+                    Mark {
+                        file: file.clone(),
+                        line: m.line() as u32,
+                        col: m.col() as u32 + 1,
+                    },
+                    format!("invalid YAML: {}", e.info()),
+                ));
+                break;
+            }
+        }
+    }
+    if builder.stopped {
+        // What was built is incomplete; its problems (the limit) say why.
+        builder.stack.clear();
+        return Err(Problems(builder.problems).sorted());
     }
     if builder.docs.len() > 1 {
         let mark = builder.docs[1].mark.clone();
@@ -226,10 +276,14 @@ struct Builder {
     file: Arc<str>,
     /// Open sequences and mappings, with their anchor id.
     stack: Vec<(Node, usize)>,
-    /// Anchored nodes, by anchor id.
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes, by anchor id, with their (nodes, depth).
+    anchors: Vec<(usize, Node, (usize, usize))>,
     docs: Vec<Node>,
     problems: Vec<Problem>,
+    /// Nodes made so far (aliases count as the nodes they copy).
+    nodes: usize,
+    /// A limit was hit: the parse stops.
+    stopped: bool,
 }
 
 impl Builder {
@@ -241,10 +295,32 @@ impl Builder {
         }
     }
 
+    /// Stops the parse with a problem at `m`.
+    fn stop(&mut self, mark: Mark, message: String) {
+        self.problems.push(Problem::new(mark, message));
+        self.stopped = true;
+    }
+
+    /// Counts `n` more nodes; false (and stopped) when over the budget.
+    fn count(&mut self, n: usize, mark: &Mark) -> bool {
+        self.nodes = self.nodes.saturating_add(n);
+        if self.nodes > MAX_NODES {
+            self.stop(
+                mark.clone(),
+                format!(
+                    "more than {MAX_NODES} values in this file (aliases count as what they repeat); is it an alias bomb?"
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
     /// Adds a finished node to its parent (or as a document).
     fn push(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.push((anchor, node.clone()));
+            let size = measure(&node);
+            self.anchors.push((anchor, node.clone(), size));
         }
         match self.stack.last_mut() {
             None => self.docs.push(node),
@@ -290,6 +366,28 @@ fn is_pending(n: &Node) -> bool {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, m: Marker) {
+        if self.stopped {
+            return;
+        }
+        if matches!(
+            ev,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            let mark = self.mark(&m);
+            if !self.count(1, &mark) {
+                return;
+            }
+        }
+        if matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+            && self.stack.len() >= MAX_DEPTH
+        {
+            let mark = self.mark(&m);
+            self.stop(
+                mark,
+                format!("nested more than {MAX_DEPTH} levels deep; drover's files are flat"),
+            );
+            return;
+        }
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let mark = self.mark(&m);
@@ -347,9 +445,27 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(id) => {
                 let mark = self.mark(&m);
-                match self.anchors.iter().rev().find(|(a, _)| *a == id) {
-                    Some((_, node)) => {
-                        let mut node = node.clone();
+                let found = self
+                    .anchors
+                    .iter()
+                    .rposition(|(a, _, _)| *a == id)
+                    .map(|i| (i, self.anchors[i].2));
+                match found {
+                    Some((i, (nodes, depth))) => {
+                        if self.stack.len() + depth > MAX_DEPTH {
+                            self.stop(
+                                mark,
+                                format!(
+                                    "this alias nests values more than {MAX_DEPTH} levels deep"
+                                ),
+                            );
+                            return;
+                        }
+                        // Counted before it is copied: an alias bomb never expands.
+                        if !self.count(nodes, &mark) {
+                            return;
+                        }
+                        let mut node = self.anchors[i].1.clone();
                         node.mark = mark;
                         self.push(node, 0);
                     }
@@ -375,10 +491,13 @@ impl MarkedEventReceiver for Builder {
     }
 }
 
+/// Linear in the number of keys (a file of many keys cannot make it slow).
 fn check_duplicate_keys(entries: &[(Node, Node)], problems: &mut Vec<Problem>) {
-    for (i, (k, _)) in entries.iter().enumerate() {
+    let mut seen: std::collections::HashMap<&str, &Node> =
+        std::collections::HashMap::with_capacity(entries.len());
+    for (k, _) in entries {
         let Some(key) = k.as_str() else { continue };
-        if let Some((first, _)) = entries[..i].iter().find(|(p, _)| p.as_str() == Some(key)) {
+        if let Some(first) = seen.get(key).copied() {
             problems.push(Problem::new(
                 k.mark.clone(),
                 format!(
@@ -386,6 +505,8 @@ fn check_duplicate_keys(entries: &[(Node, Node)], problems: &mut Vec<Problem>) {
                     first.mark.line
                 ),
             ));
+        } else {
+            seen.insert(key, k);
         }
     }
 }
@@ -507,5 +628,73 @@ mod tests {
     fn empty_document_is_null() {
         assert_eq!(parse("f", "").unwrap().value, Value::Null);
         assert_eq!(parse("f", "# only a comment\n").unwrap().value, Value::Null);
+    }
+
+    /// The 359-byte "billion laughs" of the report: refused before anything expands.
+    #[test]
+    fn an_alias_bomb_is_refused_without_expanding() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let e = parse("bomb.yaml", &text).unwrap_err().to_string();
+        assert!(e.contains("alias bomb"), "{e}");
+        assert!(e.starts_with("bomb.yaml:"), "{e}");
+        // A few aliases below the budget are fine.
+        let n = parse("ok.yaml", "a: &a [1, 2]\nb: *a\nc: *a\n").unwrap();
+        assert_eq!(measure(&n).0, 1 + 3 * 4);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        for text in [
+            "- ".repeat(100_000) + "x\n",
+            "[".repeat(100_000),
+            "{a: ".repeat(100_000),
+        ] {
+            let e = parse("deep.yaml", &text).unwrap_err().to_string();
+            // Ours, or the scanner's own limit for flow collections: both stop early.
+            assert!(
+                e.contains("nested more than 64 levels") || e.contains("recursion limit exceeded"),
+                "{e}"
+            );
+        }
+        // Depth through aliases is counted too.
+        let mut text = "a: &a ".to_string() + &"[".repeat(40) + &"]".repeat(40) + "\n";
+        text.push_str(&("b: ".to_string() + &"[".repeat(40) + "*a" + &"]".repeat(40) + "\n"));
+        let e = parse("deep.yaml", &text).unwrap_err().to_string();
+        assert!(e.contains("alias nests values more than 64"), "{e}");
+        assert!(parse("ok.yaml", &("[".repeat(60) + &"]".repeat(60))).is_ok());
+    }
+
+    #[test]
+    fn big_files_and_many_keys_are_bounded() {
+        let e = parse("big.yaml", &"#".repeat(MAX_FILE_BYTES + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 1048576 bytes"), "{e}");
+        // 45,000 distinct keys: the duplicate check is linear (it was quadratic: ~10^9
+        // comparisons). Bounded generously: a slow machine takes milliseconds.
+        let text: String = (0..45_000).map(|i| format!("k{i}: 1\n")).collect();
+        let t0 = std::time::Instant::now();
+        parse("keys.yaml", &text).unwrap();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(3),
+            "{:?}",
+            t0.elapsed()
+        );
+        let text: String = (0..60_000).map(|i| format!("k{i}: 1\n")).collect();
+        let e = parse("keys.yaml", &text).unwrap_err().to_string();
+        assert!(e.contains("more than 100000 values"), "{e}");
+        let e = parse("dup.yaml", "a: 1\nb: 2\na: 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dup.yaml:3:1: duplicate key `a` (first defined at line 1)"),
+            "{e}"
+        );
     }
 }
