@@ -116,6 +116,12 @@ struct LimitsInput {
     max_unpacked_size: ByteSize,
     #[serde(default = "default_min_free")]
     min_free_space: ByteSize,
+    #[serde(default = "default_max_entries")]
+    max_entries: u64,
+}
+
+fn default_max_entries() -> u64 {
+    crate::release::DEFAULT_MAX_ENTRIES
 }
 
 impl Default for LimitsInput {
@@ -124,6 +130,7 @@ impl Default for LimitsInput {
             max_artifact_size: default_max_artifact(),
             max_unpacked_size: default_max_unpacked(),
             min_free_space: default_min_free(),
+            max_entries: default_max_entries(),
         }
     }
 }
@@ -242,6 +249,8 @@ pub struct Limits {
     pub max_unpacked_size: u64,
     /// Free space that must remain on the state and install filesystems.
     pub min_free_space: u64,
+    /// Most entries an archive may have.
+    pub max_entries: u64,
 }
 
 /// Download behaviour.
@@ -479,6 +488,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         limits: Limits {
             max_artifact_size: i.limits.max_artifact_size.0,
             max_unpacked_size: i.limits.max_unpacked_size.0,
+            max_entries: i.limits.max_entries.max(1),
             min_free_space: i.limits.min_free_space.0,
         },
         download: Download {

@@ -86,7 +86,10 @@ impl Agent {
                 notify: notify.clone(),
             },
             Arc::new(config.env.clone()),
-            config.limits.max_unpacked_size,
+            crate::release::Unpack {
+                max_bytes: config.limits.max_unpacked_size,
+                max_entries: config.limits.max_entries,
+            },
         );
 
         let mirror = Arc::new(Mirror::new(

@@ -246,7 +246,7 @@ pub struct Deployer {
     checker: Checker,
     manager: Manager,
     env: Arc<BTreeMap<String, String>>,
-    max_unpacked: u64,
+    unpack: crate::release::Unpack,
     gate: Option<Gate>,
     notify: Notifier,
 }
@@ -258,7 +258,7 @@ impl Deployer {
         host: String,
         peers: Peers,
         env: Arc<BTreeMap<String, String>>,
-        max_unpacked: u64,
+        unpack: crate::release::Unpack,
     ) -> Deployer {
         Deployer {
             store,
@@ -267,7 +267,7 @@ impl Deployer {
             checker: peers.checker,
             manager: peers.manager,
             env,
-            max_unpacked,
+            unpack,
             gate: peers.gate,
             notify: peers.notify,
         }
@@ -688,7 +688,7 @@ impl Deployer {
                         d.dir.clone(),
                         t.clone(),
                         self.env.clone(),
-                        self.max_unpacked,
+                        self.unpack,
                     );
                     tokio::task::spawn_blocking(move || {
                         layout.stage(&dir, &archive, &t, &env, max)

@@ -91,9 +91,160 @@ fn resolve_link(link: &Path, target: &Path) -> Option<PathBuf> {
     Some(parts.iter().collect())
 }
 
+/// What an archive may unpack to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unpack {
+    /// Bytes at most (`limits.max_unpacked_size`); every entry also counts as 512 bytes, so
+    /// that many empty files cannot exhaust the inodes under a small size limit.
+    pub max_bytes: u64,
+    /// Entries at most (`limits.max_entries`).
+    pub max_entries: u64,
+}
+
+/// Default for [`Unpack::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// Largest GNU long-name / long-link or PAX header payload accepted (the tar reader holds it
+/// in memory).
+pub const MAX_META: u64 = 64 << 10;
+/// Longest entry path accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+
+/// An archive path as shown in errors: hostile paths are cut.
+fn shown(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.len() <= 200 {
+        return s;
+    }
+    let mut end = 200;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+/// Reads a tar stream and checks each header **before** the tar reader acts on it: metadata
+/// entries (long names, PAX) larger than [`MAX_META`], and more than `max_entries` entries,
+/// are refused before any of their payload is read.
+struct Guard<R> {
+    inner: R,
+    /// Bytes left until the next header block (0: the next block is a header).
+    until_header: u64,
+    /// The header being read, and how much of it.
+    header: [u8; 512],
+    filled: usize,
+    entries: u64,
+    max_entries: u64,
+    /// After the end-of-archive block nothing is parsed any more.
+    done: bool,
+}
+
+/// The size field of a tar header (octal, or base-256 when the high bit is set).
+fn header_size(h: &[u8; 512]) -> Option<u64> {
+    let f = &h[124..136];
+    if f[0] & 0x80 != 0 {
+        let mut v: u64 = 0;
+        for (i, b) in f.iter().enumerate() {
+            let b = if i == 0 { b & 0x7f } else { *b };
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let t: String = f
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|b| *b as char)
+        .collect();
+    let t = t.trim();
+    if t.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(t, 8).ok()
+}
+
+impl<R: Read> Guard<R> {
+    fn new(inner: R, max_entries: u64) -> Guard<R> {
+        Guard {
+            inner,
+            until_header: 0,
+            header: [0; 512],
+            filled: 0,
+            entries: 0,
+            max_entries,
+            done: false,
+        }
+    }
+
+    fn refuse(msg: String) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, msg)
+    }
+
+    /// Looks at `bytes` just read: payload skipped, header blocks checked.
+    fn watch(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() && !self.done {
+            if self.until_header > 0 {
+                let n = (self.until_header.min(bytes.len() as u64)) as usize;
+                self.until_header -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (512 - self.filled).min(bytes.len());
+            self.header[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled < 512 {
+                continue;
+            }
+            self.filled = 0;
+            if self.header.iter().all(|b| *b == 0) {
+                self.done = true;
+                continue;
+            }
+            let size = header_size(&self.header)
+                .ok_or_else(|| Self::refuse("a tar header has an unreadable size".into()))?;
+            let kind = self.header[156];
+            if matches!(kind, b'L' | b'K' | b'x' | b'g') && size > MAX_META {
+                return Err(Self::refuse(format!(
+                    "a long-name or PAX header announces {size} bytes; at most {MAX_META}"
+                )));
+            }
+            self.entries += 1;
+            if self.entries > self.max_entries {
+                return Err(Self::refuse(format!(
+                    "more than limits.max_entries ({}) entries",
+                    self.max_entries
+                )));
+            }
+            // Payload, padded to whole blocks.
+            self.until_header = size.div_ceil(512).saturating_mul(512);
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for Guard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.watch(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// Extracts the archive at `archive` (tar, or tar.gz by its magic bytes) into the empty
-/// directory `dest`, unpacking at most `max_bytes`.
+/// directory `dest`, unpacking at most `max_bytes` (and [`DEFAULT_MAX_ENTRIES`] entries).
 pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), ExtractError> {
+    extract_with(
+        archive,
+        dest,
+        Unpack {
+            max_bytes,
+            max_entries: DEFAULT_MAX_ENTRIES,
+        },
+    )
+}
+
+/// Extracts within `limits`.
+pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), ExtractError> {
+    let max_bytes = limits.max_bytes;
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ExtractError::Io { path, source }
@@ -110,7 +261,7 @@ pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), Extrac
     } else {
         Box::new(file)
     };
-    let mut ar = tar::Archive::new(reader);
+    let mut ar = tar::Archive::new(Guard::new(reader, limits.max_entries));
     let mut seen: HashMap<PathBuf, Kind> = HashMap::new();
     let mut links: HashSet<PathBuf> = HashSet::new();
     let mut total: u64 = 0;
@@ -123,7 +274,7 @@ pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), Extrac
             .path()
             .map_err(|e| ExtractError::Corrupt(e.to_string()))?
             .into_owned();
-        let shown = raw.display().to_string();
+        let shown = shown(&raw);
         let unsafe_entry = |reason: &str| ExtractError::Unsafe {
             entry: shown.clone(),
             reason: reason.to_string(),
@@ -131,6 +282,9 @@ pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), Extrac
         let kind = entry.header().entry_type();
         if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
             continue;
+        }
+        if raw.as_os_str().len() > MAX_PATH {
+            return Err(unsafe_entry(&format!("its path is over {MAX_PATH} bytes")));
         }
         let rel = clean(&raw).map_err(|r| unsafe_entry(&r))?;
         if rel.as_os_str().is_empty() {
@@ -143,7 +297,7 @@ pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), Extrac
             return Err(unsafe_entry("it replaces a symlink"));
         }
         let size = entry.header().size().unwrap_or(0);
-        total = total.saturating_add(size);
+        total = total.saturating_add(size).saturating_add(512);
         if total > max_bytes {
             return Err(ExtractError::TooLarge { limit: max_bytes });
         }
@@ -348,7 +502,8 @@ mod tests {
         fs::write(&ar, b.into_inner().unwrap()).unwrap();
         let dest = dir.path().join("out");
         fs::create_dir(&dest).unwrap();
-        extract(&ar, &dest, 100).unwrap();
+        // 2 bytes of data, plus 512 for the entry itself.
+        extract(&ar, &dest, 514).unwrap();
         assert_eq!(fs::read(dest.join("hello.txt")).unwrap(), b"hi");
     }
 
@@ -422,5 +577,91 @@ mod tests {
         fs::create_dir(&dest).unwrap();
         let e = extract(&ar, &dest, 100).unwrap_err();
         assert!(e.to_string().contains("not a valid"), "{e}");
+    }
+
+    /// A GNU long-name header announcing 3 GiB (the reader would hold it in memory): refused
+    /// from its header, before any of it is read, and in little memory.
+    #[test]
+    fn a_huge_long_name_header_is_refused_before_its_payload() {
+        let mut raw = Vec::new();
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(EntryType::GNULongName);
+        h.set_size(3 << 30);
+        h.set_mode(0o644);
+        h.set_cksum();
+        raw.extend_from_slice(h.as_bytes());
+        // 3 MB of the "name", gzip makes it tiny.
+        raw.extend(std::iter::repeat_n(b'a', 3 << 20));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &raw).unwrap();
+        let bytes = gz.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ar = dir.path().join("a.tar.gz");
+        fs::write(&ar, bytes).unwrap();
+        let dest = dir.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        let e = extract(&ar, &dest, 1 << 30).unwrap_err().to_string();
+        assert!(
+            e.contains("announces 3221225472 bytes; at most 65536"),
+            "{e}"
+        );
+        assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn many_empty_entries_are_bounded() {
+        let mut t = Tar::new();
+        for i in 0..3000 {
+            t = t.file(&format!("f{i}"), b"");
+        }
+        let bytes = t.b.into_inner().unwrap().finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ar = dir.path().join("a.tar.gz");
+        fs::write(&ar, bytes).unwrap();
+        let run = |limits: Unpack| {
+            let dest = dir
+                .path()
+                .join(format!("out{}-{}", limits.max_bytes, limits.max_entries));
+            fs::create_dir(&dest).unwrap();
+            extract_with(&ar, &dest, limits)
+        };
+        // Each entry counts as 512 bytes: 3000 empty files are 1.5 MB of a 1 MiB limit.
+        let e = run(Unpack {
+            max_bytes: 1 << 20,
+            max_entries: 1_000_000,
+        })
+        .unwrap_err();
+        assert!(matches!(e, ExtractError::TooLarge { .. }), "{e}");
+        // And limits.max_entries.
+        let e = run(Unpack {
+            max_bytes: 1 << 30,
+            max_entries: 1000,
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("more than limits.max_entries (1000)"),
+            "{e}"
+        );
+        run(Unpack {
+            max_bytes: 1 << 30,
+            max_entries: 3000,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn hostile_paths_are_cut_in_errors() {
+        let long = format!("{}/../x", "a".repeat(90));
+        let (_d, r) = Tar::new().file(&long, b"x").extract(1 << 20);
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(".."), "{e}");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        let p = "d/".repeat(3000) + "f";
+        assert!(shown(Path::new(&p)).len() < 300);
+        assert!(shown(Path::new(&p)).contains("(6001 bytes)"));
+        assert_eq!(header_size(h.as_bytes()), Some(0));
     }
 }

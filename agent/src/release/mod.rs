@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use extract::{ExtractError, extract};
+pub use extract::{DEFAULT_MAX_ENTRIES, ExtractError, Unpack, extract, extract_with};
 
 use crate::fsutil;
 use crate::spec::{Digest, ResolvedService, Vars, render_str};
@@ -203,7 +203,7 @@ impl Layout {
         archive: &Path,
         svc: &ResolvedService,
         env: &BTreeMap<String, String>,
-        max_unpacked: u64,
+        unpack: Unpack,
     ) -> Result<(), ReleaseError> {
         let releases = self.releases();
         fs::create_dir_all(&releases).map_err(io_err("creating", &releases))?;
@@ -211,7 +211,7 @@ impl Layout {
         let tmp = releases.join(format!("{dir}.tmp"));
         remove_tree(&tmp);
         fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
-        let result = self.fill(&tmp, archive, svc, env, max_unpacked);
+        let result = self.fill(&tmp, archive, svc, env, unpack);
         if let Err(e) = result {
             remove_tree(&tmp);
             return Err(e);
@@ -231,9 +231,9 @@ impl Layout {
         archive: &Path,
         svc: &ResolvedService,
         env: &BTreeMap<String, String>,
-        max_unpacked: u64,
+        unpack: Unpack,
     ) -> Result<(), ReleaseError> {
-        extract(archive, tmp, max_unpacked)?;
+        extract_with(archive, tmp, unpack)?;
         let vars = Vars {
             names: &svc.vars,
             env: Some(env),
