@@ -63,6 +63,8 @@ promote 1.0.0 "$sha1" "hello 1.0.0"
 
 say "starting the coordinator (SQLite store $work/coordinator.db); it reads the repo itself"
 mkdir -p "$work/tokens"
+chmod 700 "$work/tokens"
+old_umask=$(umask); umask 077   # token files: readable by their owner only
 coord_port=$(free_port)
 head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/tokens/alice"
 hash() { "$bin/drover-coordinator" hash-token < "$work/tokens/$1" | cut -d' ' -f2; }
@@ -82,6 +84,7 @@ for h in "${hosts[@]}"; do
   grep '^  - ' "$work/tokens/$h.enroll" >> "$work/coordinator.yaml"
   rm "$work/tokens/$h.enroll"
 done
+umask "$old_umask"
 "$bin/drover-coordinator" serve --config "$work/coordinator.yaml" >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 export DROVER_URL="http://127.0.0.1:$coord_port"

@@ -430,6 +430,21 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             }
             PathBuf::from(f.value)
         });
+        let others_read = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&c.token_file.value)
+                .map(|m| m.permissions().mode() & 0o004 != 0)
+                .unwrap_or(false)
+        };
+        if others_read {
+            problems.push(Problem::new(
+                c.token_file.mark.clone(),
+                format!(
+                    "coordinator token file {} is readable by every user: anyone on this host could act as it; chmod 600 it",
+                    c.token_file.value
+                ),
+            ));
+        }
         let token = match std::fs::read_to_string(&c.token_file.value) {
             Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
             Ok(_) => {

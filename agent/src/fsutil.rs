@@ -19,7 +19,8 @@ fn tmp_sibling(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
-/// After a crash the file holds either the old or the new content, never a mix.
+/// After a crash the file holds either the old or the new content, never a mix. The file is
+/// the owner's only (0600): state files can hold errors and outputs of a host's deploys.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_sibling(path);
     let result = (|| {
@@ -27,8 +28,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(&tmp)?;
+        // An existing temp file keeps its mode: set it.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -106,7 +109,7 @@ impl FileLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .open(path)?;
         let op = if wait {
             libc::LOCK_EX

@@ -35,6 +35,13 @@ pub struct Coordinator {
     pub wrapper: Vec<String>,
 }
 
+/// Writes a token file as an operator must: readable by its owner only.
+fn write_token(path: &Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, token).expect("token file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
 /// The secret token of `name` (deterministic for tests).
 pub fn token(name: &str) -> String {
     format!("token-of-{name}")
@@ -70,14 +77,14 @@ impl Coordinator {
                 "  - {{ name: {name}, role: {role}{groups}, sha256: {} }}\n",
                 crate::artifact::sha256(token(name).as_bytes())
             ));
-            std::fs::write(dir.join(format!("{name}.token")), token(name)).expect("token file");
+            write_token(&dir.join(format!("{name}.token")), &token(name));
         }
         for host in HOSTS {
             cfg.push_str(&format!(
                 "  - {{ name: {host}, role: agent, host: {host}, sha256: {} }}\n",
                 crate::artifact::sha256(token(host).as_bytes())
             ));
-            std::fs::write(dir.join(format!("{host}.token")), token(host)).expect("token file");
+            write_token(&dir.join(format!("{host}.token")), &token(host));
         }
         std::fs::write(dir.join("coordinator.yaml"), cfg).expect("config");
         Coordinator {

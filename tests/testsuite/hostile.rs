@@ -82,3 +82,52 @@ fn a_yaml_bomb_commit_is_refused_in_bounded_memory_and_the_running_version_stays
         assert!(text.contains("environments/test.yaml:"), "{text}");
     }
 }
+
+/// Files under `dir` (recursively) whose name ends with one of `suffixes`.
+fn files(dir: &std::path::Path, suffixes: &[&str], out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            files(&p, suffixes, out);
+        } else if ft.is_file() && suffixes.iter().any(|s| p.to_string_lossy().ends_with(s)) {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn state_events_and_rendered_templates_are_not_world_readable() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fleet::new();
+    let h = f.host("h1");
+    f.pin(&f.hello("1.0.0", &[]));
+    let out = h.once();
+    assert_eq!(out.code, 0, "{}", out.all());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut state = Vec::new();
+    files(&h.state, &[".json", "events.jsonl"], &mut state);
+    assert!(state.len() >= 2, "{state:?}");
+    for p in &state {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    let rendered = h.root().join("current/config/app.env");
+    assert_eq!(mode(&rendered), 0o640, "{}", rendered.display());
+    // A token file every user can read is refused, saying why.
+    let token = h.base.join("agent.token");
+    std::fs::write(&token, "t").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cfg = std::fs::read_to_string(&h.config).unwrap();
+    cfg.push_str(&format!(
+        "coordinator: {{ url: \"http://127.0.0.1:1\", token_file: \"{}\" }}\n",
+        token.display()
+    ));
+    std::fs::write(&h.config, cfg).unwrap();
+    let out = h.run_cmd(&["check-config"], &[]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("readable by every user") && out.all().contains("chmod 600"),
+        "{}",
+        out.all()
+    );
+}

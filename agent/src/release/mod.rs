@@ -254,7 +254,20 @@ impl Layout {
             if out.symlink_metadata().is_ok() {
                 fs::remove_file(&out).map_err(io_err("replacing", &out))?;
             }
-            fs::write(&out, rendered).map_err(io_err("writing", &out))?;
+            // Rendered templates may hold secrets ({env.*}): 0640, never through a link.
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o640)
+                    .open(&out)
+                    .map_err(io_err("writing", &out))?;
+                f.write_all(rendered.as_bytes())
+                    .map_err(io_err("writing", &out))?;
+            }
         }
         for d in &svc.shared {
             let shared = self.root.join("shared").join(d.as_path());

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -160,6 +161,7 @@ impl Process {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(&log_path)
             .map_err(io)?;
         let log2 = log.try_clone().map_err(io)?;
