@@ -135,7 +135,10 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
                 let results = agent.once().await?;
                 let mut ok = true;
                 for (name, outcome) in &results {
-                    println!("{name}: {}", outcome.summary());
+                    println!(
+                        "{name}: {}",
+                        drover_desired::text::printable(&outcome.summary())
+                    );
                     ok &= outcome.converged();
                 }
                 if results.is_empty() {
@@ -156,13 +159,20 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
                 if json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
                 } else {
-                    print!("{}", status_table(&status));
+                    // App and hook output may hold terminal escapes: shown, not obeyed.
+                    print!(
+                        "{}",
+                        drover_desired::text::printable(&status_table(&status))
+                    );
                 }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Rollback { service } => {
                 let outcome = agent.rollback(&service).await?;
-                println!("{service}: {}", outcome.summary());
+                println!(
+                    "{service}: {}",
+                    drover_desired::text::printable(&outcome.summary())
+                );
                 Ok(
                     if matches!(
                         outcome,

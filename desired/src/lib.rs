@@ -2,10 +2,12 @@
 //! the same way: [`yaml`] (YAML with positions, strict deserialization reporting every
 //! problem), [`spec`] (the repo format v1: `services/*.yaml`, `environments/*.yaml`, their
 //! validation and what one host must run), and [`git`] (a bare mirror of the repo fetched with
-//! gix, and the loop that keeps it at the branch tip).
+//! gix, and the loop that keeps it at the branch tip); and [`text`] (other hosts' text made
+//! safe for a terminal).
 
 pub mod git;
 pub mod spec;
+pub mod text;
 pub mod yaml;
 
 /// An error and its sources on one line, each cause once.

@@ -1,6 +1,7 @@
 //! `drover`: the operator CLI of the coordinator — fleet status, approvals, pause/resume/abort,
 //! retry, rollback, history.
 
+use drover_desired::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli, &token)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", printable(&e.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -157,7 +158,8 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).expect("json"));
             } else {
-                print!("{}", status_table(&s));
+                // Hosts' text (errors, phases) may hold terminal escapes: shown, not obeyed.
+                print!("{}", printable(&status_table(&s)));
             }
         }
         Command::Approve {
@@ -193,7 +195,7 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
                 println!("{}", serde_json::to_string_pretty(&h).expect("json"));
             } else {
                 for e in h.entries {
-                    println!(
+                    let line = format!(
                         "{}  {:<12} {:<16} {:<28} {}",
                         time(e.at_ms),
                         e.actor,
@@ -201,6 +203,7 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
                         e.subject,
                         e.detail
                     );
+                    println!("{}", printable(&line));
                 }
             }
         }
@@ -209,7 +212,7 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
 }
 
 fn print_rollout(r: &RolloutReply) {
-    println!("{}", rollout_line(&r.rollout));
+    println!("{}", printable(&rollout_line(&r.rollout)));
 }
 
 fn rollout_line(r: &RolloutView) -> String {
