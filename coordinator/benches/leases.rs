@@ -56,7 +56,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let token = "bench-token";
     let (repo, commit) = desired_state(dir.path());
-    let ca = test_ca(dir.path());
+    let ca = drover_tests::tls::TestCa::new(&dir.path().join("tls"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,15 +71,7 @@ fn main() {
             .local_addr()
             .unwrap()
             .port();
-        let tls_line = if tls {
-            format!(
-                "tls: {{ cert: {}, key: {} }}\n",
-                dir.path().join("server.pem").display(),
-                dir.path().join("server.key").display()
-            )
-        } else {
-            String::new()
-        };
+        let tls_line = if tls { ca.config() } else { String::new() };
         // The rate limit is off: this measures what the coordinator can do.
         std::fs::write(
             dir.path().join(format!("{name}.yaml")),
@@ -101,7 +93,7 @@ fn main() {
         let scheme = if tls { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{port}");
         let options = Options {
-            ca_file: tls.then(|| ca.clone()),
+            ca_file: tls.then(|| ca.ca.clone()),
             insecure: false,
         };
         rt.block_on(async {
@@ -127,81 +119,6 @@ fn main() {
         let _ = server.kill();
         let _ = server.wait();
     }
-}
-
-/// A test CA and a server certificate for 127.0.0.1, made with the openssl command.
-fn test_ca(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let run = |args: &[&str]| {
-        let ok = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl")
-            .success();
-        assert!(ok, "openssl {args:?}");
-    };
-    let ec = "ec_paramgen_curve:prime256v1";
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        ec,
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=bench CA",
-        "-days",
-        "1",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        ec,
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    std::fs::set_permissions(
-        dir.join("server.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-    dir.join("ca.pem")
 }
 
 /// A desired-state repo (git CLI) with environment `bench` pinning services svc0..svc{CLIENTS}

@@ -233,36 +233,11 @@ fn archives_over_the_limits_are_rejected() {
     assert_untouched(&h, pid);
 }
 
-/// A tmpfs mounted for the test, unmounted (after its apps are killed) when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        drover_tests::kill_instances(&self.0);
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_cleanly_and_recovers() {
     let f = Fleet::new();
     let base = f.dir.path().join("small");
-    let Some(_mnt) = Tmpfs::mount(&base, "64m") else {
+    let Some(_mnt) = drover_tests::Tmpfs::mount(&base, "64m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); disk-full path not exercised");
         return;
     };

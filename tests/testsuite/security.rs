@@ -1,7 +1,7 @@
 //! The coordinator under attack: host-bound tokens, unauthenticated floods, slowloris, TLS,
 //! late outcomes, a full disk, a damaged store, reloads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,26 @@ fn acquire_body(host: &str, commit: &str) -> String {
 }
 
 const HEARTBEAT: &str = r#"{"environment":"test","services":[]}"#;
+
+/// A fleet pinning hello 1.0 and a coordinator (with `extra` config) that has read it.
+fn started(extra: &str) -> (Fleet, Coordinator, String) {
+    let f = Fleet::new();
+    let commit = f.pin_raw("1.0", &"a".repeat(64));
+    let c = Coordinator::start(f.dir.path(), extra);
+    c.wait_commit(&commit);
+    (f, c, commit)
+}
+
+/// An empty heartbeat of `host` with `token`: (status, body).
+fn heartbeat(c: &Coordinator, host: &str, token: &str) -> (u16, Value) {
+    c.http(
+        "POST",
+        &format!("/v1/hosts/{host}/heartbeat"),
+        Some(token),
+        HEARTBEAT,
+        true,
+    )
+}
 
 fn metric(c: &Coordinator, name: &str) -> f64 {
     let (s, m) = c.http("GET", "/metrics", Some(&token("watcher")), "", false);
@@ -44,27 +64,12 @@ fn store_size(c: &Coordinator) -> u64 {
 
 #[test]
 fn a_host_token_cannot_act_as_another_host() {
-    let f = Fleet::new();
-    let commit = f.pin_raw("1.0", &"a".repeat(64));
-    let c = Coordinator::start(f.dir.path(), "");
-    c.wait_commit(&commit);
+    let (_f, c, commit) = started("");
     let (web1, web2) = (token("web-01"), token("web-02"));
     // Its own heartbeat works; another host's is refused.
-    let (s, b) = c.http(
-        "POST",
-        "/v1/hosts/web-01/heartbeat",
-        Some(&web1),
-        HEARTBEAT,
-        true,
-    );
+    let (s, b) = heartbeat(&c, "web-01", &web1);
     assert_eq!(s, 200, "{b}");
-    let (s, b) = c.http(
-        "POST",
-        "/v1/hosts/web-02/heartbeat",
-        Some(&web1),
-        HEARTBEAT,
-        true,
-    );
+    let (s, b) = heartbeat(&c, "web-02", &web1);
     assert_eq!((s, b["kind"].as_str()), (403, Some("forbidden")), "{b}");
     assert!(
         b["message"]
@@ -138,13 +143,7 @@ fn a_host_token_cannot_act_as_another_host() {
     );
     assert_eq!(s, 200);
     // The fleet-wide token still acts as any host (small setups), with a warning at start.
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-02/heartbeat",
-        Some(&token("fleet")),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-02", &token("fleet"));
     assert_eq!(s, 200);
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("may act as any host"), "{log}");
@@ -152,10 +151,7 @@ fn a_host_token_cannot_act_as_another_host() {
 
 #[test]
 fn an_unauthenticated_flood_leaves_the_store_unchanged() {
-    let f = Fleet::new();
-    let commit = f.pin_raw("1.0", &"a".repeat(64));
-    let c = Coordinator::start(f.dir.path(), "");
-    c.wait_commit(&commit);
+    let (_f, c, _) = started("");
     // Let the start-up writes settle.
     std::thread::sleep(Duration::from_secs(2));
     let audit_before = c.history().len();
@@ -199,13 +195,7 @@ fn an_unauthenticated_flood_leaves_the_store_unchanged() {
     assert_eq!(size_after, size_before, "the store did not grow");
     assert!(metric(&c, "drover_coordinator_unauthenticated_total") >= answered as f64);
     // A real client is still served.
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-01/heartbeat",
-        Some(&token("web-01")),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-01", &token("web-01"));
     assert_eq!(s, 200);
 }
 
@@ -269,13 +259,7 @@ fn slowloris_does_not_delay_a_heartbeat() {
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let t0 = Instant::now();
-        let (s, b) = c.http(
-            "POST",
-            "/v1/hosts/web-01/heartbeat",
-            Some(&token("web-01")),
-            HEARTBEAT,
-            true,
-        );
+        let (s, b) = heartbeat(&c, "web-01", &token("web-01"));
         worst = worst.max(t0.elapsed());
         assert_eq!(s, 200, "{b}");
         std::thread::sleep(Duration::from_millis(200));
@@ -365,10 +349,7 @@ fn the_fleet_runs_over_tls() {
 
 #[test]
 fn a_late_failure_after_the_lease_expired_fails_the_rollout() {
-    let f = Fleet::new();
-    let commit = f.pin_raw("1.0", &"a".repeat(64));
-    let c = Coordinator::start(f.dir.path(), "lease_ttl: 2s\n");
-    c.wait_commit(&commit);
+    let (_f, c, commit) = started("lease_ttl: 2s\n");
     let agent = token("fleet");
     let (s, b) = c.http(
         "POST",
@@ -520,27 +501,6 @@ fn a_truncated_or_damaged_store_refuses_to_start_and_can_be_recovered() {
     );
 }
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 fn big_heartbeat(services: usize) -> String {
     let s: Vec<String> = (0..services)
         .map(|i| {
@@ -558,7 +518,7 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     let f = Fleet::new();
     let commit = f.pin_raw("1.0", &"a".repeat(64));
     let small = f.dir.path().join("small");
-    let Some(_mnt) = Tmpfs::mount(&small, "4m") else {
+    let Some(_mnt) = drover_tests::Tmpfs::mount(&small, "4m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); disk-full path not exercised");
         return;
     };
@@ -646,13 +606,7 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
         "the coordinator to write again",
         Duration::from_secs(60),
         || {
-            let (s, _) = c.http(
-                "POST",
-                "/v1/hosts/back/heartbeat",
-                Some(&agent),
-                HEARTBEAT,
-                true,
-            );
+            let (s, _) = heartbeat(&c, "back", &agent);
             (s == 200).then_some(())
         },
     );
@@ -671,10 +625,7 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
 
 #[test]
 fn enroll_and_sighup_add_a_host_without_dropping_leases() {
-    let f = Fleet::new();
-    let commit = f.pin_raw("1.0", &"a".repeat(64));
-    let c = Coordinator::start(f.dir.path(), "");
-    c.wait_commit(&commit);
+    let (_f, c, commit) = started("");
     let (s, b) = c.http(
         "POST",
         "/v1/leases",
@@ -697,13 +648,7 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
         line.contains("host: web-09") && !line.contains(secret),
         "{text}"
     );
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-09/heartbeat",
-        Some(secret),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-09", secret);
     assert_eq!(s, 401, "not known before the reload");
     let mut cfg = std::fs::read_to_string(c.config()).unwrap();
     cfg.push_str(line);
@@ -712,22 +657,10 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     // SAFETY: kill(2) on the coordinator's pid.
     unsafe { libc::kill(c.pid().unwrap() as i32, libc::SIGHUP) };
     wait_for("the reload", Duration::from_secs(10), || {
-        let (s, _) = c.http(
-            "POST",
-            "/v1/hosts/web-09/heartbeat",
-            Some(secret),
-            HEARTBEAT,
-            true,
-        );
+        let (s, _) = heartbeat(&c, "web-09", secret);
         (s == 200).then_some(())
     });
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-01/heartbeat",
-        Some(secret),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-01", secret);
     assert_eq!(s, 403, "bound to web-09");
     // The lease taken before the reload is still held.
     let (s, b) = c.http(
@@ -742,13 +675,7 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     std::fs::write(c.config(), "nonsense: [").unwrap();
     unsafe { libc::kill(c.pid().unwrap() as i32, libc::SIGHUP) };
     std::thread::sleep(Duration::from_millis(500));
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-09/heartbeat",
-        Some(secret),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-09", secret);
     assert_eq!(s, 200);
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("keeping the running one"), "{log}");
@@ -756,24 +683,12 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
 
 #[test]
 fn a_token_over_its_rate_gets_429_and_cannot_flood_the_audit() {
-    let f = Fleet::new();
-    let commit = f.pin_raw("1.0", &"a".repeat(64));
-    let c = Coordinator::start(
-        f.dir.path(),
-        "limits: { requests_per_second: 1, burst: 40 }\n",
-    );
-    c.wait_commit(&commit);
+    let (_f, c, _) = started("limits: { requests_per_second: 1, burst: 40 }\n");
     let audit = c.history().len();
     // web-01 asks again and again to act as web-02: a few denials are audited, then 429.
     let mut codes = Vec::new();
     for _ in 0..100 {
-        let (s, b) = c.http(
-            "POST",
-            "/v1/hosts/web-02/heartbeat",
-            Some(&token("web-01")),
-            HEARTBEAT,
-            true,
-        );
+        let (s, b) = heartbeat(&c, "web-02", &token("web-01"));
         if s == 429 {
             assert_eq!(b["kind"], "rate_limited", "{b}");
             assert!(b["retry_after_ms"].as_u64().unwrap() >= 100, "{b}");
@@ -790,13 +705,7 @@ fn a_token_over_its_rate_gets_429_and_cannot_flood_the_audit() {
     let denied = c.history().len() - audit;
     assert_eq!(denied, forbidden, "only the answered denials are audited");
     // Other tokens have their own budget.
-    let (s, _) = c.http(
-        "POST",
-        "/v1/hosts/web-02/heartbeat",
-        Some(&token("web-02")),
-        HEARTBEAT,
-        true,
-    );
+    let (s, _) = heartbeat(&c, "web-02", &token("web-02"));
     assert_eq!(s, 200);
     assert!(metric(&c, "drover_coordinator_rate_limited_total") >= 50.0);
 }
