@@ -28,6 +28,28 @@ fn started(extra: &str) -> (Fleet, Coordinator, String) {
     (f, c, commit)
 }
 
+/// Renews lease `id` with `token`: (status, body).
+fn renew(c: &Coordinator, id: &str, token: &str) -> (u16, Value) {
+    c.http(
+        "POST",
+        &format!("/v1/leases/{id}/renew"),
+        Some(token),
+        "",
+        true,
+    )
+}
+
+/// Releases lease `id` with `token` and the release `body`: (status, body).
+fn release(c: &Coordinator, id: &str, token: &str, body: &str) -> (u16, Value) {
+    c.http(
+        "POST",
+        &format!("/v1/leases/{id}/release"),
+        Some(token),
+        body,
+        true,
+    )
+}
+
 /// An empty heartbeat of `host` with `token`: (status, body).
 fn heartbeat(c: &Coordinator, host: &str, token: &str) -> (u16, Value) {
     c.http(
@@ -97,20 +119,13 @@ fn a_host_token_cannot_act_as_another_host() {
     );
     assert_eq!(s, 200, "{b}");
     let id = b["lease"]["id"].as_str().unwrap().to_string();
-    let (s, _) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/renew"),
-        Some(&web1),
-        "",
-        true,
-    );
+    let (s, _) = renew(&c, &id, &web1);
     assert_eq!(s, 403);
-    let (s, _) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/release"),
-        Some(&web1),
+    let (s, _) = release(
+        &c,
+        &id,
+        &web1,
         r#"{"outcome":"failure","message":"spoofed"}"#,
-        true,
     );
     assert_eq!(s, 403);
     let r = c.rollout("test", "1.0").unwrap();
@@ -126,21 +141,9 @@ fn a_host_token_cannot_act_as_another_host() {
     let out = c.cli("watcher", &["status", "--json"]);
     assert!(!out.stdout.contains(&id), "a viewer sees the lease id");
     // The holder renews and releases.
-    let (s, _) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/renew"),
-        Some(&web2),
-        "",
-        true,
-    );
+    let (s, _) = renew(&c, &id, &web2);
     assert_eq!(s, 200);
-    let (s, _) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/release"),
-        Some(&web2),
-        r#"{"outcome":"success"}"#,
-        true,
-    );
+    let (s, _) = release(&c, &id, &web2, r#"{"outcome":"success"}"#);
     assert_eq!(s, 200);
     // The fleet-wide token still acts as any host (small setups), with a warning at start.
     let (s, _) = heartbeat(&c, "web-02", &token("fleet"));
@@ -364,21 +367,14 @@ fn a_late_failure_after_the_lease_expired_fails_the_rollout() {
     wait_for("the lease to expire", Duration::from_secs(20), || {
         (c.rollout("test", "1.0").unwrap()["leases"] == 0).then_some(())
     });
-    let (s, b) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/renew"),
-        Some(&agent),
-        "",
-        true,
-    );
+    let (s, b) = renew(&c, &id, &agent);
     assert_eq!((s, b["kind"].as_str()), (410, Some("lease_lost")), "{b}");
     // The host's failure arrives late: it counts (max_failures 0), the rollout fails.
-    let (s, b) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/release"),
-        Some(&agent),
+    let (s, b) = release(
+        &c,
+        &id,
+        &agent,
         r#"{"outcome":"failure","message":"health check failed"}"#,
-        true,
     );
     assert_eq!(s, 200, "{b}");
     let r = c.rollout("test", "1.0").unwrap();
@@ -584,13 +580,7 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
             .0,
         200
     );
-    let (s, b) = c.http(
-        "POST",
-        &format!("/v1/leases/{lease}/renew"),
-        Some(&agent),
-        "",
-        true,
-    );
+    let (s, b) = renew(&c, &lease, &agent);
     assert_eq!(s, 200, "{b}");
     assert_eq!(metric(&c, "drover_coordinator_store_read_only"), 1.0);
     assert_eq!(
@@ -612,13 +602,7 @@ fn a_full_disk_answers_503_without_a_reload_storm_and_recovers() {
     );
     assert_eq!(metric(&c, "drover_coordinator_store_read_only"), 0.0);
     // The lease held all along, its expiry kept.
-    let (s, _) = c.http(
-        "POST",
-        &format!("/v1/leases/{lease}/renew"),
-        Some(&agent),
-        "",
-        true,
-    );
+    let (s, _) = renew(&c, &lease, &agent);
     assert_eq!(s, 200);
     c.kill();
 }
@@ -663,13 +647,7 @@ fn enroll_and_sighup_add_a_host_without_dropping_leases() {
     let (s, _) = heartbeat(&c, "web-01", secret);
     assert_eq!(s, 403, "bound to web-09");
     // The lease taken before the reload is still held.
-    let (s, b) = c.http(
-        "POST",
-        &format!("/v1/leases/{id}/renew"),
-        Some(&token("web-01")),
-        "",
-        true,
-    );
+    let (s, b) = renew(&c, &id, &token("web-01"));
     assert_eq!(s, 200, "{b}");
     // A broken config on reload keeps the running tokens.
     std::fs::write(c.config(), "nonsense: [").unwrap();
