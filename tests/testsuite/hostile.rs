@@ -131,3 +131,40 @@ fn state_events_and_rendered_templates_are_not_world_readable() {
         out.all()
     );
 }
+
+/// A link through an earlier link (`d/l -> ..`, then `config -> d/l/..`): it reads as inside
+/// the release but is its parent on disk, where the template would then be written. Refused
+/// at extraction; nothing is written outside, the running version stays.
+#[test]
+fn a_link_through_an_earlier_link_cannot_carry_a_template_outside() {
+    use drover_tests::artifact::{Entry, tar_gz, write};
+    let f = Fleet::new();
+    let h = f.host("h1");
+    f.pin(&f.hello("1.0.0", &[]));
+    assert_eq!(h.once().code, 0);
+    let pids = h.app_pids();
+    let hello = std::fs::read(drover_tests::bin("hello")).unwrap();
+    let bytes = tar_gz(&[
+        Entry::Dir("bin/"),
+        Entry::File("bin/hello", &hello, 0o755),
+        Entry::Dir("d/"),
+        Entry::Symlink("d/l", ".."),
+        Entry::Symlink("config", "d/l/.."),
+        Entry::File("app.env.tmpl", b"X={port}\n", 0o644),
+        Entry::File("release.env", b"VERSION=2.0.0\n", 0o644),
+    ]);
+    let built = write(&f.artifacts(), "2.0.0", &bytes);
+    f.pin(&built);
+    let out = h.once();
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("points outside the release"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    assert_eq!(h.app_pids(), pids);
+    // Nothing next to the releases, nor above the install root.
+    assert!(!h.root().join("releases/app.env").exists());
+    assert!(!h.root().join("app.env").exists());
+}

@@ -229,6 +229,64 @@ impl<R: Read> Read for Guard<R> {
     }
 }
 
+/// One step of a path being resolved.
+enum Step {
+    Name(std::ffi::OsString),
+    Up,
+}
+
+/// The steps of a relative path; `None` if it is absolute.
+fn steps(p: &Path) -> Option<Vec<Step>> {
+    let mut out = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(Step::Name(n.to_os_string())),
+            Component::ParentDir => out.push(Step::Up),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Resolves a symlink target as the filesystem will: from the link's directory, following the
+/// links extracted earlier (`links`: link path → its target), at most 40 of them as the kernel
+/// does. `None` if it escapes the release (or loops).
+fn resolve_on_disk(
+    link: &Path,
+    target: &Path,
+    links: &HashMap<PathBuf, PathBuf>,
+) -> Option<PathBuf> {
+    let mut parts: Vec<std::ffi::OsString> = link
+        .parent()
+        .map(|p| p.iter().map(|c| c.to_os_string()).collect())
+        .unwrap_or_default();
+    let mut queue: std::collections::VecDeque<Step> = steps(target)?.into();
+    let mut hops = 0;
+    while let Some(step) = queue.pop_front() {
+        match step {
+            Step::Name(n) => {
+                parts.push(n);
+                let here: PathBuf = parts.iter().collect();
+                if let Some(to) = links.get(&here) {
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    parts.pop();
+                    for s in steps(to)?.into_iter().rev() {
+                        queue.push_front(s);
+                    }
+                }
+            }
+            Step::Up => {
+                parts.pop()?;
+            }
+        }
+    }
+    Some(parts.iter().collect())
+}
+
 /// Extracts the archive at `archive` (tar, or tar.gz by its magic bytes) into the empty
 /// directory `dest`, unpacking at most `max_bytes` (and [`DEFAULT_MAX_ENTRIES`] entries).
 pub fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), ExtractError> {
@@ -264,6 +322,7 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
     let mut ar = tar::Archive::new(Guard::new(reader, limits.max_entries));
     let mut seen: HashMap<PathBuf, Kind> = HashMap::new();
     let mut links: HashSet<PathBuf> = HashSet::new();
+    let mut link_to: HashMap<PathBuf, PathBuf> = HashMap::new();
     let mut total: u64 = 0;
     let entries = ar
         .entries()
@@ -350,7 +409,10 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
                     .map_err(|e| ExtractError::Corrupt(e.to_string()))?
                     .ok_or_else(|| unsafe_entry("symlink without a target"))?
                     .into_owned();
-                if resolve_link(&rel, &to).is_none() {
+                // Judged as the filesystem will resolve it: through the links before it.
+                if resolve_link(&rel, &to).is_none()
+                    || resolve_on_disk(&rel, &to, &link_to).is_none()
+                {
                     return Err(unsafe_entry(&format!(
                         "symlink to `{}` points outside the release",
                         to.display()
@@ -361,6 +423,7 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
                 }
                 std::os::unix::fs::symlink(&to, &target).map_err(io_err(&target))?;
                 links.insert(rel.clone());
+                link_to.insert(rel.clone(), to);
                 seen.insert(rel, Kind::Link);
             }
             EntryType::Link => {
@@ -663,5 +726,36 @@ mod tests {
         assert!(shown(Path::new(&p)).len() < 300);
         assert!(shown(Path::new(&p)).contains("(6001 bytes)"));
         assert_eq!(header_size(h.as_bytes()), Some(0));
+    }
+
+    #[test]
+    fn a_link_through_an_earlier_link_is_judged_as_on_disk() {
+        // `d/l -> ..` is the release root; `x -> d/l/..` reads as `d` but is its parent.
+        rejected(
+            Tar::new()
+                .dir("d/")
+                .link("d/l", EntryType::Symlink, "..")
+                .link("x", EntryType::Symlink, "d/l/.."),
+            "points outside",
+        );
+        // Loops are refused, not followed forever.
+        let mut m = HashMap::new();
+        m.insert(PathBuf::from("a"), PathBuf::from("b"));
+        m.insert(PathBuf::from("b"), PathBuf::from("a"));
+        assert_eq!(resolve_on_disk(Path::new("x"), Path::new("a"), &m), None);
+        // Through a link that stays inside: fine.
+        let mut m = HashMap::new();
+        m.insert(PathBuf::from("d/l"), PathBuf::from("../e"));
+        assert_eq!(
+            resolve_on_disk(Path::new("x"), Path::new("d/l/f"), &m),
+            Some(PathBuf::from("e/f"))
+        );
+        let (_d, r) = Tar::new()
+            .dir("d/")
+            .dir("e/")
+            .link("d/l", EntryType::Symlink, "../e")
+            .link("x", EntryType::Symlink, "d/l")
+            .extract(1 << 20);
+        r.unwrap();
     }
 }

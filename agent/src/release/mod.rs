@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Largest template file rendered.
+pub const MAX_TEMPLATE: u64 = 1 << 20;
+
 pub use extract::{DEFAULT_MAX_ENTRIES, ExtractError, Unpack, extract, extract_with};
 
 use crate::fsutil;
@@ -238,18 +241,46 @@ impl Layout {
             names: &svc.vars,
             env: Some(env),
         };
+        let root = fs::canonicalize(tmp).map_err(io_err("resolving", tmp))?;
         for (src, dest) in &svc.templates {
             let terr = |message: String| ReleaseError::Template {
                 src: src.to_string(),
                 dest: dest.to_string(),
                 message,
             };
-            let text = fs::read_to_string(tmp.join(src.as_path()))
+            // Links are judged on disk: the template and the directory it is written to must
+            // resolve inside the release (a link in the archive could point them anywhere).
+            let inside = |p: &Path| -> Result<PathBuf, ReleaseError> {
+                let c = fs::canonicalize(p).map_err(io_err("resolving", p))?;
+                if c.starts_with(&root) {
+                    Ok(c)
+                } else {
+                    Err(terr(format!(
+                        "{} resolves outside the release (through a link); refused",
+                        p.strip_prefix(tmp).unwrap_or(p).display()
+                    )))
+                }
+            };
+            let src_path = inside(&tmp.join(src.as_path()))?;
+            let meta = fs::metadata(&src_path).map_err(io_err("reading", &src_path))?;
+            if !meta.is_file() || meta.len() > MAX_TEMPLATE {
+                return Err(terr(format!(
+                    "the template must be a file of at most {MAX_TEMPLATE} bytes"
+                )));
+            }
+            let text = fs::read_to_string(&src_path)
                 .map_err(|e| terr(format!("cannot read the template in the release: {e}")))?;
             let rendered = render_str(&text, &vars).map_err(terr)?;
             let out = tmp.join(dest.as_path());
             if let Some(parent) = out.parent() {
+                // The part of the parent that exists must be inside; the rest is made here.
+                let existing = parent
+                    .ancestors()
+                    .find(|a| a.symlink_metadata().is_ok())
+                    .unwrap_or(tmp);
+                inside(existing)?;
                 fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+                inside(parent)?;
             }
             if out.symlink_metadata().is_ok() {
                 fs::remove_file(&out).map_err(io_err("replacing", &out))?;
