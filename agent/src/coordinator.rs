@@ -74,6 +74,11 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Whether deploys wait for the coordinator (`required`, the default).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
     /// A gate for `host` through `client`; with `required: false` an unreachable coordinator
     /// does not block deploys.
     pub fn new(client: Client, host: &str, environment: &str, required: bool) -> Gate {

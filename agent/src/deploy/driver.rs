@@ -359,7 +359,12 @@ impl Deployer {
             Action::EnsureRunning => self.ensure_running(&mut st, desired).await,
             // An earlier deploy's outcome is not delivered yet: a new deploy would replace
             // the record of it, and the coordinator would never count it. Deliver it first.
-            Action::Deploy if st.lease.as_ref().is_some_and(|l| l.success.is_some()) => {
+            // (With `required: false` the deploy goes on: it takes no lease while the
+            // coordinator cannot be reached, so the record stays and is sent later.)
+            Action::Deploy
+                if st.lease.as_ref().is_some_and(|l| l.success.is_some())
+                    && self.gate.as_ref().is_some_and(|g| g.required()) =>
+            {
                 Ok(Outcome::Waiting {
                     version: desired.version.clone(),
                     reason: "the outcome of the previous deploy is not delivered to the coordinator yet; it is sent again first".into(),
