@@ -38,7 +38,7 @@ pub enum Command {
     /// Release a lease.
     Release(String, ReleaseRequest, Caller, Reply<RolloutReply>),
     /// A host's heartbeat.
-    Heartbeat(String, Heartbeat, Reply<HeartbeatReply>),
+    Heartbeat(String, Heartbeat, Caller, Reply<HeartbeatReply>),
     /// Approve or reject.
     Decide {
         /// Environment.
@@ -181,7 +181,7 @@ impl Command {
         match self {
             Command::Acquire(_, _, r) => drop(r.send(Err(e.clone()))),
             Command::Release(_, _, _, r) => drop(r.send(Err(e.clone()))),
-            Command::Heartbeat(_, _, r) => drop(r.send(Err(e.clone()))),
+            Command::Heartbeat(_, _, _, r) => drop(r.send(Err(e.clone()))),
             Command::Decide { reply, .. }
             | Command::Retry { reply, .. }
             | Command::Rollback { reply, .. }
@@ -275,8 +275,8 @@ pub fn run(
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }
-                Command::Heartbeat(host, hb, reply) => {
-                    let r = core.heartbeat(&host, &hb, now);
+                Command::Heartbeat(host, hb, caller, reply) => {
+                    let r = core.heartbeat(&host, &hb, &caller, now);
                     pending.push(deferred(reply, r));
                 }
                 Command::Decide {

@@ -117,6 +117,11 @@ impl Caller {
     }
 }
 
+/// Whether `h` is a host name drover accepts (as in heartbeats and leases).
+pub fn valid_host(h: &str) -> bool {
+    crate::core::valid_name(h, 253)
+}
+
 /// `s` cut to at most `max` bytes (on a character boundary), with `…` when cut: what the
 /// coordinator keeps of client-supplied text in its audit and errors.
 pub fn cap(s: &str, max: usize) -> String {

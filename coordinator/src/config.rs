@@ -12,7 +12,7 @@ use drover_desired::spec::Dur;
 use drover_desired::yaml::{self, Mark, Problem, Problems, Spanned};
 use serde::Deserialize;
 
-use crate::auth::{Caller, Role, Tokens};
+use crate::auth::{Caller, Role, Tokens, valid_host};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -300,6 +300,13 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             d.value.0
         }
     };
+    // An optional duration: `default` when absent, at least `min` when given.
+    let optional =
+        |problems: &mut Vec<Problem>,
+         what: &str,
+         d: Option<Spanned<Dur>>,
+         min: Duration,
+         default: Duration| { d.map_or(default, |d| at_least_in(problems, what, &d, min)) };
     let lease_ttl = at_least_in(problems, "lease_ttl", &i.lease_ttl, Duration::from_secs(1));
     let heartbeat = at_least_in(
         problems,
@@ -410,18 +417,13 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             None
         }
     });
-    let audit_max_age = i
-        .audit_retention
-        .max_age
-        .map(|d| {
-            at_least_in(
-                problems,
-                "audit_retention.max_age",
-                &d,
-                Duration::from_secs(3600),
-            )
-        })
-        .unwrap_or(Duration::from_secs(400 * 24 * 3600));
+    let audit_max_age = optional(
+        problems,
+        "audit_retention.max_age",
+        i.audit_retention.max_age,
+        Duration::from_secs(3600),
+        Duration::from_secs(400 * 24 * 3600),
+    );
     let audit_max_entries = match i.audit_retention.max_entries {
         Some(n) if n.value < 1000 => {
             problems.push(Problem::new(
@@ -467,28 +469,20 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
     );
     let burst = count(problems, "burst", l.burst, 1, d.burst);
     let max_hosts = count(problems, "max_hosts", l.max_hosts, 1, d.max_hosts);
-    let header_timeout = l
-        .header_timeout
-        .map(|t| {
-            at_least_in(
-                problems,
-                "limits.header_timeout",
-                &t,
-                Duration::from_millis(100),
-            )
-        })
-        .unwrap_or(d.header_timeout);
-    let request_timeout = l
-        .request_timeout
-        .map(|t| {
-            at_least_in(
-                problems,
-                "limits.request_timeout",
-                &t,
-                Duration::from_secs(1),
-            )
-        })
-        .unwrap_or(d.request_timeout);
+    let header_timeout = optional(
+        problems,
+        "limits.header_timeout",
+        l.header_timeout,
+        Duration::from_millis(100),
+        d.header_timeout,
+    );
+    let request_timeout = optional(
+        problems,
+        "limits.request_timeout",
+        l.request_timeout,
+        Duration::from_secs(1),
+        d.request_timeout,
+    );
     Config {
         listen,
         sqlite,
@@ -513,13 +507,6 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             max_hosts,
         },
     }
-}
-
-fn valid_host(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
 }
 
 #[cfg(test)]

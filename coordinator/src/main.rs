@@ -115,12 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Enroll { host } => {
-            let ok = !host.is_empty()
-                && host.len() <= 253
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
-            if !ok {
+            if !drover_coordinator::auth::valid_host(&host) {
                 anyhow::bail!(
                     "`{host}` is not a host name (letters, digits, `.`, `-`, `_`, `+`; at most 253)"
                 );

@@ -4,7 +4,16 @@
 
 use std::os::unix::process::CommandExt;
 
-use drover_tests::host::Fleet;
+use drover_tests::host::{Fleet, Host};
+
+/// Host h1 running hello 1.0.0, and its app's pids.
+fn running(f: &Fleet) -> (Host, Vec<i32>) {
+    let h = f.host("h1");
+    f.pin(&f.hello("1.0.0", &[]));
+    assert_eq!(h.once().code, 0);
+    let pids = h.app_pids();
+    (h, pids)
+}
 
 /// Nine levels of nine aliases: 9^10 values once expanded (the report's 407-byte bomb).
 fn bomb() -> String {
@@ -21,10 +30,7 @@ fn bomb() -> String {
 #[test]
 fn a_yaml_bomb_commit_is_refused_in_bounded_memory_and_the_running_version_stays() {
     let f = Fleet::new();
-    let h = f.host("h1");
-    f.pin(&f.hello("1.0.0", &[]));
-    assert_eq!(h.once().code, 0);
-    let pids = h.app_pids();
+    let (h, pids) = running(&f);
     for (what, text) in [
         ("alias bomb", bomb()),
         (
@@ -139,10 +145,7 @@ fn state_events_and_rendered_templates_are_not_world_readable() {
 fn a_link_through_an_earlier_link_cannot_carry_a_template_outside() {
     use drover_tests::artifact::{Entry, tar_gz, write};
     let f = Fleet::new();
-    let h = f.host("h1");
-    f.pin(&f.hello("1.0.0", &[]));
-    assert_eq!(h.once().code, 0);
-    let pids = h.app_pids();
+    let (h, pids) = running(&f);
     let hello = std::fs::read(drover_tests::bin("hello")).unwrap();
     let bytes = tar_gz(&[
         Entry::Dir("bin/"),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use super::{
     ApiError, Change, Core, Host, Rollout, WAIT_SHOWN_AFTER, check_names, short, valid_name,
 };
-use crate::auth::cap;
+use crate::auth::{Caller, cap};
 use crate::wire::{Action, ActionKind, Heartbeat, HeartbeatReply, RolloutState, ServiceReport};
 
 /// Where the hosts of a VERIFYING rollout stand.
@@ -93,6 +93,7 @@ impl Core {
         &mut self,
         host: &str,
         hb: &Heartbeat,
+        who: &Caller,
         now: u64,
     ) -> Result<HeartbeatReply, ApiError> {
         if !valid_name(host, 253) {
@@ -101,6 +102,7 @@ impl Core {
                 host.chars().take(80).collect::<String>()
             )));
         }
+        self.acting_as(who, host, &format!("heartbeat {host}"), now)?;
         let rec = bounded(hb, now)?;
         if !self.hosts.contains_key(host) && self.hosts.len() >= self.max_hosts {
             return Err(ApiError::conflict(format!(

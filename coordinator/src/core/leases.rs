@@ -24,11 +24,7 @@ impl Core {
             ("version", &req.version, 128),
             ("commit", &req.commit, 64),
         ])?;
-        if !who.may_act_as(&req.host) {
-            let why = who.not_as(&req.host);
-            self.denied(now, &who.name, "acquire lease", &why);
-            return Err(ApiError::forbidden(why));
-        }
+        self.acting_as(who, &req.host, "acquire lease", now)?;
         let (env, service, version) = (&req.environment, &req.service, &req.version);
         let k = key(env, service, version);
         let Some(desired) = &self.desired else {

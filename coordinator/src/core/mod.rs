@@ -363,7 +363,9 @@ pub const DEFAULT_MAX_HOSTS: usize = 100_000;
 /// How many recent tips the coordinator remembers.
 const SEEN_COMMITS: usize = 256;
 
-fn valid_name(s: &str, max: usize) -> bool {
+/// Whether `s` is a name drover accepts (hosts, environments, services, versions): letters,
+/// digits, `.`, `-`, `_`, `+`, at most `max` bytes.
+pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.chars()
@@ -507,13 +509,26 @@ impl Core {
             .or_else(|| self.expired.get(id))
             .map(|l| l.host.clone());
         match holder {
-            Some(h) if !who.may_act_as(&h) => {
-                let why = who.not_as(&h);
-                self.denied(now, &who.name, what, &why);
-                Err(ApiError::forbidden(why))
-            }
-            _ => Ok(()),
+            Some(h) => self.acting_as(who, &h, what, now),
+            None => Ok(()),
         }
+    }
+
+    /// Whether `who` may act as `host`; a refusal is 403 and audited. Every host-identity
+    /// decision (heartbeat, acquire, renew, release) goes through here.
+    pub(super) fn acting_as(
+        &mut self,
+        who: &Caller,
+        host: &str,
+        what: &str,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        if who.may_act_as(host) {
+            return Ok(());
+        }
+        let why = who.not_as(host);
+        self.denied(now, &who.name, what, &why);
+        Err(ApiError::forbidden(why))
     }
 
     /// Lease expiry times (kept across a reload of the state from the store, which would
@@ -679,7 +694,6 @@ impl Core {
             );
             self.expired.insert(l.id.clone(), l);
         }
-        self.forget_expired(now);
         let timed_out: Vec<u64> = self
             .rollouts
             .values()
@@ -703,6 +717,7 @@ impl Core {
         // what time alone changes (hosts going stale), so it need not run often.
         if now.saturating_sub(self.last_sweep_ms) >= SWEEP_MS {
             self.last_sweep_ms = now;
+            self.forget_expired(now);
             self.advance_pending(now);
             let open: Vec<u64> = self
                 .rollouts

@@ -139,6 +139,7 @@ fn beat(c: &mut Core, host: &str, env: &str, s: ServiceReport, now: u64) -> Hear
             commit: c.tip.clone(),
             services: vec![s],
         },
+        &agent(),
         now,
     )
     .unwrap()
@@ -1207,33 +1208,36 @@ fn heartbeats_are_bounded() {
             })
             .collect(),
     };
-    let e = c.heartbeat("h1", &hb(257, 0), T0).unwrap_err();
+    let e = c.heartbeat("h1", &hb(257, 0), &agent(), T0).unwrap_err();
     assert!(e.body.message.contains("at most 256"), "{e:?}");
-    let e = c.heartbeat("h1", &hb(1, 65), T0).unwrap_err();
+    let e = c.heartbeat("h1", &hb(1, 65), &agent(), T0).unwrap_err();
     assert!(e.body.message.contains("at most 64"), "{e:?}");
     let mut bad = hb(1, 0);
     bad.environment = "x/../y".into();
-    assert_eq!(c.heartbeat("h1", &bad, T0).unwrap_err().status, 400);
+    assert_eq!(
+        c.heartbeat("h1", &bad, &agent(), T0).unwrap_err().status,
+        400
+    );
     let mut twice = hb(2, 0);
     twice.services[1].service = "s0".into();
     assert!(
-        c.heartbeat("h1", &twice, T0)
+        c.heartbeat("h1", &twice, &agent(), T0)
             .unwrap_err()
             .body
             .message
             .contains("twice")
     );
-    c.heartbeat("h1", &hb(3, 3), T0).unwrap();
+    c.heartbeat("h1", &hb(3, 3), &agent(), T0).unwrap();
     let stored = format!("{:?}", c.take_changes());
     assert!(
         stored.len() < 10_000,
         "long texts are capped: {}",
         stored.len()
     );
-    c.heartbeat("h2", &hb(1, 0), T0).unwrap();
-    let e = c.heartbeat("h3", &hb(1, 0), T0).unwrap_err();
+    c.heartbeat("h2", &hb(1, 0), &agent(), T0).unwrap();
+    let e = c.heartbeat("h3", &hb(1, 0), &agent(), T0).unwrap_err();
     assert_eq!(e.status, 409);
     assert!(e.body.message.contains("max_hosts"), "{e:?}");
     // A known host still heartbeats.
-    c.heartbeat("h1", &hb(1, 0), T0 + 1).unwrap();
+    c.heartbeat("h1", &hb(1, 0), &agent(), T0 + 1).unwrap();
 }
