@@ -76,11 +76,20 @@ impl Container {
             nspawn,
             pid1: 0,
         };
+        // nspawn's first child is a short-lived helper in nspawn's own PID namespace; the
+        // container's init is the child that lives in a new one. Taking the helper's pid (a
+        // race with a slow boot) made every later nsenter fail.
+        let pid_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let outer = pid_ns(&nspawn_pid.to_string());
         c.pid1 = crate::wait_for("the container's systemd", Duration::from_secs(30), || {
             let children =
                 std::fs::read_to_string(format!("/proc/{nspawn_pid}/task/{nspawn_pid}/children"))
                     .ok()?;
-            children.split_whitespace().next()?.parse().ok()
+            children
+                .split_whitespace()
+                .find(|p| pid_ns(p).is_some_and(|ns| Some(ns) != outer))?
+                .parse()
+                .ok()
         });
         c.wait_booted(&console_log)?;
         Ok(c)
