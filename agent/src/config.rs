@@ -15,7 +15,7 @@ use serde::Deserialize;
 pub use drover_desired::git::RepoConfig;
 use drover_desired::git::RepoInput;
 
-use crate::spec::{BUILTINS, ByteSize, Dur, Name};
+use crate::spec::{Account, BUILTINS, ByteSize, Dur, Name};
 use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 
 /// The default configuration file.
@@ -68,6 +68,16 @@ struct Input {
     coordinator: Option<CoordinatorInput>,
     /// The ECS cluster this agent deploys (mode: ecs).
     ecs: Option<EcsInput>,
+    /// Who process-managed apps, hooks and smoke commands run as when a service names no
+    /// `run.user`.
+    run_as: Option<RunAsInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunAsInput {
+    user: Option<Account>,
+    group: Option<Account>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +207,8 @@ pub struct Config {
     pub coordinator: Option<CoordinatorConfig>,
     /// The ECS cluster (mode: ecs).
     pub ecs: Option<EcsConfig>,
+    /// Default user and group of process-managed services (`run_as`).
+    pub run_as: Option<(Option<Account>, Option<Account>)>,
     /// The agent's environment variables, captured once, for `{env.NAME}` in template files.
     pub env: BTreeMap<String, String>,
     /// The files the configuration was read from.
@@ -512,6 +524,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         },
         coordinator,
         ecs,
+        run_as: i.run_as.map(|r| (r.user, r.group)),
         env,
         files: Vec::new(),
     }

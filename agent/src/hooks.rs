@@ -1,5 +1,6 @@
-//! Hooks and command smoke tests: programs inside the release, run with a time limit, their
-//! output captured (the last 16 KiB) and logged.
+//! Hooks and command smoke tests: programs inside the release, run as the service's user
+//! with a time limit, their output captured (the last 16 KiB), redacted, then logged; the
+//! last [`redact::MAX_SHOWN`] bytes go into an error.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -7,6 +8,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
+
+use crate::account::Ids;
+use crate::redact::{self, Redactor};
 
 /// How much output is kept (the end of it).
 const KEEP: usize = 16 << 10;
@@ -61,19 +65,32 @@ fn tail(output: &str) -> String {
     } else {
         let lines: Vec<&str> = t.lines().collect();
         let start = lines.len().saturating_sub(5);
-        format!("; output: {}", lines[start..].join(" | "))
+        format!("; output: {}", redact::tail(&lines[start..].join(" | ")))
     }
 }
 
-/// Runs `command` (program relative to `release`) in `release` with `env`, killing it (and its
-/// process group) after `timeout`. Returns its output.
+/// Where and as whom a hook or smoke command runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Exec<'a> {
+    /// The release it runs in (relative programs are found there).
+    pub release: &'a Path,
+    /// Extra environment.
+    pub env: &'a [(&'a str, String)],
+    /// User and group.
+    pub ids: Ids,
+    /// Secrets removed from its output.
+    pub redact: &'a Redactor,
+}
+
+/// Runs `command` (program relative to the release) in the release as `exec` says, killing it
+/// (and its process group) after `timeout`. Returns its output, redacted.
 pub async fn run(
     name: &str,
     command: &[String],
-    release: &Path,
-    env: &[(&str, String)],
+    exec: &Exec<'_>,
     timeout: Duration,
 ) -> Result<String, HookError> {
+    let (release, env) = (exec.release, exec.env);
     let program = command.first().cloned().unwrap_or_default();
     let path = if program.starts_with('/') {
         program.clone().into()
@@ -89,6 +106,13 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(uid) = exec.ids.uid {
+        // Dropping from root also drops the supplementary groups.
+        cmd.uid(uid);
+    }
+    if let Some(gid) = exec.ids.gid {
+        cmd.gid(gid);
+    }
     let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
         name: name.into(),
         program: program.clone(),
@@ -127,6 +151,7 @@ pub async fn run(
             .and_then(Result::ok)
             .unwrap_or_default(),
     );
+    let output = exec.redact.apply(&output);
     for line in output.lines().filter(|l| !l.trim().is_empty()) {
         tracing::info!(hook = name, "{line}");
     }
@@ -197,52 +222,87 @@ mod tests {
         script(dir.path(), "bad", "echo about to fail; exit 3");
         script(dir.path(), "hang", "echo hanging; sleep 30 & sleep 30");
         let env = [("DROVER_VERSION", "2.0".to_string())];
-        let out = run(
-            "t",
-            &["ok".into()],
-            dir.path(),
-            &env,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let redact = Redactor::default();
+        let exec = Exec {
+            release: dir.path(),
+            env: &env,
+            ids: Ids::default(),
+            redact: &redact,
+        };
+        let out = run("t", &["ok".into()], &exec, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(out.contains("hello 2.0") && out.contains("warn"), "{out}");
 
-        let e = run(
-            "t",
-            &["bad".into()],
-            dir.path(),
-            &env,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_err();
+        let e = run("t", &["bad".into()], &exec, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("exit status: 3"), "{e}");
         assert!(e.to_string().contains("about to fail"), "{e}");
 
         let t0 = std::time::Instant::now();
-        let e = run(
-            "t",
-            &["hang".into()],
-            dir.path(),
-            &env,
-            Duration::from_millis(300),
-        )
-        .await
-        .unwrap_err();
+        let e = run("t", &["hang".into()], &exec, Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains("hanging"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(5));
 
-        let e = run(
-            "t",
-            &["missing".into()],
-            dir.path(),
-            &env,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
+        let e = run("t", &["missing".into()], &exec, Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HookError::Spawn { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn output_is_redacted_capped_and_run_as_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        script(
+            dir.path(),
+            "leak",
+            "head -c 20000 /dev/zero | tr '\\0' x; echo; echo \"password=$SECRET api_key=k-123\"; id -u; exit 1",
+        );
+        let env_map =
+            std::collections::BTreeMap::from([("SECRET".to_string(), "s3cr3t-value".to_string())]);
+        let redact = Redactor::new(
+            &["SECRET".to_string()],
+            &env_map,
+            &[crate::spec::Pattern::parse(r"api_key=\S+").unwrap()],
+        );
+        let env = [("SECRET", "s3cr3t-value".to_string())];
+        // `nobody` where it exists, and only when this test may switch users (root).
+        let nobody = crate::account::user_ids(&crate::spec::Account::parse("nobody").unwrap())
+            .ok()
+            .filter(|_| unsafe { libc::geteuid() } == 0);
+        let exec = Exec {
+            release: dir.path(),
+            env: &env,
+            ids: Ids {
+                uid: nobody.map(|n| n.0),
+                gid: nobody.map(|n| n.1),
+                ..Ids::default()
+            },
+            redact: &redact,
+        };
+        let e = run("t", &["leak".into()], &exec, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            !text.contains("s3cr3t-value") && !text.contains("k-123"),
+            "{text}"
+        );
+        assert!(text.len() < 3 * redact::MAX_SHOWN, "{}", text.len());
+        let HookError::Failed { output, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            output.contains("password=[redacted] [redacted]"),
+            "{output}"
+        );
+        if let Some((uid, _)) = nobody {
+            assert!(output.trim_end().ends_with(&uid.to_string()), "{output}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! verifies, [`release`] installs and switches, [`service`] stops and starts, [`health`] checks,
 //! and [`deploy`] drives one service through its phases and rolls back on failure.
 
+pub mod account;
 pub mod artifact;
 pub mod config;
 pub mod coordinator;
@@ -16,6 +17,7 @@ pub mod git_watch;
 pub mod health;
 pub mod hooks;
 pub mod notify;
+pub mod redact;
 pub mod release;
 pub mod runner;
 pub mod service;

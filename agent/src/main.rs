@@ -241,17 +241,28 @@ fn validate(
         );
     }
     files.sort();
+    let loaded = config
+        .is_file()
+        .then(|| Config::load(config, env).ok())
+        .flatten();
     let host_vars: Option<Vec<String>> = if !vars.is_empty() {
         Some(vars.to_vec())
-    } else if config.is_file() {
-        Config::load(config, env)
-            .ok()
-            .map(|c| c.vars.keys().cloned().collect())
     } else {
-        None
+        loaded.as_ref().map(|c| c.vars.keys().cloned().collect())
     };
     match spec::load(&files, host_vars.as_deref()) {
         Ok(r) => {
+            let default_user =
+                loaded
+                    .as_ref()
+                    .and_then(|c| c.run_as.as_ref())
+                    .is_some_and(|(u, _)| {
+                        u.as_ref()
+                            .is_some_and(|u| u.as_str() != "root" && u.as_str() != "0")
+                    });
+            for w in spec::root_warnings(&r, default_user) {
+                eprintln!("warning: {w}");
+            }
             let used = r.host_var_names();
             println!(
                 "ok: {} service(s), {} environment(s){}",

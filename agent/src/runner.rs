@@ -59,11 +59,21 @@ impl Agent {
         );
         let manager = match config.service_manager {
             ServiceManager::Systemd => Manager::Systemd(Systemd::default()),
-            ServiceManager::Process => Manager::Process(Process::new(
-                &config.state_dir,
-                store.run_dir(),
-                store.log_dir(),
-            )),
+            ServiceManager::Process => {
+                let (user, group) = config.run_as.clone().unwrap_or_default();
+                if user
+                    .as_ref()
+                    .is_none_or(|u| matches!(u.as_str(), "root" | "0"))
+                {
+                    tracing::warn!(
+                        "service_manager: process with no `run_as.user`: apps, hooks and smoke commands of services without `run.user` run as root"
+                    );
+                }
+                Manager::Process(
+                    Process::new(&config.state_dir, store.run_dir(), store.log_dir())
+                        .with_run_as(user, group),
+                )
+            }
         };
         let http_for_ecs = http.clone();
         let gate = match &config.coordinator {
@@ -791,6 +801,10 @@ impl Agent {
 
 /// One service to keep in its desired state.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a handful per pass, never moved in bulk"
+)]
 enum Job {
     /// A service of this host.
     Vm(ResolvedService),

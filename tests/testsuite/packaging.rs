@@ -98,6 +98,7 @@ fn debs_and_rpms_carry_binaries_units_config_and_users() {
         "./usr/lib/systemd/system/drover-agent.service",
         "./etc/drover/agent.yaml",
         "./usr/lib/tmpfiles.d/drover-agent.conf",
+        "./usr/lib/sysusers.d/drover-app.conf",
     ] {
         assert!(list.contains(f), "{f} missing from the agent .deb:\n{list}");
     }
@@ -266,9 +267,20 @@ fn the_agent_package_deploys_in_a_real_systemd() {
         ],
     );
     assert_eq!(out.code, 0, "{}", out.all());
+    let default_config = c.read("/etc/drover/agent.yaml");
     assert!(
-        c.read("/etc/drover/agent.yaml").contains("edit me"),
+        default_config.contains("edit me"),
         "the default config is installed"
+    );
+    // The default config runs process-managed apps as the package's unprivileged user.
+    assert!(
+        default_config.contains("run_as: { user: drover-app"),
+        "{default_config}"
+    );
+    let user = c.exec("getent passwd drover-app").stdout;
+    assert!(
+        user.starts_with("drover-app:") && !user.contains(":0:"),
+        "the package creates the apps' user: {user:?}"
     );
     assert_eq!(
         c.exec("systemctl is-enabled drover-agent").stdout.trim(),

@@ -193,3 +193,40 @@ fn the_examples_are_valid() {
         );
     }
 }
+
+#[test]
+fn a_process_managed_service_without_a_user_is_warned_about() {
+    let t = TestDir::new();
+    write(t.path(), "services/hello.yaml", SERVICE);
+    write(
+        t.path(),
+        "environments/test.yaml",
+        "environment: test\nservices: {}\n",
+    );
+    let (code, _, err) = validate(t.path(), &[]);
+    assert_eq!(code, 0, "a warning, not a problem: {err}");
+    assert!(
+        err.contains("warning: services/hello.yaml:1:")
+            && err.contains("run as root; set `run.user`"),
+        "{err}"
+    );
+    // With a user, no warning; a bad user name is a problem at file:line.
+    let with_user = SERVICE.replace("  stop_timeout: 5s\n", "  stop_timeout: 5s\n  user: app\n");
+    write(t.path(), "services/hello.yaml", &with_user);
+    let (code, _, err) = validate(t.path(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let bad = SERVICE.replace(
+        "  stop_timeout: 5s\n",
+        "  stop_timeout: 5s\n  user: \"Root; rm -rf /\"\nredact: [\"(\", \"x*\"]\n",
+    );
+    write(t.path(), "services/hello.yaml", &bad);
+    let (code, out, _) = validate(t.path(), &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("services/hello.yaml:14:") && out.contains("invalid user or group"),
+        "{out}"
+    );
+    assert!(out.contains("invalid pattern `(`"), "{out}");
+    assert!(out.contains("matches the empty string"), "{out}");
+}

@@ -2,21 +2,23 @@
 //! on failure, recovers after a crash, and supervises running services.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Action, Next, Phase, Recovery, decide, recover};
 use drover_coordinator::wire::Purpose;
 
+use crate::account::AccountError;
 use crate::artifact::{ArtifactError, Fetcher};
 use crate::coordinator::{Ctx, Gate, GateError, Held, KeepAlive};
 use crate::failpoint;
 use crate::fsutil::{self, FileLock};
 use crate::health::{CheckError, Checker};
-use crate::hooks::{self, HookError};
+use crate::hooks::{self, Exec, HookError};
 use crate::notify::Notifier;
-use crate::release::{Layout, ReleaseError};
+use crate::redact::Redactor;
+use crate::release::{Layout, ReleaseError, Stage};
 use crate::service::{Manager, ServiceError};
 use crate::spec::{Digest, ResolvedService};
 use crate::state::{
@@ -51,6 +53,9 @@ pub enum PhaseError {
     /// An injected test failure.
     #[error("{0}")]
     Injected(String),
+    /// `run.user`, `run.group` or a template owner is not on this host.
+    #[error(transparent)]
+    Account(#[from] AccountError),
 }
 
 impl PhaseError {
@@ -69,6 +74,7 @@ impl PhaseError {
                         | ArtifactError::Io { .. }
                 ) || matches!(e, ArtifactError::Http { status, .. } if *status >= 500 || *status == 429)
             }
+            // A refused path (ReleaseError::Refused) is the archive's or the spec's fault.
             PhaseError::Release(ReleaseError::Io { .. }) => true,
             PhaseError::Release(ReleaseError::Extract(crate::release::ExtractError::Io {
                 ..
@@ -416,7 +422,8 @@ impl Deployer {
         );
         let result = async {
             self.manager.start(svc, &layout.release(&dir)).await?;
-            self.check(svc).await
+            let redact = self.redactor(&layout, &[&dir], svc);
+            self.check(svc, &redact).await
         }
         .await;
         match result {
@@ -678,6 +685,10 @@ impl Deployer {
     async fn run_phase(&self, phase: Phase, d: &Deployment) -> Result<(), PhaseError> {
         let t = &d.target;
         let layout = Layout::new(&t.root);
+        // Output of the new release's and the previous one's hooks and checks is redacted.
+        let dirs: Vec<&str> = std::iter::once(d.dir.as_str())
+            .chain(d.from.as_ref().map(|f| f.dir.as_str()))
+            .collect();
         let release = layout.release(&d.dir);
         match phase {
             Phase::Fetch => {
@@ -688,15 +699,19 @@ impl Deployer {
                     tracing::debug!(dir = %d.dir, "already staged");
                 } else {
                     let archive = self.fetcher.cached_path(&t.sha256);
-                    let (layout, dir, t, env, max) = (
-                        layout.clone(),
-                        d.dir.clone(),
-                        t.clone(),
-                        self.env.clone(),
-                        self.unpack,
-                    );
+                    let opts = Stage {
+                        unpack: self.unpack,
+                        ids: self.manager.ids(t)?,
+                    };
+                    if matches!(self.manager, Manager::Process(_)) && opts.ids.is_root() {
+                        tracing::warn!(
+                            "this service runs as root: set `run.user` (or the agent's `run_as`)"
+                        );
+                    }
+                    let (layout, dir, t, env) =
+                        (layout.clone(), d.dir.clone(), t.clone(), self.env.clone());
                     tokio::task::spawn_blocking(move || {
-                        layout.stage(&dir, &archive, &t, &env, max)
+                        layout.stage(&dir, &archive, &t, &env, &opts)
                     })
                     .await
                     .expect("stage task does not panic")?;
@@ -705,14 +720,9 @@ impl Deployer {
             Phase::Stop => {
                 if let Some(from) = &d.from {
                     if let Some(h) = &t.before_stop {
-                        hooks::run(
-                            "before_stop",
-                            &h.command,
-                            &release,
-                            &self.hook_env(d),
-                            h.timeout.0,
-                        )
-                        .await?;
+                        let (env, redact) = (self.hook_env(d), self.redactor(&layout, &dirs, t));
+                        let exec = self.exec(t, &release, &env, &redact)?;
+                        hooks::run("before_stop", &h.command, &exec, h.timeout.0).await?;
                     }
                     let old = from.spec.as_deref().unwrap_or(t);
                     self.manager.stop(old).await?;
@@ -724,21 +734,18 @@ impl Deployer {
             Phase::Switch => layout.switch(&d.dir)?,
             Phase::Start => {
                 if let Some(h) = &t.after_install {
-                    hooks::run(
-                        "after_install",
-                        &h.command,
-                        &release,
-                        &self.hook_env(d),
-                        h.timeout.0,
-                    )
-                    .await?;
+                    let (env, redact) = (self.hook_env(d), self.redactor(&layout, &dirs, t));
+                    let exec = self.exec(t, &release, &env, &redact)?;
+                    hooks::run("after_install", &h.command, &exec, h.timeout.0).await?;
                 }
                 self.manager.start(t, &release).await?;
             }
             Phase::Check => {
-                self.check(t).await?;
+                let (env, redact) = (self.hook_env(d), self.redactor(&layout, &dirs, t));
+                self.check(t, &redact).await?;
+                let exec = self.exec(t, &release, &env, &redact)?;
                 for s in &t.smoke {
-                    self.checker.smoke(s, &release, &self.hook_env(d)).await?;
+                    self.checker.smoke(s, &exec).await?;
                 }
                 self.still_running(t)?;
             }
@@ -751,7 +758,8 @@ impl Deployer {
                         layout.switch(&from.dir)?;
                         let spec = from.spec.as_deref().unwrap_or(t);
                         self.manager.start(spec, &layout.release(&from.dir)).await?;
-                        self.check(spec).await?;
+                        self.check(spec, &self.redactor(&layout, &dirs, spec))
+                            .await?;
                         self.still_running(spec)?;
                     }
                     None => {
@@ -764,8 +772,35 @@ impl Deployer {
         Ok(())
     }
 
+    /// Removes from output the values of the `{env.*}` the templates of the releases `dirs`
+    /// used, and what `svc`'s `redact:` patterns match.
+    fn redactor(&self, layout: &Layout, dirs: &[&str], svc: &ResolvedService) -> Redactor {
+        let names: Vec<String> = dirs
+            .iter()
+            .filter_map(|d| layout.marker(d))
+            .flat_map(|m| m.secret_env)
+            .collect();
+        Redactor::new(&names, &self.env, &svc.redact)
+    }
+
+    /// How hooks and smoke commands of `svc` run.
+    fn exec<'a>(
+        &self,
+        svc: &ResolvedService,
+        release: &'a Path,
+        env: &'a [(&'a str, String)],
+        redact: &'a Redactor,
+    ) -> Result<Exec<'a>, PhaseError> {
+        Ok(Exec {
+            release,
+            env,
+            ids: self.manager.ids(svc)?,
+            redact,
+        })
+    }
+
     /// Waits for `svc` to pass its health check, failing fast if its process exits.
-    async fn check(&self, svc: &ResolvedService) -> Result<(), PhaseError> {
+    async fn check(&self, svc: &ResolvedService, redact: &Redactor) -> Result<(), PhaseError> {
         let Some(h) = &svc.health else {
             return Ok(());
         };
@@ -774,13 +809,17 @@ impl Deployer {
                 // The pid file, even if the process already exited (then its status is known).
                 let pid = p.recorded(&svc.service).map(|a| a.pid);
                 self.checker
-                    .wait_healthy(h, || match pid {
-                        Some(pid) => p.exit_status(pid),
-                        None => Some("not running".into()),
-                    })
+                    .wait_healthy(
+                        h,
+                        || match pid {
+                            Some(pid) => p.exit_status(pid),
+                            None => Some("not running".into()),
+                        },
+                        redact,
+                    )
                     .await?
             }
-            Manager::Systemd(_) => self.checker.wait_healthy(h, || None).await?,
+            Manager::Systemd(_) => self.checker.wait_healthy(h, || None, redact).await?,
         };
         tracing::info!(took_ms = took.as_millis() as u64, "healthy");
         Ok(())

@@ -1,10 +1,10 @@
 //! Health checks (polled until they pass or time out) and smoke tests (run once).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::artifact::error_chain;
-use crate::hooks;
+use crate::hooks::{self, Exec};
+use crate::redact::Redactor;
 use crate::spec::{ResolvedHealth, ResolvedSmoke};
 
 /// Why a check failed.
@@ -60,6 +60,7 @@ async fn probe(
     status: u16,
     body: Option<&str>,
     timeout: Duration,
+    redact: &Redactor,
 ) -> Result<(), String> {
     let resp = client
         .get(url)
@@ -75,6 +76,7 @@ async fn probe(
         let text = resp.text().await.map_err(|e| error_chain(&e))?;
         if !text.contains(want) {
             let shown: String = text.chars().take(200).collect();
+            let shown = redact.apply(&shown);
             return Err(format!("body does not contain `{want}` (body: `{shown}`)"));
         }
     }
@@ -98,6 +100,7 @@ impl Checker {
         &self,
         h: &ResolvedHealth,
         exited: impl Fn() -> Option<String>,
+        redact: &Redactor,
     ) -> Result<Duration, CheckError> {
         let start = Instant::now();
         let deadline = start + h.timeout.0;
@@ -111,6 +114,7 @@ impl Checker {
                 h.expect_status,
                 h.expect_body.as_deref(),
                 per_probe.max(Duration::from_millis(50)),
+                redact,
             )
             .await;
             let last = match result {
@@ -133,12 +137,7 @@ impl Checker {
     }
 
     /// Runs one smoke test.
-    pub async fn smoke(
-        &self,
-        s: &ResolvedSmoke,
-        release: &Path,
-        env: &[(&str, String)],
-    ) -> Result<(), CheckError> {
+    pub async fn smoke(&self, s: &ResolvedSmoke, exec: &Exec<'_>) -> Result<(), CheckError> {
         if let Some(url) = &s.url {
             probe(
                 &self.client,
@@ -146,6 +145,7 @@ impl Checker {
                 s.expect_status,
                 s.expect_body.as_deref(),
                 s.timeout.0,
+                exec.redact,
             )
             .await
             .map_err(|why| CheckError::Smoke {
@@ -154,7 +154,7 @@ impl Checker {
             })
         } else {
             let command = s.command.clone().unwrap_or_default();
-            hooks::run("smoke", &command, release, env, s.timeout.0)
+            hooks::run("smoke", &command, exec, s.timeout.0)
                 .await
                 .map(|_| ())
                 .map_err(|e| CheckError::Smoke {

@@ -4,15 +4,18 @@
 //! or FIFO files, symlinks must be relative and stay inside the release, nothing may be
 //! written through a symlink, hard links must point at files already extracted, and the total
 //! size is capped (which also stops decompression bombs). Files are created with
-//! `O_NOFOLLOW | O_EXCL`, setuid/setgid bits are dropped.
+//! `O_NOFOLLOW | O_EXCL`, setuid/setgid bits are dropped. Beyond these checks on the archive's
+//! text, every write goes through [`Beneath`] with [`Follow::Never`]: the kernel itself
+//! refuses a path that passes through any link.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
+
+use super::beneath::{Beneath, Follow, is_refused};
 
 /// Why an archive was rejected or could not be extracted.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +308,16 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
     let max_bytes = limits.max_bytes;
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ExtractError::Io { path, source }
+        move |source: io::Error| {
+            if is_refused(&source) {
+                ExtractError::Unsafe {
+                    entry: shown(path.strip_prefix(dest).unwrap_or(&path)),
+                    reason: source.to_string(),
+                }
+            } else {
+                ExtractError::Io { path, source }
+            }
+        }
     };
     let mut file =
         BufReader::with_capacity(256 << 10, File::open(archive).map_err(io_err(archive))?);
@@ -319,6 +331,7 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
     } else {
         Box::new(file)
     };
+    let root = Beneath::open(dest).map_err(io_err(dest))?;
     let mut ar = tar::Archive::new(Guard::new(reader, limits.max_entries));
     let mut seen: HashMap<PathBuf, Kind> = HashMap::new();
     let mut links: HashSet<PathBuf> = HashSet::new();
@@ -361,31 +374,31 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
             return Err(ExtractError::TooLarge { limit: max_bytes });
         }
         let target = dest.join(&rel);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        if let Some(parent) = rel.parent() {
+            root.create_dir_all(parent, Follow::Never)
+                .map_err(io_err(&dest.join(parent)))?;
         }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         match kind {
             EntryType::Directory => {
-                match fs::create_dir(&target) {
+                match root.mkdir(&rel, 0o700, Follow::Never) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::AlreadyExists
+                            && seen.get(&rel) != Some(&Kind::File) => {}
                     Err(e) => return Err(io_err(&target)(e)),
                 }
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))
+                root.chmod_dir(&rel, mode | 0o700)
                     .map_err(io_err(&target))?;
                 seen.insert(rel, Kind::Dir);
             }
             EntryType::Regular | EntryType::Continuous => {
                 if seen.get(&rel) == Some(&Kind::File) {
-                    fs::remove_file(&target).map_err(io_err(&target))?;
+                    root.remove_file(&rel, Follow::Never)
+                        .map_err(io_err(&target))?;
                 }
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(if mode == 0 { 0o644 } else { mode })
-                    .open(&target)
+                let mut out = root
+                    .create(&rel, if mode == 0 { 0o644 } else { mode }, Follow::Never)
                     .map_err(io_err(&target))?;
                 let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof
@@ -421,7 +434,8 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
                 if seen.contains_key(&rel) {
                     return Err(unsafe_entry("symlink replaces an earlier entry"));
                 }
-                std::os::unix::fs::symlink(&to, &target).map_err(io_err(&target))?;
+                root.symlink(&to, &rel, Follow::Never)
+                    .map_err(io_err(&target))?;
                 links.insert(rel.clone());
                 link_to.insert(rel.clone(), to);
                 seen.insert(rel, Kind::Link);
@@ -444,9 +458,10 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
                     )));
                 }
                 if seen.get(&rel) == Some(&Kind::File) {
-                    fs::remove_file(&target).map_err(io_err(&target))?;
+                    root.remove_file(&rel, Follow::Never)
+                        .map_err(io_err(&target))?;
                 }
-                fs::hard_link(dest.join(&to), &target).map_err(io_err(&target))?;
+                root.hard_link(&to, &rel).map_err(io_err(&target))?;
                 seen.insert(rel, Kind::File);
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -462,6 +477,9 @@ pub fn extract_with(archive: &Path, dest: &Path, limits: Unpack) -> Result<(), E
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     /// Builds a tar.gz in memory with raw headers, so hostile entries can be made.

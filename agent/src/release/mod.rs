@@ -5,22 +5,27 @@
 //! `releases/<dir>`, so a directory without `.tmp` is always complete. Switching is one atomic
 //! rename of a new `current` symlink. The previous release stays on disk as the backup.
 
+mod beneath;
 mod extract;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
+
+pub use beneath::{Beneath, Follow, Refused, is_refused};
 
 /// Largest template file rendered.
 pub const MAX_TEMPLATE: u64 = 1 << 20;
 
 pub use extract::{DEFAULT_MAX_ENTRIES, ExtractError, Unpack, extract, extract_with};
 
+use crate::account::Ids;
 use crate::fsutil;
-use crate::spec::{Digest, ResolvedService, Vars, render_str};
+use crate::spec::{Digest, ResolvedService, Vars, env_names, render_str};
 
 /// The marker file written into every staged release.
 pub const MARKER: &str = ".drover-release.json";
@@ -41,6 +46,14 @@ pub enum ReleaseError {
         /// What went wrong.
         message: String,
     },
+    /// A path was refused: it escapes the install root or passes through a link.
+    #[error("{path}: {message}")]
+    Refused {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
     /// A filesystem operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -56,7 +69,16 @@ pub enum ReleaseError {
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReleaseError {
     let path = path.to_path_buf();
-    move |source| ReleaseError::Io { what, path, source }
+    move |source| {
+        if is_refused(&source) {
+            ReleaseError::Refused {
+                path,
+                message: source.to_string(),
+            }
+        } else {
+            ReleaseError::Io { what, path, source }
+        }
+    }
 }
 
 /// What the marker of a release records.
@@ -70,6 +92,10 @@ pub struct Marker {
     pub sha256: Digest,
     /// When it was staged (RFC 3339).
     pub staged_at: String,
+    /// The `{env.NAME}` names its templates used: their values are secrets, redacted from
+    /// the output of its hooks and checks (names only, never values).
+    #[serde(default)]
+    pub secret_env: Vec<String>,
 }
 
 /// The directories of one service's install root.
@@ -206,7 +232,7 @@ impl Layout {
         archive: &Path,
         svc: &ResolvedService,
         env: &BTreeMap<String, String>,
-        unpack: Unpack,
+        opts: &Stage,
     ) -> Result<(), ReleaseError> {
         let releases = self.releases();
         fs::create_dir_all(&releases).map_err(io_err("creating", &releases))?;
@@ -214,7 +240,7 @@ impl Layout {
         let tmp = releases.join(format!("{dir}.tmp"));
         remove_tree(&tmp);
         fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
-        let result = self.fill(&tmp, archive, svc, env, unpack);
+        let result = self.fill(&tmp, archive, svc, env, opts);
         if let Err(e) = result {
             remove_tree(&tmp);
             return Err(e);
@@ -234,137 +260,167 @@ impl Layout {
         archive: &Path,
         svc: &ResolvedService,
         env: &BTreeMap<String, String>,
-        unpack: Unpack,
+        opts: &Stage,
     ) -> Result<(), ReleaseError> {
-        extract_with(archive, tmp, unpack)?;
+        extract_with(archive, tmp, opts.unpack)?;
         let vars = Vars {
             names: &svc.vars,
             env: Some(env),
         };
-        let root = fs::canonicalize(tmp).map_err(io_err("resolving", tmp))?;
+        let rel = Beneath::open(tmp).map_err(io_err("opening", tmp))?;
+        let mut secret_env = BTreeSet::new();
         for (src, dest) in &svc.templates {
             let terr = |message: String| ReleaseError::Template {
                 src: src.to_string(),
                 dest: dest.to_string(),
                 message,
             };
-            // Links are judged on disk: the template and the directory it is written to must
-            // resolve inside the release (a link in the archive could point them anywhere).
-            let inside = |p: &Path| -> Result<PathBuf, ReleaseError> {
-                let c = fs::canonicalize(p).map_err(io_err("resolving", p))?;
-                if c.starts_with(&root) {
-                    Ok(c)
-                } else {
-                    Err(terr(format!(
-                        "{} resolves outside the release (through a link); refused",
-                        p.strip_prefix(tmp).unwrap_or(p).display()
-                    )))
-                }
-            };
-            let src_path = inside(&tmp.join(src.as_path()))?;
-            let meta = fs::metadata(&src_path).map_err(io_err("reading", &src_path))?;
+            // Links are judged on disk by the kernel: the template and the directory it is
+            // written to must resolve inside the release (a link in the archive could point
+            // them anywhere).
+            let refused = |e: io::Error| terr(e.to_string());
+            let mut file = rel
+                .open_read(src.as_path(), Follow::Beneath)
+                .map_err(refused)?;
+            let meta = file.metadata().map_err(refused)?;
             if !meta.is_file() || meta.len() > MAX_TEMPLATE {
                 return Err(terr(format!(
                     "the template must be a file of at most {MAX_TEMPLATE} bytes"
                 )));
             }
-            let text = fs::read_to_string(&src_path)
+            let mut text = String::new();
+            (&mut file)
+                .take(MAX_TEMPLATE + 1)
+                .read_to_string(&mut text)
                 .map_err(|e| terr(format!("cannot read the template in the release: {e}")))?;
             let rendered = render_str(&text, &vars).map_err(terr)?;
-            let out = tmp.join(dest.as_path());
-            if let Some(parent) = out.parent() {
-                // The part of the parent that exists must be inside; the rest is made here.
-                let existing = parent
-                    .ancestors()
-                    .find(|a| a.symlink_metadata().is_ok())
-                    .unwrap_or(tmp);
-                inside(existing)?;
-                fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-                inside(parent)?;
+            secret_env.extend(env_names(&text).map(str::to_string));
+            let dest_path = dest.as_path();
+            if let Some(parent) = dest_path.parent() {
+                rel.create_dir_all(parent, Follow::Beneath)
+                    .map_err(refused)?;
             }
-            if out.symlink_metadata().is_ok() {
-                fs::remove_file(&out).map_err(io_err("replacing", &out))?;
+            match rel.kind(dest_path, Follow::Beneath).map_err(refused)? {
+                None => {}
+                Some(FileType::Directory) => {
+                    return Err(terr("the destination is a directory in the release".into()));
+                }
+                Some(_) => rel
+                    .remove_file(dest_path, Follow::Beneath)
+                    .map_err(refused)?,
             }
             // Rendered templates may hold secrets ({env.*}): 0640, never through a link.
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o640)
-                    .open(&out)
-                    .map_err(io_err("writing", &out))?;
-                f.write_all(rendered.as_bytes())
-                    .map_err(io_err("writing", &out))?;
-            }
+            let mut f = rel
+                .create(dest_path, 0o640, Follow::Beneath)
+                .map_err(refused)?;
+            beneath::chown(&f, opts.ids.template_uid, opts.ids.template_gid)
+                .map_err(|e| terr(format!("setting its owner and group: {e}")))?;
+            f.write_all(rendered.as_bytes())
+                .map_err(io_err("writing", &tmp.join(dest_path)))?;
         }
+        let root = Beneath::open(&self.root).map_err(io_err("opening", &self.root))?;
         for d in &svc.shared {
-            let shared = self.root.join("shared").join(d.as_path());
-            fs::create_dir_all(&shared).map_err(io_err("creating", &shared))?;
-            let link = tmp.join(d.as_path());
-            if link.symlink_metadata().is_ok() {
-                tracing::info!(dir = %d, "the archive contains a shared dir; replacing it with the shared link");
-                if link.is_dir() && !link.is_symlink() {
-                    remove_tree(&link);
-                } else {
-                    fs::remove_file(&link).map_err(io_err("replacing", &link))?;
+            // `shared/` is written by the app: a link it left there is never followed.
+            let shared = Path::new("shared").join(d.as_path());
+            let at = self.root.join(&shared);
+            match root.kind(&shared, Follow::Never) {
+                // A link is the operator's choice (a bigger disk): used, never written through.
+                Ok(Some(FileType::Directory | FileType::Symlink)) => {}
+                Ok(None) => {
+                    root.create_dir_all(&shared, Follow::Never)
+                        .map_err(io_err("creating", &at))?;
+                    // The app runs as run.user: its shared dirs are its own.
+                    root.chown_dir(&shared, opts.ids.uid, opts.ids.gid)
+                        .map_err(io_err("setting the owner of", &at))?;
+                }
+                Ok(Some(_)) => {
+                    return Err(ReleaseError::Refused {
+                        path: at,
+                        message: "is a file, not a shared directory; refused".into(),
+                    });
+                }
+                Err(e) => return Err(io_err("checking", &at)(e)),
+            }
+            let link = d.as_path();
+            let link_at = tmp.join(link);
+            match rel
+                .kind(link, Follow::Never)
+                .map_err(io_err("checking", &link_at))?
+            {
+                None => {}
+                Some(kind) => {
+                    tracing::info!(dir = %d, "the archive contains a shared dir; replacing it with the shared link");
+                    if kind == FileType::Directory {
+                        rel.remove_tree(link)
+                            .map_err(io_err("replacing", &link_at))?;
+                    } else {
+                        rel.remove_file(link, Follow::Never)
+                            .map_err(io_err("replacing", &link_at))?;
+                    }
                 }
             }
             if let Some(parent) = link.parent() {
-                fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+                rel.create_dir_all(parent, Follow::Never)
+                    .map_err(io_err("creating", &link_at))?;
             }
-            let depth = d.as_path().components().count();
+            let depth = link.components().count();
             let mut target = PathBuf::new();
             for _ in 0..=depth {
                 target.push("..");
             }
             target.push("shared");
-            target.push(d.as_path());
-            std::os::unix::fs::symlink(&target, &link).map_err(io_err("linking", &link))?;
+            target.push(link);
+            rel.symlink(&target, link, Follow::Never)
+                .map_err(io_err("linking", &link_at))?;
         }
         let marker = Marker {
             service: svc.service.clone(),
             version: svc.version.clone(),
             sha256: svc.sha256.clone(),
             staged_at: fsutil::now_rfc3339(),
+            secret_env: secret_env.into_iter().collect(),
         };
         let path = tmp.join(MARKER);
-        fs::write(
-            &path,
-            serde_json::to_vec_pretty(&marker).expect("marker serializes"),
-        )
-        .map_err(io_err("writing", &path))?;
+        // An archive may ship a file (or link) of that name: ours replaces it.
+        if rel
+            .kind(Path::new(MARKER), Follow::Never)
+            .map_err(io_err("checking", &path))?
+            .is_some()
+        {
+            rel.remove_tree(Path::new(MARKER))
+                .map_err(io_err("replacing", &path))?;
+        }
+        rel.create(Path::new(MARKER), 0o644, Follow::Never)
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec_pretty(&marker).expect("marker serializes"))
+            })
+            .map_err(io_err("writing", &path))?;
         // One flush of the filesystem makes every extracted file durable before the rename.
         fsutil::syncfs(tmp).map_err(io_err("syncing", tmp))?;
         Ok(())
     }
 }
 
-/// Removes a directory tree, first making its directories writable (archives may ship
-/// read-only directories). Errors are logged, not returned: leftovers are retried later.
+/// How a release is staged: archive limits and who owns what.
+#[derive(Clone, Copy, Debug)]
+pub struct Stage {
+    /// Archive limits.
+    pub unpack: Unpack,
+    /// Owners of templates and shared dirs.
+    pub ids: Ids,
+}
+
+/// Removes the directory tree `path`, never following a link inside it (or `path` itself, if
+/// it is one), making read-only directories writable first. Errors are logged, not returned:
+/// leftovers are retried later.
 pub fn remove_tree(path: &Path) {
-    if path.symlink_metadata().is_err() {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return;
-    }
-    if let Err(e) = fs::remove_dir_all(path) {
-        use std::os::unix::fs::PermissionsExt;
-        fn unlock(p: &Path) {
-            if let Ok(m) = p.symlink_metadata()
-                && m.is_dir()
-            {
-                let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o700));
-                if let Ok(entries) = fs::read_dir(p) {
-                    for e in entries.flatten() {
-                        unlock(&e.path());
-                    }
-                }
-            }
-        }
-        unlock(path);
-        if let Err(e2) = fs::remove_dir_all(path) {
-            tracing::warn!(path = %path.display(), error = %e2, first_error = %e, "cannot remove");
-        }
+    };
+    let result = Beneath::open(parent).and_then(|b| b.remove_tree(Path::new(name)));
+    if let Err(e) = result
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove");
     }
 }

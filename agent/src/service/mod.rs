@@ -10,11 +10,15 @@ use std::time::Duration;
 pub use process::{AppProcess, Process};
 pub use systemd::Systemd;
 
+use crate::account::{self, AccountError, Ids};
 use crate::spec::ResolvedService;
 
 /// Why a service could not be stopped, started or inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    /// `run.user` or `run.group` is not on this host.
+    #[error(transparent)]
+    Account(#[from] AccountError),
     /// The command could not be started.
     #[error("cannot start `{command}`: {source}")]
     Spawn {
@@ -112,6 +116,15 @@ impl Manager {
         match self {
             Manager::Systemd(s) => s.start(unit(svc)?).await,
             Manager::Process(p) => p.start(svc, release).await,
+        }
+    }
+
+    /// Who `svc`'s processes run as (process manager: `run.user`, else the agent's
+    /// `run_as`; systemd: the unit decides) and who owns its rendered templates.
+    pub fn ids(&self, svc: &ResolvedService) -> Result<Ids, AccountError> {
+        match self {
+            Manager::Systemd(_) => account::resolve(svc, None, false),
+            Manager::Process(p) => account::resolve(svc, p.run_as(), true),
         }
     }
 

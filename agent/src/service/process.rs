@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::ServiceError;
+use crate::account;
 use crate::fsutil;
-use crate::spec::ResolvedService;
+use crate::spec::{Account, ResolvedService};
 
 /// What the pid file of a running app records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,8 @@ pub struct Process {
     instance: String,
     /// Children started by this agent process, kept to reap them.
     children: Arc<Mutex<HashMap<i32, Child>>>,
+    /// The user and group apps run as when their service names none (`run_as`).
+    run_as: Option<(Option<Account>, Option<Account>)>,
 }
 
 /// Reads (state, start time) of `pid` from /proc; `None` if there is no such process.
@@ -67,7 +70,19 @@ impl Process {
             log_dir,
             instance: format!("{}/", state_dir.display()),
             children: Arc::default(),
+            run_as: None,
         }
+    }
+
+    /// Apps whose service names no `run.user` run as `user` / `group`.
+    pub fn with_run_as(mut self, user: Option<Account>, group: Option<Account>) -> Process {
+        self.run_as = (user.is_some() || group.is_some()).then_some((user, group));
+        self
+    }
+
+    /// The default user and group, if set.
+    pub fn run_as(&self) -> Option<&(Option<Account>, Option<Account>)> {
+        self.run_as.as_ref()
     }
 
     fn pid_path(&self, service: &str) -> PathBuf {
@@ -150,6 +165,7 @@ impl Process {
         } else {
             PathBuf::from(program)
         };
+        let ids = account::resolve(svc, self.run_as.as_ref(), true)?;
         let log_path = self.log_path(&svc.service);
         if fs::metadata(&log_path).is_ok_and(|m| m.len() > 10 << 20) {
             let _ = fs::rename(&log_path, log_path.with_extension("log.1"));
@@ -176,6 +192,13 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        if let Some(uid) = ids.uid {
+            // Dropping from root also drops the supplementary groups.
+            cmd.uid(uid);
+        }
+        if let Some(gid) = ids.gid {
+            cmd.gid(gid);
+        }
         // SAFETY: setsid is async-signal-safe; it detaches the app into its own session and
         // process group so it survives the agent and can be stopped as a group.
         unsafe {

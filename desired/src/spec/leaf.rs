@@ -91,6 +91,67 @@ string_leaf!(
     check_version
 );
 
+string_leaf!(
+    /// A user or group on the host: a POSIX account name (`[a-z_][a-z0-9_-]*`, at most 32
+    /// characters) or a numeric id.
+    Account,
+    check_account
+);
+
+string_leaf!(
+    /// A regular expression (Rust `regex` syntax: linear time, no look-around), at most
+    /// 1,000 characters, that compiles within a bounded size.
+    Pattern,
+    check_pattern
+);
+
+impl Pattern {
+    /// The compiled expression (it compiled when parsed).
+    pub fn regex(&self) -> regex::Regex {
+        compile(&self.0).expect("validated when parsed")
+    }
+}
+
+/// Largest compiled pattern, so a hostile one cannot take the host's memory.
+const PATTERN_SIZE: usize = 1 << 20;
+
+fn compile(s: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(s)
+        .size_limit(PATTERN_SIZE)
+        .dfa_size_limit(PATTERN_SIZE)
+        .nest_limit(64)
+        .build()
+}
+
+fn check_pattern(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 1000 {
+        return Err("a pattern must have 1 to 1,000 characters".into());
+    }
+    match compile(s) {
+        Ok(r) if r.is_match("") => Err(format!(
+            "pattern `{s}` matches the empty string, so it would redact nothing useful; make it match something"
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("invalid pattern `{s}`: {e}")),
+    }
+}
+
+fn check_account(s: &str) -> Result<(), String> {
+    let numeric = !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let named = !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if numeric || named {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid user or group `{s}`: use an account name (lowercase letters, digits, `-`, `_`, at most 32) or a numeric id"
+        ))
+    }
+}
+
 fn check_name(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63

@@ -14,13 +14,13 @@ use serde::{Deserialize, Deserializer};
 
 use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 
-pub use leaf::{ByteSize, Digest, Dur, Name, RelPath, Version};
+pub use leaf::{Account, ByteSize, Digest, Dur, Name, Pattern, RelPath, Version};
 pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
     ResolvedSmoke, resolve,
 };
 pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedMetric, ResolvedVerify};
-pub use template::{BUILTINS, Template, Vars, render_str};
+pub use template::{BUILTINS, Template, Vars, env_names, render_str};
 
 /// A service definition, `services/<service>.yaml`.
 #[derive(Clone, Debug, Deserialize)]
@@ -52,6 +52,11 @@ pub struct ServiceSpec {
     pub verify: Option<Verify>,
     /// The ECS service, blue-green or canary behind an ALB (kind: ecs).
     pub ecs: Option<Ecs>,
+    /// Patterns removed from hook, smoke and health output before it leaves the host (the
+    /// coordinator, events, status, logs). The values of `{env.NAME}` used in template files
+    /// are always removed.
+    #[serde(default)]
+    pub redact: Vec<Pattern>,
 }
 
 /// `ecs:` — an ECS service deployed by the cluster's agent through weighted target groups.
@@ -306,9 +311,14 @@ pub struct Install {
     /// Directories under `root/shared/` linked into every release at the same relative path.
     #[serde(default, deserialize_with = "rel_paths")]
     pub shared: Vec<RelPath>,
-    /// Files rendered from host vars (and `{env.NAME}`) into the release.
+    /// Files rendered from host vars (and `{env.NAME}`) into the release, mode 0640.
     #[serde(default)]
     pub templates: Vec<TemplateFile>,
+    /// Owner of the rendered files. Default: the agent's user (root).
+    pub template_owner: Option<Account>,
+    /// Group of the rendered files. Default: `run.group` (or the group of `run.user`), so
+    /// the app can read them but not change them; else the agent's group.
+    pub template_group: Option<Account>,
 }
 
 fn default_keep_releases() -> Spanned<u32> {
@@ -352,6 +362,11 @@ pub struct Run {
     /// How long a stop may take before the process group is killed. Default 10s.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout: Dur,
+    /// The user `command`, hooks and smoke commands run as (`service_manager: process`).
+    /// Default: the agent config's `run_as.user`; without either, root (warned).
+    pub user: Option<Account>,
+    /// Their group. Default: the user's primary group.
+    pub group: Option<Account>,
 }
 
 fn default_stop_timeout() -> Dur {
@@ -634,6 +649,31 @@ pub fn is_spec_file(path: &str) -> bool {
         Some("services" | "environments")
     );
     dir_ok && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+/// Services whose `run.command` (the process manager) would run as root: no `run.user`, or
+/// `run.user: root`. `default_user`: the agent config's `run_as` names another user.
+pub fn root_warnings(repo: &Repo, default_user: bool) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for s in repo.services.values() {
+        let Some(run) = s.run.as_ref().filter(|r| r.command.is_some()) else {
+            continue;
+        };
+        let root = match &run.user {
+            Some(u) => matches!(u.as_str(), "root" | "0"),
+            None => !default_user,
+        };
+        if root {
+            out.push(Problem::new(
+                s.service.mark.clone(),
+                format!(
+                    "service `{}`: under service_manager: process, `run.command`, its hooks and smoke commands run as root; set `run.user` (or the agent's `run_as`)",
+                    s.service.value
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// Parses and validates a repo given as (path, content) pairs, checking template names

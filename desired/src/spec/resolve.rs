@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Approval, Compare, Digest, Direction, Dur, Kind, OnMedium, RelPath, Repo, Rollout,
-    ServiceManager, ServiceSpec, Template, Vars, VerifyOverride,
+    Account, Approval, Compare, Digest, Direction, Dur, Kind, OnMedium, Pattern, RelPath, Repo,
+    Rollout, ServiceManager, ServiceSpec, Template, Vars, VerifyOverride,
 };
 use crate::yaml::{Mark, Problem, Problems};
 
@@ -93,6 +93,15 @@ pub struct ResolvedService {
     pub verify: Option<ResolvedVerify>,
     /// Template names and values (built-ins and host vars), for template files.
     pub vars: BTreeMap<String, String>,
+    /// Owner of rendered template files.
+    #[serde(default)]
+    pub template_owner: Option<Account>,
+    /// Group of rendered template files.
+    #[serde(default)]
+    pub template_group: Option<Account>,
+    /// Patterns redacted from hook, smoke and health output.
+    #[serde(default)]
+    pub redact: Vec<Pattern>,
 }
 
 /// Metric analysis, rendered for the host (queries keep `{version}`, filled in per side).
@@ -207,6 +216,12 @@ pub struct ResolvedRun {
     pub env: BTreeMap<String, String>,
     /// Stop timeout.
     pub stop_timeout: Dur,
+    /// User the command, hooks and smoke commands run as (process manager).
+    #[serde(default)]
+    pub user: Option<Account>,
+    /// Their group.
+    #[serde(default)]
+    pub group: Option<Account>,
 }
 
 /// A hook, rendered.
@@ -449,6 +464,8 @@ fn render_service(
             command,
             env,
             stop_timeout: run.stop_timeout,
+            user: run.user.clone(),
+            group: run.group.clone(),
         },
         before_stop,
         after_install,
@@ -456,6 +473,9 @@ fn render_service(
         smoke,
         verify: render_verify(spec, over, r, names),
         vars: names.clone(),
+        template_owner: install.template_owner.clone(),
+        template_group: install.template_group.clone(),
+        redact: spec.redact.clone(),
     })
 }
 

@@ -114,6 +114,14 @@ impl Template {
     }
 }
 
+/// The `NAME`s of the `{env.NAME}` placeholders in a template file's text.
+pub fn env_names(text: &str) -> impl Iterator<Item = &str> {
+    parts(text).into_iter().filter_map(|p| match p {
+        Part::Name(n) => n.strip_prefix("env."),
+        Part::Text(_) => None,
+    })
+}
+
 /// Renders `text` (a template file's content, or a template's text).
 pub fn render_str(text: &str, vars: &Vars) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
