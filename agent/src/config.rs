@@ -274,6 +274,11 @@ pub struct Download {
     pub timeout: Duration,
 }
 
+/// The largest configuration file, drop-in or CA bundle read.
+const MAX_FILE: u64 = 1 << 20;
+/// The largest token file read.
+const MAX_TOKEN: u64 = 64 << 10;
+
 /// The drop-in directory of a configuration file: `agent.yaml` → `agent.d/`.
 pub fn dropin_dir(main: &Path) -> PathBuf {
     let stem = main
@@ -304,7 +309,7 @@ impl Config {
     /// Loads `main` and its drop-ins, with `env` as the process environment.
     pub fn load(main: &Path, env: BTreeMap<String, String>) -> Result<Config, ConfigError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            crate::fsutil::read_text_capped(p, MAX_FILE).map_err(|source| ConfigError::Read {
                 path: p.to_path_buf(),
                 source,
             })
@@ -434,7 +439,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
                     f.mark.clone(),
                     format!("coordinator ca_file `{}` must be an absolute path", f.value),
                 ));
-            } else if let Err(e) = std::fs::read(&f.value) {
+            } else if let Err(e) = crate::fsutil::read_capped(Path::new(&f.value), MAX_FILE) {
                 problems.push(Problem::new(
                     f.mark.clone(),
                     format!("cannot read coordinator ca_file {}: {e}", f.value),
@@ -457,7 +462,8 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
                 ),
             ));
         }
-        let token = match std::fs::read_to_string(&c.token_file.value) {
+        let token = match crate::fsutil::read_text_capped(Path::new(&c.token_file.value), MAX_TOKEN)
+        {
             Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
             Ok(_) => {
                 problems.push(Problem::new(
@@ -565,6 +571,23 @@ mod tests {
         assert_eq!(c.vars["port"], "8080");
         assert_eq!(c.limits.max_artifact_size, 2 << 30);
         assert_eq!(c.download.retries, 4);
+    }
+
+    /// `/dev/zero` would be read for ever, a FIFO would block start-up: both are refused.
+    #[test]
+    fn a_token_or_ca_file_that_is_not_a_regular_file_is_refused() {
+        let text = format!(
+            "{BASE}coordinator: {{ url: \"http://127.0.0.1:1\", token_file: /dev/zero, ca_file: /dev/zero }}\n"
+        );
+        let e = load(&[("agent.yaml", &text)]).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot read coordinator token file /dev/zero: not a regular file"),
+            "{e}"
+        );
+        assert!(
+            e.contains("cannot read coordinator ca_file /dev/zero: not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]

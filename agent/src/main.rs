@@ -229,8 +229,11 @@ fn validate(
                     drover_desired::git::MAX_REPO_FILES
                 );
             }
-            let text = std::fs::read_to_string(e.path())
-                .with_context(|| format!("cannot read {}", e.path().display()))?;
+            let text = drover_agent::fsutil::read_text_capped(
+                &e.path(),
+                drover_desired::yaml::MAX_FILE_BYTES as u64,
+            )
+            .with_context(|| format!("cannot read {}", e.path().display()))?;
             files.push((rel, text));
         }
     }

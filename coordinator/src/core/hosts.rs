@@ -16,7 +16,7 @@ pub struct Verification {
     pub verified: usize,
     /// Not heard from for 3 heartbeat intervals.
     pub stale: Vec<String>,
-    /// Now desire another version.
+    /// Now desire another version (or, for a superseded rollout, run another one).
     pub moved_on: Vec<String>,
     /// Still to report it running healthy.
     pub pending: Vec<String>,
@@ -333,18 +333,25 @@ impl Core {
                 expected.insert(h);
             }
         }
+        // A superseded rollout's host that now runs another version, and is not deploying,
+        // has left it too, even if Git asks for its version again: that is the newer
+        // rollout's to deploy and count.
+        let superseded = self.newest(&r.environment, &r.service, None) != Some(r.id);
         let mut v = Verification::default();
         for h in expected {
             let host = self.hosts.get(h);
+            let report = host.and_then(|x| x.report(&r.service));
+            let left = report.is_some_and(|s| {
+                s.desired.as_deref().is_some_and(|d| d != r.version)
+                    || (superseded
+                        && s.phase.is_none()
+                        && s.actual.as_deref().is_some_and(|a| a != r.version))
+            });
             if r.verified.contains(h) {
                 v.verified += 1;
             } else if host.is_none_or(|x| self.is_stale(x, now)) {
                 v.stale.push(h.clone());
-            } else if host
-                .and_then(|x| x.report(&r.service))
-                .and_then(|s| s.desired.as_deref())
-                .is_some_and(|d| d != r.version)
-            {
+            } else if left {
                 v.moved_on.push(h.clone());
             } else {
                 v.pending.push(h.clone());

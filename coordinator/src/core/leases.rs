@@ -350,10 +350,12 @@ impl Core {
                     .verification
                     .as_ref()
                     .is_some_and(|v| v.risk == "medium")
-                    && matches!(state, RolloutState::Running | RolloutState::Verifying) =>
+                    && matches!(state, RolloutState::Running | RolloutState::Verifying)
+                    && self.newest(&lease.environment, &lease.service, None) == Some(rid) =>
             {
                 // The host kept the version but its metrics were not conclusive: a human
-                // decides (`drover resume` or `drover abort`).
+                // decides (`drover resume` or `drover abort`). A superseded rollout is not
+                // paused: nobody could resume it, and Git has moved on anyway.
                 self.set_state(
                     rid,
                     RolloutState::Paused,
@@ -384,9 +386,26 @@ impl Core {
         Ok(self.view_of(rid, now))
     }
 
-    /// RUNNING/VERIFYING → FAILED → ROLLING_BACK.
+    /// RUNNING/VERIFYING → FAILED → ROLLING_BACK; or, for a superseded rollout (one still
+    /// VERIFYING when a newer commit came), FAILED → ABORTED: its hosts follow the newer
+    /// rollout, and reverting them would fight it (nor could they take a revert lease: lease
+    /// requests name a version, and its newest rollout is another).
     pub(super) fn fail(&mut self, id: u64, why: String, now: u64) {
         self.set_state(id, RolloutState::Failed, Some(why), "coordinator", now);
+        let r = &self.rollouts[&id];
+        if self.newest(&r.environment, &r.service, None) != Some(id) {
+            self.set_state(
+                id,
+                RolloutState::Aborted,
+                Some(format!(
+                    "{}; superseded, so its hosts follow the newer rollout instead of reverting",
+                    r.reason.as_deref().unwrap_or("failed")
+                )),
+                "coordinator",
+                now,
+            );
+            return;
+        }
         self.set_state(id, RolloutState::RollingBack, None, "coordinator", now);
         self.progress(id, now);
     }

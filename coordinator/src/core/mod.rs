@@ -351,6 +351,10 @@ pub struct Core {
     last_wake_ms: u64,
     /// Commits read lately (the tips followed): a host reporting one of them is only behind.
     seen: std::collections::VecDeque<String>,
+    /// Transitions the decisions asked for that the matrix refused (a bug): the tests check
+    /// there are none.
+    #[cfg(test)]
+    illegal: Vec<String>,
 }
 
 /// How long an expired lease is remembered, so that its holder's late release still counts.
@@ -430,6 +434,8 @@ impl Core {
             wake_git: false,
             last_wake_ms: 0,
             seen: std::collections::VecDeque::new(),
+            #[cfg(test)]
+            illegal: Vec::new(),
         };
         for mut l in snap.leases {
             if l.expired_at_ms.is_some() {
@@ -571,6 +577,8 @@ impl Core {
         if let Err(e) = transition(from, to) {
             // The decisions only ask for legal moves; this is a bug, not user input.
             tracing::error!(error = %e, rollout = id, "illegal transition refused");
+            #[cfg(test)]
+            self.illegal.push(format!("rollout {id}: {e}"));
             return;
         }
         r.state = to;
@@ -612,15 +620,6 @@ impl Core {
             .values()
             .rev()
             .find(|r| r.of(env, service) && version.is_none_or(|v| r.version == v))
-            .map(|r| r.id)
-    }
-
-    /// The newest rollout of (env, service) in one of `states`.
-    fn newest_in(&self, env: &str, service: &str, states: &[RolloutState]) -> Option<u64> {
-        self.rollouts
-            .values()
-            .rev()
-            .find(|r| r.of(env, service) && states.contains(&r.state))
             .map(|r| r.id)
     }
 

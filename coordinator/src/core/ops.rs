@@ -67,7 +67,7 @@ impl Core {
         Ok(self.view_of(id, now))
     }
 
-    /// `pause`, `resume` or `abort` the newest unfinished rollout of (env, service).
+    /// `pause`, `resume` or `abort` the newest rollout of (env, service), if unfinished.
     pub fn operate(
         &mut self,
         env: &str,
@@ -95,28 +95,18 @@ impl Core {
             ),
             other => return Err(ApiError::not_found(format!("unknown operation `{other}`"))),
         };
-        let Some(id) = self.newest_in(env, service, from) else {
-            let open = self.newest_in(
-                env,
-                service,
-                &[
-                    Pending,
-                    ApprovalRequired,
-                    Approved,
-                    Running,
-                    Paused,
-                    Verifying,
-                    Failed,
-                    RollingBack,
-                ],
-            );
-            return Err(match open {
-                Some(id) => ApiError::conflict(format!(
+        // Only the newest rollout of (env, service) is operated on. An older one is superseded
+        // (a VERIFYING one still counts its hosts' reports): paused and then resumed, it would
+        // be RUNNING a version Git no longer asks for, which no host deploys and nothing ends.
+        let newest = self.newest(env, service, None);
+        let Some(id) = newest.filter(|id| from.contains(&self.rollouts[id].state)) else {
+            return Err(match newest {
+                Some(id) if !self.rollouts[&id].state.is_terminal() => ApiError::conflict(format!(
                     "cannot {verb} {}: it is {}",
                     self.rollouts[&id].key(),
                     self.rollouts[&id].state
                 )),
-                None => ApiError::not_found(format!("{env}/{service} has no unfinished rollout")),
+                _ => ApiError::not_found(format!("{env}/{service} has no unfinished rollout")),
             });
         };
         self.set_state(

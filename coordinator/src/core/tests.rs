@@ -5,6 +5,8 @@ use crate::wire::{
     ReleaseRequest,
 };
 
+mod props;
+
 const T0: u64 = 1_000_000;
 
 fn policy(max_parallel: u32, max_failures: u32) -> Policy {
@@ -1069,6 +1071,47 @@ fn a_verifying_rollout_superseded_goes_on_counting() {
             .starts_with("superseded before any host"),
         "{r:?}"
     );
+}
+
+/// Found by the property tests: a second `drover pause` reached the superseded 1.0 (still
+/// VERIFYING), and a resume then left it RUNNING a version no host would deploy again.
+#[test]
+fn operations_and_verdicts_never_reach_a_superseded_rollout() {
+    let mut c = core();
+    let ops = person("ops", Role::Operator, &[]);
+    push(&mut c, "prod", "1.0", &policy(1, 0), T0);
+    heartbeat(&mut c, "h1", "prod", "1.0", "0.9", T0);
+    heartbeat(&mut c, "h2", "prod", "1.0", "0.9", T0);
+    let g = acquire(&mut c, "h1", "prod", "1.0", T0 + 1).unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Success), T0 + 2)
+        .unwrap();
+    let late = acquire(&mut c, "h2", "prod", "1.0", T0 + 3).unwrap();
+    push(&mut c, "prod", "2.0", &policy(1, 0), T0 + 4);
+    c.operate("prod", "hello", "pause", &ops, T0 + 5).unwrap();
+    let e = c
+        .operate("prod", "hello", "pause", &ops, T0 + 6)
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    assert!(e.body.message.contains("hello/2.0: it is PAUSED"), "{e:?}");
+    // A late inconclusive verdict on the superseded 1.0 is recorded, but pauses nothing.
+    let medium = ReleaseRequest {
+        outcome: Outcome::Success,
+        message: None,
+        verification: Some(crate::wire::Verification {
+            risk: "medium".into(),
+            summary: "p=0.2".into(),
+        }),
+    };
+    c.release(&late.lease.id, &medium, T0 + 7).unwrap();
+    let old = rollout(&c, "prod", "1.0");
+    assert_ne!(old.state, RolloutState::Paused);
+    assert!(old.verdicts.contains_key("h2"), "{old:?}");
+    c.operate("prod", "hello", "resume", &ops, T0 + 8).unwrap();
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Running);
+    let e = c
+        .operate("prod", "hello", "resume", &ops, T0 + 9)
+        .unwrap_err();
+    assert_eq!(e.status, 409, "{e:?}");
 }
 
 fn bound(host: &str) -> Caller {
