@@ -6,9 +6,20 @@
 use std::time::Duration;
 
 use drover_coordinator::client::{Client, ClientError};
-use drover_coordinator::wire::{self, AcquireRequest, Outcome, Purpose, ReleaseRequest};
+use drover_coordinator::wire::{self, AcquireRequest, ErrorKind, Outcome, Purpose, ReleaseRequest};
 
 use crate::state::LeaseState;
+use crate::verify;
+
+impl From<verify::Risk> for wire::Risk {
+    fn from(r: verify::Risk) -> wire::Risk {
+        match r {
+            verify::Risk::Low => wire::Risk::Low,
+            verify::Risk::Medium => wire::Risk::Medium,
+            verify::Risk::High => wire::Risk::High,
+        }
+    }
+}
 
 /// Where a desired state came from: what a lease request needs besides the service. The
 /// coordinator reads the policy from Git itself; the host only says which commit it read.
@@ -161,7 +172,7 @@ impl Gate {
                 tokio::time::sleep(every).await;
                 match client.renew(&id).await {
                     Ok(_) => {}
-                    Err(e) if e.kind() == "lease_lost" => {
+                    Err(e) if e.is(ErrorKind::LeaseLost) => {
                         tracing::warn!(lease = %id, "lease lost (expired); finishing the deploy under way");
                         return;
                     }
@@ -195,7 +206,7 @@ impl Gate {
                 tracing::info!(lease = %id, rollout_state = %r.rollout.state, "lease released");
                 Ok(())
             }
-            Err(e) if e.kind() == "lease_lost" => {
+            Err(e) if e.is(ErrorKind::LeaseLost) => {
                 tracing::warn!(lease = %id, "the coordinator had already dropped this lease");
                 Ok(())
             }

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::wire::{
-    AcquireRequest, ErrorBody, Granted, Heartbeat, HeartbeatReply, History, PROTOCOL,
+    AcquireRequest, ErrorBody, ErrorKind, Granted, Heartbeat, HeartbeatReply, History, PROTOCOL,
     PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status,
 };
 
@@ -41,45 +41,28 @@ pub enum ClientError {
 
 impl ClientError {
     /// A bounded name for the error, for logs and metric labels.
-    pub fn kind(&self) -> &str {
+    pub fn kind(&self) -> &'static str {
         match self {
             ClientError::Unreachable { .. } => "unreachable",
             ClientError::Protocol { .. } => "protocol",
-            ClientError::Api { body, .. } => match body.kind.as_str() {
-                "wait" => "wait",
-                "rejected" => "rejected",
-                "lease_lost" => "lease_lost",
-                "forbidden" => "forbidden",
-                "unauthorized" => "unauthorized",
-                "not_found" => "not_found",
-                "conflict" => "conflict",
-                "bad_request" => "bad_request",
-                "payload_too_large" => "payload_too_large",
-                "internal" => "internal",
-                "rate_limited" => "rate_limited",
-                "unavailable" => "unavailable",
-                "timeout" => "timeout",
-                _ => "other",
-            },
+            ClientError::Api { body, .. } => body.kind.as_str(),
         }
+    }
+
+    /// Whether the coordinator answered with an error of this kind.
+    pub fn is(&self, kind: ErrorKind) -> bool {
+        matches!(self, ClientError::Api { body, .. } if body.kind == kind)
     }
 
     /// For an answer that says to come back later — `wait`, and the coordinator's
     /// `rate_limited` (429), `unavailable` and `timeout` (503) — (reason, retry after).
     pub fn wait(&self) -> Option<(&str, Duration)> {
         match self {
-            ClientError::Api { body, .. }
-                if matches!(
-                    body.kind.as_str(),
-                    "wait" | "rate_limited" | "unavailable" | "timeout"
-                ) =>
-            {
-                Some((
-                    body.reason.as_deref().unwrap_or(body.kind.as_str()),
-                    // Bounded: a retry time from the server never overflows a clock nor waits forever.
-                    Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
-                ))
-            }
+            ClientError::Api { body, .. } if body.kind.is_wait() => Some((
+                body.reason.as_deref().unwrap_or(body.kind.as_str()),
+                // Bounded: a retry time from the server never overflows a clock nor waits forever.
+                Duration::from_millis(body.retry_after_ms.unwrap_or(2000).clamp(100, 300_000)),
+            )),
             _ => None,
         }
     }
@@ -87,7 +70,7 @@ impl ClientError {
     /// For a `rejected` answer: the reason.
     pub fn rejected(&self) -> Option<&str> {
         match self {
-            ClientError::Api { body, .. } if body.kind == "rejected" => {
+            ClientError::Api { body, .. } if body.kind == ErrorKind::Rejected => {
                 Some(body.reason.as_deref().unwrap_or("rejected"))
             }
             _ => None,

@@ -139,7 +139,7 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
             return Err(ApiError {
                 status: 400,
                 body: crate::wire::ErrorBody {
-                    kind: "protocol".into(),
+                    kind: crate::wire::ErrorKind::Protocol,
                     message: format!(
                         "{PROTOCOL_HEADER}: {other} is not supported; this coordinator speaks {PROTOCOL}"
                     ),
@@ -152,7 +152,7 @@ fn caller(app: &App, headers: &HeaderMap, need: Need, what: &str) -> Result<Call
             return Err(ApiError {
                 status: 400,
                 body: crate::wire::ErrorBody {
-                    kind: "protocol".into(),
+                    kind: crate::wire::ErrorKind::Protocol,
                     message: format!("missing {PROTOCOL_HEADER}: {PROTOCOL} header"),
                     reason: None,
                     retry_after_ms: None,
@@ -178,7 +178,7 @@ fn authenticate(
     // grow the audit): it is only counted.
     let unauthorized = |why: &str| {
         app.unauthenticated.fetch_add(1, Ordering::Relaxed);
-        ApiError::new(401, "unauthorized", why)
+        ApiError::new(401, crate::wire::ErrorKind::Unauthorized, why)
     };
     let Some(token) = token else {
         return Err(unauthorized("missing bearer token"));
@@ -262,7 +262,7 @@ fn too_large() -> ApiError {
     ApiError {
         status: 413,
         body: crate::wire::ErrorBody {
-            kind: "payload_too_large".into(),
+            kind: crate::wire::ErrorKind::PayloadTooLarge,
             message: format!("request body over {MAX_BODY} bytes"),
             reason: None,
             retry_after_ms: None,

@@ -122,7 +122,7 @@ fn timed_out() -> axum::response::Response {
     use axum::response::IntoResponse;
     ApiError::new(
         503,
-        "timeout",
+        crate::wire::ErrorKind::Timeout,
         "the request took longer than the coordinator's request timeout; retry",
     )
     .into_response()

@@ -11,7 +11,7 @@ pub const PROTOCOL: &str = "1";
 /// The header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "Drover-Protocol";
 
-/// A rollout's state (DESIGN.md §4).
+/// A rollout's state (docs/protocol.md, "Rollouts").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RolloutState {
@@ -291,12 +291,38 @@ pub struct ReleaseRequest {
     pub verification: Option<Verification>,
 }
 
+/// How risky a host's metric verification found the new version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    /// Go on.
+    Low,
+    /// Inconclusive or marginal: the rollout pauses for a human.
+    Medium,
+    /// The host rolled back.
+    High,
+    /// A risk this version does not know (from a newer agent); recorded, acted on as low.
+    #[serde(other)]
+    Other,
+}
+
+impl fmt::Display for Risk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Risk::Low => "low",
+            Risk::Medium => "medium",
+            Risk::High => "high",
+            Risk::Other => "other",
+        })
+    }
+}
+
 /// A host's metric verification verdict.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Verification {
-    /// `low`, `medium` or `high`. A medium risk on a successful deploy pauses the rollout.
-    pub risk: String,
+    /// A medium risk on a successful deploy pauses the rollout.
+    pub risk: Risk,
     /// Per-metric medians, p-values and judgements, in one line.
     pub summary: String,
 }
@@ -527,11 +553,86 @@ pub struct History {
     pub entries: Vec<AuditEntry>,
 }
 
+/// The kind of an error answer (docs/protocol.md, "Conventions"), as its snake_case name on
+/// the wire. A kind this version does not know reads as [`ErrorKind::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// 400: malformed JSON, unknown field, bad value.
+    BadRequest,
+    /// 400: missing or unsupported `Drover-Protocol` header.
+    Protocol,
+    /// 401: missing or unknown token.
+    Unauthorized,
+    /// 403: the token may not do this.
+    Forbidden,
+    /// 404: no such rollout, lease or service.
+    NotFound,
+    /// 409: not now; ask again after `retry_after_ms` (`reason` says why).
+    Wait,
+    /// 409: not allowed from the current state.
+    Conflict,
+    /// 410: the lease expired or was released.
+    LeaseLost,
+    /// 413: the body is too large.
+    PayloadTooLarge,
+    /// 422: never, at this commit (`reason` says why).
+    Rejected,
+    /// 429: over the token's rate; ask again after `retry_after_ms`.
+    RateLimited,
+    /// 500: the store failed; nothing was changed.
+    Internal,
+    /// 503: the store cannot be written now; ask again after `retry_after_ms`.
+    Unavailable,
+    /// 503: not answered within the request timeout.
+    Timeout,
+    /// A kind this version does not know (from a newer coordinator).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// Its name on the wire (and in logs and metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Wait => "wait",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::LeaseLost => "lease_lost",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Rejected => "rejected",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// Whether the answer says to come back later.
+    pub fn is_wait(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Wait | ErrorKind::RateLimited | ErrorKind::Unavailable | ErrorKind::Timeout
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// The kind (see docs/protocol.md).
-    pub kind: String,
+    /// The kind.
+    pub kind: ErrorKind,
     /// What happened, for people.
     pub message: String,
     /// For `wait` and `rejected`: why.
@@ -540,4 +641,45 @@ pub struct ErrorBody {
     /// For `wait`: when to ask again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_are_their_snake_case_names_and_unknown_ones_read_as_other() {
+        for (kind, name) in [
+            (ErrorKind::BadRequest, "bad_request"),
+            (ErrorKind::LeaseLost, "lease_lost"),
+            (ErrorKind::PayloadTooLarge, "payload_too_large"),
+            (ErrorKind::RateLimited, "rate_limited"),
+            (ErrorKind::Timeout, "timeout"),
+        ] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(serde_json::from_str::<ErrorKind>(&json).unwrap(), kind);
+        }
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"kind": "quota_exceeded", "message": "m"}"#).unwrap();
+        assert_eq!(body.kind, ErrorKind::Other);
+        assert!(ErrorKind::Wait.is_wait() && ErrorKind::Unavailable.is_wait());
+        assert!(!ErrorKind::Rejected.is_wait());
+    }
+
+    #[test]
+    fn risks_keep_their_json_and_an_unknown_one_does_not_lose_the_release() {
+        let r: ReleaseRequest = serde_json::from_str(
+            r#"{"outcome": "success", "verification": {"risk": "medium", "summary": "s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.verification.unwrap().risk, Risk::Medium);
+        let r: ReleaseRequest = serde_json::from_str(
+            r#"{"outcome": "success", "verification": {"risk": "severe", "summary": "s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.verification.unwrap().risk, Risk::Other);
+        assert_eq!(serde_json::to_string(&Risk::High).unwrap(), "\"high\"");
+    }
 }

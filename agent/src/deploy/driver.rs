@@ -624,7 +624,7 @@ impl Deployer {
         );
         if let Some(l) = &mut st.lease {
             l.verification = Some(drover_coordinator::wire::Verification {
-                risk: verdict.risk.to_string(),
+                risk: verdict.risk.into(),
                 summary: verdict.summary.clone(),
             });
         }
@@ -1164,7 +1164,9 @@ impl Deployer {
                     lease = Some((h, keep));
                 }
                 Ok(None) => {}
-                Err(GateError::Unavailable(e)) if e.kind() == "conflict" => {
+                Err(GateError::Unavailable(e))
+                    if e.is(drover_coordinator::wire::ErrorKind::Conflict) =>
+                {
                     tracing::info!(error = %e, "nothing to revert");
                     return Ok(Outcome::UpToDate {
                         version: current.version,

@@ -673,7 +673,7 @@ impl EcsDeployer {
                     );
                     if let Some(l) = &mut st.lease {
                         l.verification = Some(drover_coordinator::wire::Verification {
-                            risk: verdict.risk.to_string(),
+                            risk: verdict.risk.into(),
                             summary: verdict.summary.clone(),
                         });
                     }

@@ -1,5 +1,5 @@
 //! ECS mode: blue-green and canary deploys of ECS services behind an ALB, by weighted target
-//! groups (DESIGN.md §3).
+//! groups (docs/design.md §3).
 //!
 //! The services are `<service>-blue` and `<service>-green`, each attached to its target group.
 //! The **live** side is read from the listener's weights; a deploy builds the other (idle)

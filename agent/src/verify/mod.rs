@@ -1,4 +1,4 @@
-//! Continuous verification (DESIGN.md §5): after health and smoke tests pass, the new version's
+//! Continuous verification (README, "verify:"): after health and smoke tests pass, the new version's
 //! metrics are read from a [`MetricSource`] (Prometheus) over `verify.duration`, checked
 //! against thresholds and compared with a baseline (the old version) with a Mann-Whitney U
 //! test; the result is a risk — low: go on, medium: pause for a human (or roll back, by

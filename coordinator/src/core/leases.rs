@@ -5,7 +5,7 @@
 use super::{ApiError, Change, Core, check_names, key, short};
 use crate::auth::{Caller, cap};
 use crate::wire::{
-    AcquireRequest, Granted, Lease, Outcome, Purpose, ReleaseRequest, Renewed, RolloutState,
+    AcquireRequest, Granted, Lease, Outcome, Purpose, ReleaseRequest, Renewed, Risk, RolloutState,
     RolloutView,
 };
 
@@ -317,7 +317,7 @@ impl Core {
         if let Some(v) = &req.verification {
             r.verdicts.insert(
                 lease.host.clone(),
-                format!("{}: {}", cap(&v.risk, 32), cap(&v.summary, 1024)),
+                format!("{}: {}", v.risk, cap(&v.summary, 1024)),
             );
         }
         let (state, failures, max) = (r.state, r.failed.len() as u32, r.policy.max_failures);
@@ -328,7 +328,7 @@ impl Core {
                 &lease.host,
                 "verification",
                 &k,
-                format!("risk {}: {}", cap(&v.risk, 32), cap(&v.summary, 1024)),
+                format!("risk {}: {}", v.risk, cap(&v.summary, 1024)),
             );
         }
         match (lease.purpose, req.outcome) {
@@ -349,7 +349,7 @@ impl Core {
                 if req
                     .verification
                     .as_ref()
-                    .is_some_and(|v| v.risk == "medium")
+                    .is_some_and(|v| v.risk == Risk::Medium)
                     && matches!(state, RolloutState::Running | RolloutState::Verifying)
                     && self.newest(&lease.environment, &lease.service, None) == Some(rid) =>
             {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Caller, cap};
 use crate::rollout::transition;
 use crate::wire::{
-    AuditEntry, Decision, DesiredView, ErrorBody, HostView, Lease, OverrideView, Policy,
+    AuditEntry, Decision, DesiredView, ErrorBody, ErrorKind, HostView, Lease, OverrideView, Policy,
     RefusedView, RolloutKind, RolloutState, RolloutView, ServiceReport, Status,
 };
 
@@ -256,11 +256,11 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error of any status and kind.
-    pub fn new(status: u16, kind: &str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: u16, kind: ErrorKind, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: ErrorBody {
-                kind: kind.into(),
+                kind,
                 message: message.into(),
                 reason: None,
                 retry_after_ms: None,
@@ -269,51 +269,51 @@ impl ApiError {
     }
     /// 400 bad_request.
     pub fn bad_request(m: impl Into<String>) -> ApiError {
-        ApiError::new(400, "bad_request", m)
+        ApiError::new(400, ErrorKind::BadRequest, m)
     }
     /// 403 forbidden.
     pub fn forbidden(m: impl Into<String>) -> ApiError {
-        ApiError::new(403, "forbidden", m)
+        ApiError::new(403, ErrorKind::Forbidden, m)
     }
     /// 404 not_found.
     pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError::new(404, "not_found", m)
+        ApiError::new(404, ErrorKind::NotFound, m)
     }
     /// 409 conflict.
     pub fn conflict(m: impl Into<String>) -> ApiError {
-        ApiError::new(409, "conflict", m)
+        ApiError::new(409, ErrorKind::Conflict, m)
     }
     /// 410 lease_lost.
     pub fn lease_lost(m: impl Into<String>) -> ApiError {
-        ApiError::new(410, "lease_lost", m)
+        ApiError::new(410, ErrorKind::LeaseLost, m)
     }
     /// 503 unavailable: the coordinator cannot store changes now (disk full, I/O error);
     /// reads still work, retry later.
     pub fn unavailable(retry_after_ms: u64, m: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(503, "unavailable", m);
+        let mut e = ApiError::new(503, ErrorKind::Unavailable, m);
         e.body.retry_after_ms = Some(retry_after_ms);
         e
     }
     /// 429 rate_limited.
     pub fn rate_limited(retry_after_ms: u64, m: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(429, "rate_limited", m);
+        let mut e = ApiError::new(429, ErrorKind::RateLimited, m);
         e.body.retry_after_ms = Some(retry_after_ms);
         e
     }
     /// 500 internal.
     pub fn internal(m: impl Into<String>) -> ApiError {
-        ApiError::new(500, "internal", m)
+        ApiError::new(500, ErrorKind::Internal, m)
     }
     /// 409 wait.
     pub fn wait(reason: &str, retry_after_ms: u64, m: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(409, "wait", m);
+        let mut e = ApiError::new(409, ErrorKind::Wait, m);
         e.body.reason = Some(reason.into());
         e.body.retry_after_ms = Some(retry_after_ms);
         e
     }
     /// 422 rejected.
     pub fn rejected(reason: &str, m: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(422, "rejected", m);
+        let mut e = ApiError::new(422, ErrorKind::Rejected, m);
         e.body.reason = Some(reason.into());
         e
     }

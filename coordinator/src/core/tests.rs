@@ -792,7 +792,7 @@ fn a_medium_verdict_pauses_the_rollout() {
     let g = acquire(&mut c, "h1", "prod", "1.0", T0).unwrap();
     let mut r = ok(Outcome::Success);
     r.verification = Some(crate::wire::Verification {
-        risk: "medium".into(),
+        risk: crate::wire::Risk::Medium,
         summary: "error_rate: inconclusive".into(),
     });
     let v = c.release(&g.lease.id, &r, T0 + 1).unwrap();
@@ -1008,7 +1008,7 @@ fn hosts_report_while_paused_and_a_resumed_rollout_completes() {
     let g = acquire(&mut c, "h1", "prod", "2.0", T0 + 1).unwrap();
     let mut r = ok(Outcome::Success);
     r.verification = Some(crate::wire::Verification {
-        risk: "medium".into(),
+        risk: crate::wire::Risk::Medium,
         summary: "inconclusive".into(),
     });
     c.release(&g.lease.id, &r, T0 + 2).unwrap();
@@ -1098,7 +1098,7 @@ fn operations_and_verdicts_never_reach_a_superseded_rollout() {
         outcome: Outcome::Success,
         message: None,
         verification: Some(crate::wire::Verification {
-            risk: "medium".into(),
+            risk: crate::wire::Risk::Medium,
             summary: "p=0.2".into(),
         }),
     };

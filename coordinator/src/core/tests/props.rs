@@ -245,7 +245,7 @@ impl<'a> World<'a> {
             },
             message: Some("done".into()),
             verification: medium.then(|| Verdict {
-                risk: "medium".into(),
+                risk: crate::wire::Risk::Medium,
                 summary: "p=0.2".into(),
             }),
         };
