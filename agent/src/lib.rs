@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod notify;
 pub mod redact;
 pub mod release;
+pub mod report;
 pub mod runner;
 pub mod service;
 pub mod state;

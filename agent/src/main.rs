@@ -157,13 +157,10 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
             Command::Status { json } => {
                 let status = agent.status();
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
+                    println!("{}", serde_json::to_string_pretty(&status.json())?);
                 } else {
                     // App and hook output may hold terminal escapes: shown, not obeyed.
-                    print!(
-                        "{}",
-                        drover_desired::text::printable(&status_table(&status))
-                    );
+                    print!("{}", drover_desired::text::printable(&status.table()));
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -285,62 +282,4 @@ fn validate(
             Ok(ExitCode::FAILURE)
         }
     }
-}
-
-/// `drover-agent status` as a table.
-fn status_table(s: &serde_json::Value) -> String {
-    let mut out = format!(
-        "host {} — environment {}\n",
-        s["host"].as_str().unwrap_or("?"),
-        s["environment"].as_str().unwrap_or("?")
-    );
-    let repo = &s["repo"];
-    if !repo.is_null() {
-        out.push_str(&format!(
-            "repo {} ({}) at {}{}\n",
-            repo["url"].as_str().unwrap_or("?"),
-            repo["branch"].as_str().unwrap_or("?"),
-            repo["commit"]
-                .as_str()
-                .map(|c| &c[..c.len().min(12)])
-                .unwrap_or("-"),
-            repo["error"]
-                .as_str()
-                .map(|e| format!("\n  error: {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    out.push_str(&format!(
-        "{:<16} {:<14} {:<14} {:<22} {}\n",
-        "SERVICE", "CURRENT", "PREVIOUS", "STATE", "LAST ERROR"
-    ));
-    if let Some(services) = s["services"].as_object() {
-        for (name, v) in services {
-            if let Some(e) = v["error"].as_str() {
-                out.push_str(&format!("{name:<16} {e}\n"));
-                continue;
-            }
-            let state = if let Some(d) = v["deploying"].as_object() {
-                format!(
-                    "deploying {} ({})",
-                    d["version"].as_str().unwrap_or("?"),
-                    d["phase"].as_str().unwrap_or("?")
-                )
-            } else if let Some(p) = v["process"].as_object() {
-                format!("running pid {}", p["pid"])
-            } else if let Some(f) = v["failed"].as_object() {
-                format!("{} failed", f["version"].as_str().unwrap_or("?"))
-            } else {
-                "-".into()
-            };
-            out.push_str(&format!(
-                "{name:<16} {:<14} {:<14} {:<22} {}\n",
-                v["current"].as_str().unwrap_or("-"),
-                v["previous"].as_str().unwrap_or("-"),
-                state,
-                v["last_error"].as_str().unwrap_or("")
-            ));
-        }
-    }
-    out
 }

@@ -1,0 +1,241 @@
+//! What `drover-agent status` reports, as data: built once from the local state, then
+//! serialized for `--json` or rendered as a table, so the two cannot disagree.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::deploy::Phase;
+use crate::ecs::Colour;
+use crate::ecs::driver::{EcsFailure, EcsRelease};
+use crate::state::{Failure, RepoStatus};
+use crate::verify::{MetricVerdict, Risk};
+
+/// The host and every service the agent keeps state for.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// This host's name.
+    pub host: String,
+    /// Its environment.
+    pub environment: String,
+    /// The desired-state repo as last fetched.
+    pub repo: Option<RepoStatus>,
+    /// VM services.
+    pub services: BTreeMap<String, Entry<ServiceStatus>>,
+    /// ECS services, for an agent in ECS mode.
+    pub ecs: Option<BTreeMap<String, Entry<EcsStatus>>>,
+}
+
+/// A service's status, or why its state file could not be read.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Entry<T> {
+    /// Read.
+    Read(T),
+    /// Unreadable.
+    Unreadable {
+        /// Why.
+        error: String,
+    },
+}
+
+/// A VM service on this host.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceStatus {
+    /// The running version.
+    pub current: Option<String>,
+    /// The release kept to roll back to.
+    pub previous: Option<String>,
+    /// The version that failed here, not retried until the desired version changes.
+    pub failed: Option<Failure>,
+    /// A deploy in progress (or interrupted).
+    pub deploying: Option<Deploying>,
+    /// The app, when the agent supervises it (`service_manager: process`) and it runs.
+    pub process: Option<Running>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// The last metric verification.
+    pub verdict: Option<VerdictView>,
+    /// The install root.
+    pub root: Option<PathBuf>,
+    /// When the state last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A VM deploy under way.
+#[derive(Clone, Debug, Serialize)]
+pub struct Deploying {
+    /// To this version.
+    pub version: String,
+    /// In this phase.
+    pub phase: Phase,
+    /// Started this many times (an agent crash restarts it).
+    pub attempts: u32,
+    /// Since (RFC 3339).
+    pub since: String,
+}
+
+/// A supervised app process.
+#[derive(Clone, Debug, Serialize)]
+pub struct Running {
+    /// Its pid.
+    pub pid: i32,
+    /// The version it runs.
+    pub version: String,
+    /// Since (RFC 3339).
+    pub since: String,
+}
+
+/// A metric verification verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerdictView {
+    /// Of this version.
+    pub version: String,
+    /// Its risk.
+    pub risk: Risk,
+    /// In one line.
+    pub summary: String,
+    /// Per metric.
+    pub metrics: Vec<MetricVerdict>,
+}
+
+/// An ECS service of this agent's cluster.
+#[derive(Clone, Debug, Serialize)]
+pub struct EcsStatus {
+    /// The live version.
+    pub current: Option<EcsRelease>,
+    /// The version that failed, not retried until it or its definition changes.
+    pub failed: Option<EcsFailure>,
+    /// A deploy in progress (or interrupted).
+    pub deploying: Option<EcsDeploying>,
+    /// The last error.
+    pub last_error: Option<String>,
+}
+
+/// An ECS deploy under way.
+#[derive(Clone, Debug, Serialize)]
+pub struct EcsDeploying {
+    /// To this version.
+    pub version: String,
+    /// In this phase (`traffic_shift_50`, …).
+    pub phase: String,
+    /// The side serving before it began.
+    pub live: Colour,
+}
+
+impl Status {
+    /// The JSON of `drover-agent status --json`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a status serializes")
+    }
+
+    /// The table of `drover-agent status` (text from apps and hooks is not made printable
+    /// here: the caller does, for the terminal).
+    pub fn table(&self) -> String {
+        let mut out = format!("host {} — environment {}\n", self.host, self.environment);
+        if let Some(repo) = &self.repo {
+            out.push_str(&format!(
+                "repo {} ({}) at {}{}\n",
+                repo.url,
+                repo.branch,
+                repo.commit
+                    .as_deref()
+                    .map(|c| &c[..c.len().min(12)])
+                    .unwrap_or("-"),
+                repo.error
+                    .as_deref()
+                    .map(|e| format!("\n  error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        out.push_str(&format!(
+            "{:<16} {:<14} {:<14} {:<22} {}\n",
+            "SERVICE", "CURRENT", "PREVIOUS", "STATE", "LAST ERROR"
+        ));
+        for (name, entry) in &self.services {
+            let s = match entry {
+                Entry::Read(s) => s,
+                Entry::Unreadable { error } => {
+                    out.push_str(&format!("{name:<16} {error}\n"));
+                    continue;
+                }
+            };
+            let state = if let Some(d) = &s.deploying {
+                format!("deploying {} ({})", d.version, d.phase.name())
+            } else if let Some(p) = &s.process {
+                format!("running pid {}", p.pid)
+            } else if let Some(f) = &s.failed {
+                format!("{} failed", f.version)
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "{name:<16} {:<14} {:<14} {:<22} {}\n",
+                s.current.as_deref().unwrap_or("-"),
+                s.previous.as_deref().unwrap_or("-"),
+                state,
+                s.last_error.as_deref().unwrap_or("")
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        let hello = ServiceStatus {
+            current: Some("1.0".into()),
+            previous: Some("0.9".into()),
+            failed: None,
+            deploying: Some(Deploying {
+                version: "2.0".into(),
+                phase: Phase::RollBack,
+                attempts: 1,
+                since: "2026-12-02T10:00:00.000Z".into(),
+            }),
+            process: None,
+            last_error: Some("health check failed".into()),
+            verdict: None,
+            root: Some("/opt/hello".into()),
+            updated_at: "2026-12-02T10:00:01.000Z".into(),
+        };
+        Status {
+            host: "web-1".into(),
+            environment: "prod".into(),
+            repo: None,
+            services: BTreeMap::from([
+                ("hello".to_string(), Entry::Read(hello)),
+                (
+                    "odd".to_string(),
+                    Entry::Unreadable {
+                        error: "state file is corrupt".into(),
+                    },
+                ),
+            ]),
+            ecs: None,
+        }
+    }
+
+    #[test]
+    fn json_and_table_come_from_the_same_data() {
+        let s = status();
+        let j = s.json();
+        assert_eq!(j["services"]["hello"]["current"], "1.0");
+        assert_eq!(j["services"]["hello"]["deploying"]["phase"], "roll_back");
+        assert_eq!(j["services"]["hello"]["process"], serde_json::Value::Null);
+        assert_eq!(j["services"]["odd"]["error"], "state file is corrupt");
+        assert_eq!(j["repo"], serde_json::Value::Null);
+        assert_eq!(j["ecs"], serde_json::Value::Null);
+        let t = s.table();
+        assert!(t.starts_with("host web-1 — environment prod\n"), "{t}");
+        assert!(
+            t.contains("hello            1.0            0.9            deploying 2.0 (rollback) health check failed"),
+            "{t}"
+        );
+        assert!(t.contains("odd              state file is corrupt"), "{t}");
+    }
+}
