@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::deploy::Failure;
 use crate::deploy::Phase;
 use crate::ecs::Colour;
 use crate::ecs::driver::{EcsFailure, EcsRelease};
-use crate::state::{Failure, RepoStatus};
+use crate::state::RepoStatus;
 use crate::verify::{MetricVerdict, Risk};
 
 /// The host and every service the agent keeps state for.

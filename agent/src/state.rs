@@ -1,77 +1,56 @@
-//! The agent's local state: one JSON file per service under `state_dir/services/`, written
-//! atomically, plus the repo status and an append-only event log.
-//!
-//! The state says which release is current and which is the previous one (the backup), which
-//! version failed here, and — while a deploy is in flight — its phase and everything needed to
-//! finish or undo it after a crash, without Git.
+//! The agent's local state: one record per service and machine (`state_dir/services/`,
+//! `state_dir/ecs/`; see [`Record`]), written atomically, plus the repo status, the locks and
+//! an append-only event log.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::deploy::Phase;
 use crate::fsutil::{self, FileLock};
-use crate::spec::{Digest, ResolvedService};
 
-/// Version of the state file format.
-pub const FORMAT: u32 = 1;
-
-/// A release on disk.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Release {
-    /// The version.
-    pub version: String,
-    /// The artifact digest it was built from.
-    pub sha256: Digest,
-    /// Its directory name under `root/releases/`.
-    pub dir: String,
-    /// How it was run (rendered service definition), to restart it on rollback. Absent when
-    /// the state was rebuilt from disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Box<ResolvedService>>,
+/// A machine's record of one service: one JSON file under the state dir, written before each
+/// phase runs (write-ahead), from which a deploy is finished or undone after a crash. The VM
+/// machine's is `deploy::ServiceState`, the ECS machine's `ecs::driver::EcsState`.
+pub trait Record: Serialize + DeserializeOwned {
+    /// Its folder under the state dir.
+    const DIR: &'static str;
+    /// The file format this version writes (and reads).
+    const FORMAT: u32;
+    /// The service it is of.
+    fn service(&self) -> &str;
+    /// Its file format.
+    fn format(&self) -> u32;
+    /// Sets its last change (RFC 3339).
+    fn touch(&mut self, at: String);
 }
 
-/// A version that failed on this host and is not retried until the desired version changes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Failure {
-    /// The version.
-    pub version: String,
-    /// Its digest.
-    pub sha256: Digest,
-    /// Why it failed.
-    pub reason: String,
-    /// When (RFC 3339).
-    pub at: String,
-}
+/// Implements [`Record`] for a struct with `service`, `format` and `updated_at` fields:
+/// `record!(Type, "folder", FORMAT)`.
+macro_rules! record {
+    ($t:ty, $dir:literal, $format:expr) => {
+        impl $crate::state::Record for $t {
+            const DIR: &'static str = $dir;
+            const FORMAT: u32 = $format;
 
-/// A deploy in flight, recorded before each phase starts (write-ahead).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Deployment {
-    /// The phase being executed.
-    pub phase: Phase,
-    /// What is being deployed, fully rendered.
-    pub target: ResolvedService,
-    /// Directory name of the new release under `releases/`.
-    pub dir: String,
-    /// The release that was current when the deploy started (the rollback target).
-    pub from: Option<Release>,
-    /// How many times this deploy was started (a crash during it counts as an attempt).
-    pub attempts: u32,
-    /// Why the deploy is rolling back, once it is.
-    pub error: Option<String>,
-    /// When the running version was first touched (ms since the epoch): the end of the
-    /// "before the switch" baseline window of metric verification.
-    #[serde(default)]
-    pub touched_at_ms: Option<u64>,
-    /// When it started (RFC 3339).
-    pub started_at: String,
+            fn service(&self) -> &str {
+                &self.service
+            }
+
+            fn format(&self) -> u32 {
+                self.format
+            }
+
+            fn touch(&mut self, at: String) {
+                self.updated_at = at;
+            }
+        }
+    };
 }
+pub(crate) use record;
 
 /// A coordinator lease held (or to be released) for this service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,59 +68,6 @@ pub struct LeaseState {
     /// The verification verdict to report.
     #[serde(default)]
     pub verification: Option<drover_coordinator::wire::Verification>,
-}
-
-/// Everything the agent knows about one service on this host.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceState {
-    /// File format version.
-    pub format: u32,
-    /// Service name.
-    pub service: String,
-    /// Install root (where `releases/` and `current` live).
-    pub root: Option<PathBuf>,
-    /// The running release.
-    pub current: Option<Release>,
-    /// The release before it, kept for rollback.
-    pub previous: Option<Release>,
-    /// The last version that failed here.
-    pub failed: Option<Failure>,
-    /// A deploy in flight.
-    pub deployment: Option<Deployment>,
-    /// The last error (deploy, rollback or supervision), cleared by a successful deploy.
-    pub last_error: Option<String>,
-    /// The coordinator lease of the deploy in flight, or one whose release is pending.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease: Option<LeaseState>,
-    /// A version waiting for its lease (approval, free slot…), to log its retries quietly.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting: Option<String>,
-    /// The last metric verification verdict (and the version it was for).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<(String, crate::verify::Verdict)>,
-    /// Last change (RFC 3339).
-    pub updated_at: String,
-}
-
-impl ServiceState {
-    /// The state of a service never deployed here.
-    pub fn new(service: &str) -> ServiceState {
-        ServiceState {
-            format: FORMAT,
-            service: service.to_string(),
-            root: None,
-            current: None,
-            previous: None,
-            failed: None,
-            deployment: None,
-            last_error: None,
-            lease: None,
-            waiting: None,
-            verdict: None,
-            updated_at: fsutil::now_rfc3339(),
-        }
-    }
 }
 
 /// Why state could not be read or written.
@@ -213,61 +139,71 @@ impl Store {
         self.dir.join("git")
     }
 
-    fn service_path(&self, service: &str) -> PathBuf {
-        self.dir.join("services").join(format!("{service}.json"))
+    fn record_path<R: Record>(&self, service: &str) -> PathBuf {
+        self.dir.join(R::DIR).join(format!("{service}.json"))
     }
 
-    /// Names of every service with a state file.
-    pub fn services(&self) -> io::Result<Vec<String>> {
-        let mut names: Vec<String> = fs::read_dir(self.dir.join("services"))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_suffix(".json")
-                    .filter(|n| !n.starts_with('.'))
-                    .map(str::to_string)
-            })
-            .collect();
+    /// Names of every service with a record of kind `R`.
+    pub fn records<R: Record>(&self) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = match fs::read_dir(self.dir.join(R::DIR)) {
+            Ok(d) => d
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".json")
+                        .filter(|n| !n.starts_with('.'))
+                        .map(str::to_string)
+                })
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
         names.sort();
         Ok(names)
     }
 
-    /// Reads a service's state; `Ok(None)` if it was never deployed here.
-    pub fn load(&self, service: &str) -> Result<Option<ServiceState>, StateError> {
-        let path = self.service_path(service);
+    /// Reads a service's record; `Ok(None)` if there is none (never deployed here).
+    pub fn load<R: Record>(&self, service: &str) -> Result<Option<R>, StateError> {
+        let path = self.record_path::<R>(service);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let state: ServiceState =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                cause: e.to_string(),
-            })?;
-        if state.format != FORMAT || state.service != service {
+        let record: R = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            cause: e.to_string(),
+        })?;
+        if record.format() != R::FORMAT || record.service() != service {
             return Err(StateError::Corrupt {
                 path,
                 cause: format!(
-                    "format {} for service `{}`, expected format {FORMAT} for `{service}`",
-                    state.format, state.service
+                    "format {} for service `{}`, expected format {} for `{service}`",
+                    record.format(),
+                    record.service(),
+                    R::FORMAT
                 ),
             });
         }
-        Ok(Some(state))
+        Ok(Some(record))
     }
 
-    /// Writes a service's state atomically.
-    pub fn save(&self, state: &mut ServiceState) -> Result<(), StateError> {
-        state.updated_at = fsutil::now_rfc3339();
-        let path = self.service_path(&state.service);
-        let json = serde_json::to_vec_pretty(state).expect("state serializes");
-        fsutil::write_atomic(&path, &json).map_err(|source| StateError::Io { path, source })
+    /// Writes a service's record atomically.
+    pub fn save<R: Record>(&self, record: &mut R) -> Result<(), StateError> {
+        record.touch(fsutil::now_rfc3339());
+        let path = self.record_path::<R>(record.service());
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(self.dir.join(R::DIR)).map_err(io)?;
+        let json = serde_json::to_vec_pretty(record).expect("a record serializes");
+        fsutil::write_atomic(&path, &json).map_err(io)
     }
 
-    /// Moves a damaged state file aside (never deleting it) and returns where it went.
-    pub fn quarantine(&self, service: &str) -> Result<PathBuf, StateError> {
-        let path = self.service_path(service);
+    /// Moves a damaged record aside (never deleting it) and returns where it went.
+    pub fn quarantine<R: Record>(&self, service: &str) -> Result<PathBuf, StateError> {
+        let path = self.record_path::<R>(service);
         let stamp = fsutil::now_rfc3339().replace(':', "");
         let aside = path.with_file_name(format!("{service}.json.corrupt-{stamp}"));
         fs::rename(&path, &aside).map_err(|source| StateError::Io {
@@ -387,12 +323,14 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deploy::{Release, ServiceState};
+    use crate::spec::Digest;
 
     #[test]
     fn state_round_trips_and_corruption_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.load("hello").unwrap().is_none());
+        assert!(store.load::<ServiceState>("hello").unwrap().is_none());
         let mut s = ServiceState::new("hello");
         s.current = Some(Release {
             version: "1.0".into(),
@@ -401,23 +339,49 @@ mod tests {
             spec: None,
         });
         store.save(&mut s).unwrap();
-        assert_eq!(store.load("hello").unwrap().unwrap(), s);
-        assert_eq!(store.services().unwrap(), vec!["hello".to_string()]);
+        assert_eq!(store.load::<ServiceState>("hello").unwrap().unwrap(), s);
+        assert_eq!(
+            store.records::<ServiceState>().unwrap(),
+            vec!["hello".to_string()]
+        );
 
         fs::write(
             dir.path().join("services/hello.json"),
             b"{\"format\": 1, \"serv",
         )
         .unwrap();
-        let e = store.load("hello").unwrap_err();
+        let e = store.load::<ServiceState>("hello").unwrap_err();
         assert!(matches!(e, StateError::Corrupt { .. }));
         assert!(
             e.to_string().contains("rebuilt from the releases on disk"),
             "{e}"
         );
-        let aside = store.quarantine("hello").unwrap();
+        let aside = store.quarantine::<ServiceState>("hello").unwrap();
         assert!(aside.exists());
-        assert!(store.load("hello").unwrap().is_none());
+        assert!(store.load::<ServiceState>("hello").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_record_of_another_format_or_service_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut s = ServiceState::new("hello");
+        store.save(&mut s).unwrap();
+        let path = dir.path().join("services/hello.json");
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("\"format\": 1", "\"format\": 2")).unwrap();
+        let e = store.load::<ServiceState>("hello").unwrap_err().to_string();
+        assert!(
+            e.contains("format 2 for service `hello`, expected format 1"),
+            "{e}"
+        );
+        fs::write(&path, text).unwrap();
+        fs::copy(&path, dir.path().join("services/other.json")).unwrap();
+        let e = store.load::<ServiceState>("other").unwrap_err().to_string();
+        assert!(
+            e.contains("for service `hello`, expected format 1 for `other`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,9 +21,9 @@ use crate::redact::Redactor;
 use crate::release::{Layout, ReleaseError, Stage};
 use crate::service::{Manager, ServiceError};
 use crate::spec::{Digest, ResolvedService};
-use crate::state::{
-    Deployment, Event, Failure, LeaseState, Release, ServiceState, StateError, Store,
-};
+use crate::state::{Event, LeaseState, StateError, Store};
+
+use super::{Deployment, Failure, Release, ServiceState};
 use crate::verify::{self, Prometheus};
 
 /// Why a phase failed.
@@ -318,7 +318,7 @@ impl Deployer {
             Ok(Some(s)) => Ok(s),
             Ok(None) => Ok(ServiceState::new(service)),
             Err(StateError::Corrupt { path, cause }) if root.is_some() => {
-                let aside = self.store.quarantine(service)?;
+                let aside = self.store.quarantine::<ServiceState>(service)?;
                 let mut st = rebuild(service, root.expect("checked"));
                 self.save(&mut st)?;
                 tracing::warn!(
@@ -970,8 +970,8 @@ impl Deployer {
             tracing::info!(?removed, "removed old releases");
         }
         let mut keep: Vec<Digest> = Vec::new();
-        for name in self.store.services().unwrap_or_default() {
-            if let Ok(Some(s)) = self.store.load(&name) {
+        for name in self.store.records::<ServiceState>().unwrap_or_default() {
+            if let Ok(Some(s)) = self.store.load::<ServiceState>(&name) {
                 keep.extend(
                     [&s.current, &s.previous]
                         .into_iter()
@@ -1072,7 +1072,7 @@ impl Deployer {
     /// Returns whether it had.
     pub async fn forget_failure(&self, service: &str, version: &str) -> Result<bool, DeployError> {
         let _lock = self.lock(service).await?;
-        let Some(mut st) = self.store.load(service)? else {
+        let Some(mut st) = self.store.load::<ServiceState>(service)? else {
             return Ok(false);
         };
         if st.failed.as_ref().is_none_or(|f| f.version != version) {

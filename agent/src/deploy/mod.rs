@@ -9,11 +9,13 @@
 //! desired state and the local state. The I/O lives in [`driver`].
 
 pub mod driver;
+mod record;
 
 use serde::{Deserialize, Serialize};
 
 use crate::spec::ResolvedService;
-use crate::state::ServiceState;
+
+pub use record::{Deployment, FORMAT, Failure, Release, ServiceState};
 
 /// Deploys that crashed this many times are given up.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -214,8 +216,8 @@ pub fn decide(desired: &ResolvedService, state: &ServiceState, on_disk: Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::{Deployment, Failure, Release};
     use crate::spec::Digest;
-    use crate::state::{Deployment, Failure, Release};
 
     #[test]
     fn phases_succeed_in_order() {

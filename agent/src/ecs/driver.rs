@@ -3,7 +3,6 @@
 //! record and the weights AWS shows.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use crate::failpoint;
 use crate::fsutil;
 use crate::notify::Notifier;
 use crate::spec::{ResolvedEcs, ResolvedEcsService};
-use crate::state::{Event, LeaseState, StateError, Store};
+use crate::state::{Event, LeaseState, StateError, Store, record};
 use crate::verify::{self, Prometheus};
 
 /// Format of the ECS state file.
@@ -93,6 +92,8 @@ pub struct EcsState {
     /// Last change.
     pub updated_at: String,
 }
+
+record!(EcsState, "ecs", FORMAT);
 
 impl EcsState {
     fn new(service: &str) -> EcsState {
@@ -233,52 +234,21 @@ impl EcsDeployer {
         &self.aws
     }
 
-    fn path(&self, service: &str) -> PathBuf {
-        self.store.dir().join("ecs").join(format!("{service}.json"))
-    }
-
     /// Services with an ECS state file.
     pub fn services(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.store.dir().join("ecs"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .strip_suffix(".json")
-                            .map(str::to_string)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        self.store.records::<EcsState>().unwrap_or_default()
     }
 
-    /// Reads a service's state.
+    /// Reads a service's state (a fresh one if it has none).
     pub fn load(&self, service: &str) -> Result<EcsState, StateError> {
-        let path = self.path(service);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Corrupt {
-                path,
-                cause: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EcsState::new(service)),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        Ok(self
+            .store
+            .load(service)?
+            .unwrap_or_else(|| EcsState::new(service)))
     }
 
     fn save(&self, st: &mut EcsState) -> Result<(), DeployError> {
-        st.updated_at = fsutil::now_rfc3339();
-        let path = self.path(&st.service);
-        std::fs::create_dir_all(path.parent().expect("parent")).map_err(|source| {
-            StateError::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        fsutil::write_atomic(&path, &serde_json::to_vec_pretty(st).expect("serializes"))
-            .map_err(|source| StateError::Io { path, source })?;
+        self.store.save(st)?;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::artifact::Fetcher;
 use crate::config::{Config, Mode, ServiceManager};
 use crate::coordinator::{Ctx, Gate};
+use crate::deploy::ServiceState;
 use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
 use crate::deploy::{Action, decide};
 use crate::ecs::aws::Aws;
@@ -278,7 +279,7 @@ impl Agent {
             }
             reports
         } else {
-            let mut names: Vec<String> = self.store.services().unwrap_or_default();
+            let mut names: Vec<String> = self.store.records::<ServiceState>().unwrap_or_default();
             names.extend(jobs.iter().map(|j| j.name().to_string()));
             names.sort();
             names.dedup();
@@ -288,7 +289,7 @@ impl Agent {
                     .iter()
                     .find(|j| j.name() == name)
                     .map(|j| j.version().to_string());
-                let st = self.store.load(&name).ok().flatten();
+                let st = self.store.load::<ServiceState>(&name).ok().flatten();
                 let current = st.as_ref().and_then(|s| s.current.as_ref());
                 let healthy = match current.and_then(|c| c.spec.as_deref()) {
                     Some(spec) => self
@@ -369,8 +370,8 @@ impl Agent {
             }
             return out;
         }
-        for name in self.store.services().unwrap_or_default() {
-            let st = match self.store.load(&name) {
+        for name in self.store.records::<ServiceState>().unwrap_or_default() {
+            let st = match self.store.load::<ServiceState>(&name) {
                 Ok(Some(s)) => s,
                 Ok(None) => continue,
                 Err(e) => {
@@ -443,8 +444,8 @@ impl Agent {
     /// The local state of every service, and the repo status.
     pub fn status(&self) -> Status {
         let mut services = BTreeMap::new();
-        for name in self.store.services().unwrap_or_default() {
-            let entry = match self.store.load(&name) {
+        for name in self.store.records::<ServiceState>().unwrap_or_default() {
+            let entry = match self.store.load::<ServiceState>(&name) {
                 Ok(Some(st)) => {
                     let process = match self.deployer.manager() {
                         Manager::Process(p) => p.running(&name).map(|a| report::Running {

@@ -24,8 +24,8 @@ impl Agent {
             return Ok(out);
         }
         for svc in &plan.services {
-            let st = match self.store.load(&svc.service) {
-                Ok(s) => s.unwrap_or_else(|| crate::state::ServiceState::new(&svc.service)),
+            let st = match self.store.load::<ServiceState>(&svc.service) {
+                Ok(s) => s.unwrap_or_else(|| crate::deploy::ServiceState::new(&svc.service)),
                 Err(e) => {
                     out.push_str(&format!("  {}: {e}\n", svc.service));
                     continue;
