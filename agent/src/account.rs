@@ -44,25 +44,50 @@ pub struct Ids {
     pub template_gid: Option<u32>,
 }
 
+/// What a process started as another user keeps of the agent's environment: only these, so
+/// that what the agent holds (the `{env.*}` values of every service, cloud credentials) stays
+/// with root. The service's own `run.env` is set on top.
+pub const PASSED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
+
 impl Ids {
     /// Whether processes would run as root.
     pub fn is_root(&self) -> bool {
         matches!(self.uid, None | Some(0))
     }
+
+    /// The environment a child starts from when it runs as another user ([`PASSED_ENV`] of
+    /// the agent's); `None` when it runs as root and inherits the agent's.
+    pub fn base_env(&self) -> Option<Vec<(&'static str, String)>> {
+        if self.is_root() {
+            return None;
+        }
+        Some(
+            PASSED_ENV
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v)))
+                .collect(),
+        )
+    }
 }
 
-/// The user and group a process-managed service runs as: its `run.user`/`run.group`, else
-/// the agent's `run_as` default. Names, not looked up.
+/// The user and group a process-managed service runs as: its `run.user`/`run.group`, each
+/// else the agent's `run_as` default (a service that names only a group still runs as the
+/// default user, never as root by omission). Names, not looked up.
 pub fn run_as<'a>(
     svc: &'a ResolvedService,
     default: Option<&'a (Option<Account>, Option<Account>)>,
 ) -> (Option<&'a Account>, Option<&'a Account>) {
-    match (&svc.run.user, &svc.run.group) {
-        (None, None) => default
-            .map(|(u, g)| (u.as_ref(), g.as_ref()))
-            .unwrap_or((None, None)),
-        (u, g) => (u.as_ref(), g.as_ref()),
-    }
+    let (du, dg) = default
+        .map(|(u, g)| (u.as_ref(), g.as_ref()))
+        .unwrap_or((None, None));
+    let user = svc.run.user.as_ref().or(du);
+    let group = match (&svc.run.user, &svc.run.group) {
+        (_, Some(g)) => Some(g),
+        // A user of its own: that user's primary group.
+        (Some(_), None) => None,
+        (None, None) => dg,
+    };
+    (user, group)
 }
 
 /// Looks the service's accounts up. `process` says whether `run.user` applies (the process
@@ -212,6 +237,35 @@ pub fn user_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn svc(user: Option<&str>, group: Option<&str>) -> ResolvedService {
+        serde_json::from_value(serde_json::json!({
+            "service": "hello", "environment": "prod", "version": "1",
+            "sha256": "a".repeat(64), "artifact_url": "http://x/a.tgz", "root": "/srv/hello",
+            "keep_releases": 5, "shared": [], "templates": [],
+            "run": {"unit": null, "command": ["bin/hello"], "env": {}, "stop_timeout": "10s",
+                    "user": user, "group": group},
+            "before_stop": null, "after_install": null, "health": null, "smoke": [], "vars": {}
+        }))
+        .unwrap()
+    }
+
+    /// Found in review: a service naming only `run.group` ran as root.
+    #[test]
+    fn a_service_naming_only_a_group_runs_as_the_default_user() {
+        let acct = |n: &str| Account::parse(n).unwrap();
+        let default = (Some(acct("app")), Some(acct("app")));
+        let names = |s: &ResolvedService| {
+            let (u, g) = run_as(s, Some(&default));
+            (u.map(|a| a.to_string()), g.map(|a| a.to_string()))
+        };
+        let s = |n: &str| Some(n.to_string());
+        assert_eq!(names(&svc(None, None)), (s("app"), s("app")));
+        assert_eq!(names(&svc(None, Some("web"))), (s("app"), s("web")));
+        assert_eq!(names(&svc(Some("web"), None)), (s("web"), None));
+        assert_eq!(names(&svc(Some("web"), Some("ops"))), (s("web"), s("ops")));
+        assert_eq!(run_as(&svc(None, Some("web")), None).0, None);
+    }
 
     #[test]
     fn root_and_unknown() {

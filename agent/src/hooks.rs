@@ -98,6 +98,9 @@ pub async fn run(
         release.join(&program)
     };
     let mut cmd = Command::new(&path);
+    if let Some(base) = exec.ids.base_env() {
+        cmd.env_clear().envs(base);
+    }
     cmd.args(command.iter().skip(1))
         .current_dir(release)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -183,6 +186,7 @@ async fn collect<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
         return String::new();
     };
     let mut kept: Vec<u8> = Vec::new();
+    let mut cut = false;
     let mut buf = [0u8; 8192];
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
@@ -191,10 +195,24 @@ async fn collect<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
         kept.extend_from_slice(&buf[..n]);
         if kept.len() > 2 * KEEP {
             kept.drain(..kept.len() - KEEP);
+            cut = true;
         }
     }
     if kept.len() > KEEP {
         kept.drain(..kept.len() - KEEP);
+        cut = true;
+    }
+    if cut {
+        // The first kept line may start inside a secret, where redaction would not
+        // recognise it: it goes too.
+        let from = kept
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(kept.len(), |p| p + 1);
+        kept.drain(..from);
+        let mut out = String::from("[earlier output cut]\n");
+        out.push_str(&String::from_utf8_lossy(&kept));
+        return out;
     }
     String::from_utf8_lossy(&kept).into_owned()
 }
@@ -261,7 +279,7 @@ mod tests {
         script(
             dir.path(),
             "leak",
-            "head -c 20000 /dev/zero | tr '\\0' x; echo; echo \"password=$SECRET api_key=k-123\"; id -u; exit 1",
+            "head -c 20000 /dev/zero | tr '\\0' x; echo; echo \"password=$SECRET api_key=k-123\"; echo \"inherited=${CARGO_MANIFEST_DIR:-none}\"; id -u; exit 1",
         );
         let env_map =
             std::collections::BTreeMap::from([("SECRET".to_string(), "s3cr3t-value".to_string())]);
@@ -303,6 +321,44 @@ mod tests {
         );
         if let Some((uid, _)) = nobody {
             assert!(output.trim_end().ends_with(&uid.to_string()), "{output}");
+            // Another user gets none of the agent's environment (cargo sets this one).
+            assert!(output.contains("inherited=none"), "{output}");
         }
+    }
+
+    /// Found in review: the 16 KiB kept of a long output could start inside a secret, whose
+    /// end then went unmasked into the logs. The cut line is dropped.
+    #[tokio::test]
+    async fn a_cut_never_starts_inside_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            "long",
+            &format!(
+                "printf 'x\\ns3cr3t-value\\n'; head -c {} /dev/zero | tr '\\0' z; echo; exit 1",
+                KEEP - 5
+            ),
+        );
+        let env_map =
+            std::collections::BTreeMap::from([("SECRET".to_string(), "s3cr3t-value".to_string())]);
+        let redact = Redactor::new(&["SECRET".to_string()], &env_map, &[]);
+        let exec = Exec {
+            release: dir.path(),
+            env: &[],
+            ids: Ids::default(),
+            redact: &redact,
+        };
+        let e = run("t", &["long".into()], &exec, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let HookError::Failed { output, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            output.starts_with("[earlier output cut]\nzzz"),
+            "{}",
+            &output[..60]
+        );
+        assert!(!output.contains("lue"), "{}", &output[..60]);
     }
 }

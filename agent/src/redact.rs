@@ -46,10 +46,26 @@ impl Redactor {
 
     /// `text` with every secret replaced by [`MASK`].
     pub fn apply(&self, text: &str) -> String {
-        let mut out = text.to_string();
+        // Every occurrence of every secret is found in the original text first, so that two
+        // secrets that overlap are masked whole (replacing one after the other would leave
+        // the rest of the second).
+        let mut masked = vec![false; text.len()];
         for secret in &self.literals {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), MASK);
+            for (at, _) in text.match_indices(secret.as_str()) {
+                masked[at..at + secret.len()].fill(true);
+            }
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut in_mask = false;
+        for (i, c) in text.char_indices() {
+            if masked[i] {
+                if !in_mask {
+                    out.push_str(MASK);
+                }
+                in_mask = true;
+            } else {
+                out.push(c);
+                in_mask = false;
             }
         }
         for p in &self.patterns {
@@ -94,6 +110,19 @@ mod tests {
         assert_eq!(out, "login [redacted] failed; [redacted] on /usr/bin");
         // Names not used by templates are not secrets.
         assert!(r.apply("/usr/bin").contains("/usr/bin"));
+    }
+
+    /// Found in review: replacing one secret after the other left the rest of the second.
+    #[test]
+    fn overlapping_secrets_are_masked_whole() {
+        let env = BTreeMap::from([
+            ("A".to_string(), "abcdef".to_string()),
+            ("B".to_string(), "defghi".to_string()),
+        ]);
+        let names = ["A".to_string(), "B".to_string()];
+        let r = Redactor::new(&names, &env, &[]);
+        assert_eq!(r.apply("x abcdefghi y défghi"), "x [redacted] y défghi");
+        assert_eq!(r.apply("defghi"), "[redacted]");
     }
 
     #[test]

@@ -7,6 +7,9 @@ use crate::hooks::{self, Exec};
 use crate::redact::Redactor;
 use crate::spec::{ResolvedHealth, ResolvedSmoke};
 
+/// The most of a health or smoke response body read (what `expect_body` is looked for in).
+const MAX_BODY: usize = 1 << 20;
+
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -73,10 +76,21 @@ async fn probe(
         return Err(format!("HTTP {got}, expected {status}"));
     }
     if let Some(want) = body {
-        let text = resp.text().await.map_err(|e| error_chain(&e))?;
+        // The app is not trusted with the agent's memory: at most MAX_BODY bytes are read.
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+            let room = MAX_BODY - bytes.len();
+            bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if bytes.len() == MAX_BODY {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
         if !text.contains(want) {
-            let shown: String = text.chars().take(200).collect();
-            let shown = redact.apply(&shown);
+            // Redacted whole, then cut: a cut never leaves part of a secret unmasked.
+            let redacted = redact.apply(&text);
+            let shown: String = redacted.chars().take(200).collect();
             return Err(format!("body does not contain `{want}` (body: `{shown}`)"));
         }
     }

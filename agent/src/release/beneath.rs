@@ -120,9 +120,23 @@ impl Beneath {
             match rustix::fs::openat2(&self.fd, rel, flags, mode, resolve) {
                 Ok(fd) => return Ok(fd),
                 // EAGAIN: a concurrent rename raced the lookup; the walk below is exact.
-                Err(Errno::NOSYS) => {
+                // ENOSYS: no openat2 (before Linux 5.6); EPERM: a seccomp filter forbids it
+                // (older container runtimes). The walk below refuses every link instead.
+                Err(e)
+                    if e == Errno::NOSYS
+                        || (e == Errno::PERM
+                            && rustix::fs::openat2(
+                                &self.fd,
+                                ".",
+                                OFlags::PATH | OFlags::CLOEXEC,
+                                Mode::empty(),
+                                ResolveFlags::BENEATH,
+                            )
+                            .err()
+                                == Some(Errno::PERM)) =>
+                {
                     tracing::info!(
-                        "this kernel has no openat2: every link inside a release is refused"
+                        "openat2 is not available here: every link inside a release is refused"
                     );
                     NO_OPENAT2.store(true, Ordering::Relaxed);
                 }
@@ -175,24 +189,37 @@ impl Beneath {
         Ok(rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode))?)
     }
 
-    /// Creates `rel` and the directories above it that are missing (0755).
+    /// Creates `rel` and the directories above it that are missing (0755). Like std's, it
+    /// tries the deepest first and goes up only while a parent is missing: an entry whose
+    /// parent exists costs one lookup, not one per level (a deep hostile tree stays linear).
     pub fn create_dir_all(&self, rel: &Path, follow: Follow) -> io::Result<()> {
-        let mut prefix = PathBuf::new();
-        for name in names(rel)? {
-            prefix.push(name);
-            match self.mkdir(&prefix, 0o755, follow) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    // It must be a directory (or, with `Beneath`, a link to one beneath).
-                    self.at(
-                        &prefix,
-                        OFlags::PATH | OFlags::DIRECTORY,
-                        Mode::empty(),
-                        follow,
-                    )?;
-                }
+        // Creates `prefix`, or checks that it is a directory (or, with `Beneath`, a link to
+        // one beneath).
+        let make = |prefix: &Path| match self.mkdir(prefix, 0o755, follow) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self
+                .at(
+                    prefix,
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    Mode::empty(),
+                    follow,
+                )
+                .map(drop),
+            r => r,
+        };
+        let parts = names(rel)?;
+        // Up: find the deepest prefix that exists (or could be created).
+        let mut missing = parts.len();
+        while missing > 0 {
+            let prefix: PathBuf = parts[..missing].iter().collect();
+            match make(&prefix) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing -= 1,
                 Err(e) => return Err(e),
             }
+        }
+        // Down: create the rest.
+        for depth in missing + 1..=parts.len() {
+            make(&parts[..depth].iter().collect::<PathBuf>())?;
         }
         Ok(())
     }

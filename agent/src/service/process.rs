@@ -182,6 +182,9 @@ impl Process {
             .map_err(io)?;
         let log2 = log.try_clone().map_err(io)?;
         let mut cmd = Command::new(&program);
+        if let Some(base) = ids.base_env() {
+            cmd.env_clear().envs(base);
+        }
         cmd.args(&svc.run.command[1..])
             .current_dir(release)
             .envs(&svc.run.env)
