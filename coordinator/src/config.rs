@@ -206,7 +206,7 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 impl Config {
     /// Reads and validates `path`; the error lists every problem found.
     pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
+        let text = drover_desired::file::read_text_capped(path, 1 << 20)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut c = Config::parse(&path.display().to_string(), &text).map_err(|p| p.to_string())?;
         c.path = path.to_path_buf();
@@ -514,6 +514,22 @@ mod tests {
     use super::*;
 
     const H: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    /// A config path to a device is refused, not read for ever.
+    #[test]
+    fn a_config_or_tls_file_that_is_not_a_regular_file_is_refused() {
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            e.contains("cannot read /dev/zero: not a regular file"),
+            "{e}"
+        );
+        let files = TlsFiles {
+            cert: "/dev/zero".into(),
+            key: "/dev/zero".into(),
+        };
+        let e = crate::tls::load(&files).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 
     #[test]
     fn loads_with_defaults() {

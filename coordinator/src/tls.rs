@@ -21,7 +21,8 @@ pub struct TlsError {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError {
+    // Certificates and keys are small: a path to a device or a FIFO is an error, not a hang.
+    drover_desired::file::read_capped(path, 1 << 20).map_err(|e| TlsError {
         file: path.display().to_string(),
         message: format!("cannot read it: {e}"),
     })

@@ -1,10 +1,11 @@
 //! drover's desired state, shared by the agent and the coordinator so that both read a commit
 //! the same way: [`yaml`] (YAML with positions, strict deserialization reporting every
 //! problem), [`spec`] (the repo format v1: `services/*.yaml`, `environments/*.yaml`, their
-//! validation and what one host must run), and [`git`] (a bare mirror of the repo fetched with
-//! gix, and the loop that keeps it at the branch tip); and [`text`] (other hosts' text made
-//! safe for a terminal).
+//! validation and what one host must run), [`git`] (a bare mirror of the repo fetched with
+//! gix, and the loop that keeps it at the branch tip); [`text`] (other hosts' text made
+//! safe for a terminal) and [`file`] (bounded reads of files a configuration names).
 
+pub mod file;
 pub mod git;
 pub mod spec;
 pub mod text;

@@ -117,7 +117,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let token = match &cli.token_file {
-        Some(f) => match std::fs::read_to_string(f) {
+        Some(f) => match drover_desired::file::read_text_capped(f, 64 << 10) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: cannot read token file {}: {e}", f.display());
