@@ -65,7 +65,7 @@ async fn probe(
     timeout: Duration,
     redact: &Redactor,
 ) -> Result<(), String> {
-    let resp = client
+    let mut resp = client
         .get(url)
         .timeout(timeout)
         .send()
@@ -77,7 +77,6 @@ async fn probe(
     }
     if let Some(want) = body {
         // The app is not trusted with the agent's memory: at most MAX_BODY bytes are read.
-        let mut resp = resp;
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
             let room = MAX_BODY - bytes.len();

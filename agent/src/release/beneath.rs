@@ -119,27 +119,13 @@ impl Beneath {
             };
             match rustix::fs::openat2(&self.fd, rel, flags, mode, resolve) {
                 Ok(fd) => return Ok(fd),
-                // EAGAIN: a concurrent rename raced the lookup; the walk below is exact.
-                // ENOSYS: no openat2 (before Linux 5.6); EPERM: a seccomp filter forbids it
-                // (older container runtimes). The walk below refuses every link instead.
-                Err(e)
-                    if e == Errno::NOSYS
-                        || (e == Errno::PERM
-                            && rustix::fs::openat2(
-                                &self.fd,
-                                ".",
-                                OFlags::PATH | OFlags::CLOEXEC,
-                                Mode::empty(),
-                                ResolveFlags::BENEATH,
-                            )
-                            .err()
-                                == Some(Errno::PERM)) =>
-                {
+                Err(e) if self.openat2_unavailable(e) => {
                     tracing::info!(
                         "openat2 is not available here: every link inside a release is refused"
                     );
                     NO_OPENAT2.store(true, Ordering::Relaxed);
                 }
+                // EAGAIN: a concurrent rename raced the lookup; the walk below is exact.
                 Err(Errno::AGAIN) => {}
                 Err(e) => return Err(explain(e, rel)),
             }
@@ -181,6 +167,23 @@ impl Beneath {
             follow,
         )?;
         Ok((fd, name))
+    }
+
+    /// Whether `e`, from openat2, means the call itself is unavailable, so the walk (which
+    /// refuses every link) must do: ENOSYS (before Linux 5.6), or EPERM from a seccomp filter
+    /// (older container runtimes), told from a real EPERM on a file by the same call on ".".
+    fn openat2_unavailable(&self, e: Errno) -> bool {
+        e == Errno::NOSYS
+            || (e == Errno::PERM
+                && rustix::fs::openat2(
+                    &self.fd,
+                    ".",
+                    OFlags::PATH | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::BENEATH,
+                )
+                .err()
+                    == Some(Errno::PERM))
     }
 
     /// Creates the directory `rel` with `mode` (its parent must exist).
