@@ -7,6 +7,7 @@ use crate::spec::{Account, ResolvedService};
 
 /// Why an account could not be used.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum AccountError {
     /// No such user or group on this host.
     #[error(
@@ -15,7 +16,6 @@ pub enum AccountError {
     Unknown {
         /// "user" or "group".
         what: &'static str,
-        /// The name.
         name: String,
     },
     /// The lookup itself failed.
@@ -23,9 +23,7 @@ pub enum AccountError {
     Lookup {
         /// "user" or "group".
         what: &'static str,
-        /// The name.
         name: String,
-        /// The cause.
         #[source]
         source: std::io::Error,
     },

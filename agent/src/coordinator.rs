@@ -1,15 +1,44 @@
 //! The agent's side of the coordinator (docs/protocol.md): a lease before touching the host,
 //! renewed while the deploy runs and released with its outcome; heartbeats; reverts.
 //!
-//! The wire types and the HTTP client come from `drover_coordinator` (its `client` feature).
+//! This module is the agent's one adapter to the protocol: the wire types and the HTTP client
+//! come from `drover_coordinator` (its `client` feature), and the machines see only the types
+//! here ([`Gate`], [`LeasePurpose`], [`GateError`]) and the engine's [`LeaseRecord`].
 
 use std::time::Duration;
 
 use drover_coordinator::client::{Client, ClientError};
-use drover_coordinator::wire::{self, AcquireRequest, ErrorKind, Outcome, Purpose, ReleaseRequest};
+use drover_coordinator::wire::{self, AcquireRequest, ErrorKind, ReleaseRequest};
 
-use crate::state::LeaseState;
+use crate::engine::{LeaseRecord, LeaseStatus, LeaseVerdict};
 use crate::verify;
+
+/// What a lease is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeasePurpose {
+    /// Deploying the desired version.
+    Deploy,
+    /// Going back from it, at the coordinator's request.
+    Revert,
+}
+
+impl From<LeasePurpose> for wire::Purpose {
+    fn from(p: LeasePurpose) -> wire::Purpose {
+        match p {
+            LeasePurpose::Deploy => wire::Purpose::Deploy,
+            LeasePurpose::Revert => wire::Purpose::Revert,
+        }
+    }
+}
+
+impl From<LeaseVerdict> for wire::Verification {
+    fn from(v: LeaseVerdict) -> wire::Verification {
+        wire::Verification {
+            risk: v.risk.into(),
+            summary: v.summary,
+        }
+    }
+}
 
 impl From<verify::Risk> for wire::Risk {
     fn from(r: verify::Risk) -> wire::Risk {
@@ -64,6 +93,12 @@ impl GateError {
             GateError::Unavailable(_) => Some(Duration::from_secs(5)),
         }
     }
+
+    /// Whether the coordinator answered that the request conflicts with its state (a revert
+    /// of a rollout that has nothing to revert).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, GateError::Unavailable(e) if e.is(ErrorKind::Conflict))
+    }
 }
 
 /// A lease held by this host.
@@ -113,7 +148,7 @@ impl Gate {
         service: &str,
         version: &str,
         ctx: Option<&Ctx>,
-        purpose: Purpose,
+        purpose: LeasePurpose,
     ) -> Result<Option<Held>, GateError> {
         let Some(ctx) = ctx else {
             return Err(GateError::Wait {
@@ -128,7 +163,7 @@ impl Gate {
             environment: self.environment.clone(),
             service: service.to_string(),
             version: version.to_string(),
-            purpose,
+            purpose: purpose.into(),
             commit: ctx.commit.clone(),
         };
         match self.client.acquire(&req).await {
@@ -190,16 +225,16 @@ impl Gate {
         id: &str,
         success: bool,
         message: Option<String>,
-        verification: Option<wire::Verification>,
+        verification: Option<LeaseVerdict>,
     ) -> Result<(), ClientError> {
         let req = ReleaseRequest {
             outcome: if success {
-                Outcome::Success
+                wire::Outcome::Success
             } else {
-                Outcome::Failure
+                wire::Outcome::Failure
             },
             message,
-            verification,
+            verification: verification.map(Into::into),
         };
         match self.client.release(id, &req).await {
             Ok(r) => {
@@ -233,11 +268,11 @@ impl Gate {
     }
 }
 
-/// Sends the release a deploy could not deliver (`lease.success` set). Returns whether the
-/// lease record is done with (released, or no coordinator any more).
-pub async fn flush(gate: Option<&Gate>, lease: &LeaseState) -> bool {
-    let Some(success) = lease.success else {
-        return false; // held by a deploy in flight
+/// Delivers an ended lease's outcome. Returns whether the lease record is done with
+/// (released, or no coordinator any more); a held lease (a deploy in flight) is not.
+pub async fn flush(gate: Option<&Gate>, lease: &LeaseRecord) -> bool {
+    let LeaseStatus::Ended { success, message } = &lease.status else {
+        return false;
     };
     let Some(gate) = gate else {
         return true;
@@ -245,8 +280,8 @@ pub async fn flush(gate: Option<&Gate>, lease: &LeaseState) -> bool {
     match gate
         .release(
             &lease.id,
-            success,
-            lease.message.clone(),
+            *success,
+            message.clone(),
             lease.verification.clone(),
         )
         .await

@@ -9,14 +9,14 @@ use std::sync::OnceLock;
 
 /// What to do at a failpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum Fault {
     /// SIGKILL the agent (a crash, as far as its state is concerned).
     Kill,
     /// Fail the current step with an error.
     Error,
 }
 
-static POINTS: OnceLock<BTreeMap<String, Action>> = OnceLock::new();
+static POINTS: OnceLock<BTreeMap<String, Fault>> = OnceLock::new();
 
 /// Installs failpoints from a spec like `stage=kill,health=error`; unknown actions are errors.
 pub fn init(spec: &str) -> Result<(), String> {
@@ -26,8 +26,8 @@ pub fn init(spec: &str) -> Result<(), String> {
             .split_once('=')
             .ok_or_else(|| format!("failpoint `{item}`: expected NAME=kill or NAME=error"))?;
         let action = match action {
-            "kill" => Action::Kill,
-            "error" => Action::Error,
+            "kill" => Fault::Kill,
+            "error" => Fault::Error,
             other => return Err(format!("failpoint `{name}`: unknown action `{other}`")),
         };
         points.insert(name.to_string(), action);
@@ -40,7 +40,7 @@ pub fn init(spec: &str) -> Result<(), String> {
 pub fn hit(name: &str) -> Result<(), String> {
     match POINTS.get().and_then(|p| p.get(name)) {
         None => Ok(()),
-        Some(Action::Kill) => {
+        Some(Fault::Kill) => {
             tracing::warn!(failpoint = name, "failpoint: killing the agent");
             // SAFETY: raising a signal on ourselves has no memory-safety preconditions.
             unsafe {
@@ -48,6 +48,6 @@ pub fn hit(name: &str) -> Result<(), String> {
             }
             unreachable!("SIGKILL cannot be caught")
         }
-        Some(Action::Error) => Err(format!("failpoint `{name}` injected an error")),
+        Some(Fault::Error) => Err(format!("failpoint `{name}` injected an error")),
     }
 }

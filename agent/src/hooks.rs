@@ -17,26 +17,21 @@ const KEEP: usize = 16 << 10;
 
 /// Why a hook failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum HookError {
     /// The program could not be started.
     #[error("{name} hook `{program}` could not start: {source}")]
     Spawn {
-        /// Hook name.
         name: String,
-        /// The program.
         program: String,
-        /// The cause.
         #[source]
         source: std::io::Error,
     },
     /// The program exited with a failure.
     #[error("{name} hook `{program}` failed ({status}){}", tail(output))]
     Failed {
-        /// Hook name.
         name: String,
-        /// The program.
         program: String,
-        /// Exit status.
         status: String,
         /// The end of its output.
         output: String,
@@ -47,11 +42,8 @@ pub enum HookError {
         tail(output)
     )]
     Timeout {
-        /// Hook name.
         name: String,
-        /// The program.
         program: String,
-        /// The limit.
         after: Duration,
         /// The end of its output.
         output: String,

@@ -171,10 +171,7 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
                     drover_desired::text::printable(&outcome.summary())
                 );
                 Ok(
-                    if matches!(
-                        outcome,
-                        drover_agent::deploy::driver::Outcome::RolledBack { .. }
-                    ) {
+                    if matches!(outcome, drover_agent::engine::Reconciled::RolledBack { .. }) {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

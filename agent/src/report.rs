@@ -6,16 +6,16 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::deploy::Failure;
-use crate::deploy::Phase;
 use crate::ecs::Colour;
-use crate::ecs::driver::{EcsFailure, EcsRelease};
+use crate::ecs::{EcsFailure, EcsRelease};
 use crate::state::RepoStatus;
 use crate::verify::{MetricVerdict, Risk};
+use crate::vm::VmFailure;
+use crate::vm::VmPhase;
 
 /// The host and every service the agent keeps state for.
 #[derive(Clone, Debug, Serialize)]
-pub struct Status {
+pub struct HostStatus {
     /// This host's name.
     pub host: String,
     /// Its environment.
@@ -49,7 +49,7 @@ pub struct ServiceStatus {
     /// The release kept to roll back to.
     pub previous: Option<String>,
     /// The version that failed here, not retried until the desired version changes.
-    pub failed: Option<Failure>,
+    pub failed: Option<VmFailure>,
     /// A deploy in progress (or interrupted).
     pub deploying: Option<Deploying>,
     /// The app, when the agent supervises it (`service_manager: process`) and it runs.
@@ -70,7 +70,7 @@ pub struct Deploying {
     /// To this version.
     pub version: String,
     /// In this phase.
-    pub phase: Phase,
+    pub phase: VmPhase,
     /// Started this many times (an agent crash restarts it).
     pub attempts: u32,
     /// Since (RFC 3339).
@@ -125,7 +125,7 @@ pub struct EcsDeploying {
     pub live: Colour,
 }
 
-impl Status {
+impl HostStatus {
     /// The JSON of `drover-agent status --json`.
     pub fn json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("a status serializes")
@@ -187,14 +187,14 @@ impl Status {
 mod tests {
     use super::*;
 
-    fn status() -> Status {
+    fn status() -> HostStatus {
         let hello = ServiceStatus {
             current: Some("1.0".into()),
             previous: Some("0.9".into()),
             failed: None,
             deploying: Some(Deploying {
                 version: "2.0".into(),
-                phase: Phase::RollBack,
+                phase: VmPhase::RollBack,
                 attempts: 1,
                 since: "2026-12-02T10:00:00.000Z".into(),
             }),
@@ -204,7 +204,7 @@ mod tests {
             root: Some("/opt/hello".into()),
             updated_at: "2026-12-02T10:00:01.000Z".into(),
         };
-        Status {
+        HostStatus {
             host: "web-1".into(),
             environment: "prod".into(),
             repo: None,

@@ -14,7 +14,7 @@ use crate::fsutil::{self, FileLock};
 
 /// A machine's record of one service: one JSON file under the state dir, written before each
 /// phase runs (write-ahead), from which a deploy is finished or undone after a crash. The VM
-/// machine's is `deploy::ServiceState`, the ECS machine's `ecs::driver::EcsState`.
+/// machine's is `vm::VmRecord`, the ECS machine's `ecs::EcsRecord`.
 pub trait Record: Serialize + DeserializeOwned {
     /// Its folder under the state dir.
     const DIR: &'static str;
@@ -52,33 +52,14 @@ macro_rules! record {
 }
 pub(crate) use record;
 
-/// A coordinator lease held (or to be released) for this service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseState {
-    /// The lease id.
-    pub id: String,
-    /// A revert lease (its success is a rollback) rather than a deploy lease.
-    #[serde(default)]
-    pub revert: bool,
-    /// The outcome to report: `None` while the deploy runs.
-    pub success: Option<bool>,
-    /// The error to report with a failure.
-    pub message: Option<String>,
-    /// The verification verdict to report.
-    #[serde(default)]
-    pub verification: Option<drover_coordinator::wire::Verification>,
-}
-
 /// Why state could not be read or written.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum StateError {
     /// Reading or writing failed.
     #[error("cannot access state file {path}: {source}")]
     Io {
-        /// The file.
         path: PathBuf,
-        /// The cause.
         #[source]
         source: io::Error,
     },
@@ -90,7 +71,6 @@ pub enum StateError {
          `drover-agent once`, or restore it from a backup"
     )]
     Corrupt {
-        /// The file.
         path: PathBuf,
         /// What is wrong with it.
         cause: String,
@@ -99,17 +79,17 @@ pub enum StateError {
 
 /// The state directory's layout and accessors.
 #[derive(Clone, Debug)]
-pub struct Store {
+pub struct StateStore {
     dir: PathBuf,
 }
 
-impl Store {
+impl StateStore {
     /// Opens (creating if needed) the state directory.
-    pub fn open(dir: &Path) -> io::Result<Store> {
+    pub fn open(dir: &Path) -> io::Result<StateStore> {
         for sub in ["services", "cache", "run", "logs", "git"] {
             fs::create_dir_all(dir.join(sub))?;
         }
-        Ok(Store {
+        Ok(StateStore {
             dir: dir.to_path_buf(),
         })
     }
@@ -323,25 +303,25 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy::{Release, ServiceState};
     use crate::spec::Digest;
+    use crate::vm::{VmRecord, VmRelease};
 
     #[test]
     fn state_round_trips_and_corruption_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert!(store.load::<ServiceState>("hello").unwrap().is_none());
-        let mut s = ServiceState::new("hello");
-        s.current = Some(Release {
+        let store = StateStore::open(dir.path()).unwrap();
+        assert!(store.load::<VmRecord>("hello").unwrap().is_none());
+        let mut s = VmRecord::new("hello");
+        s.current = Some(VmRelease {
             version: "1.0".into(),
             sha256: Digest::parse(&"a".repeat(64)).unwrap(),
             dir: "1.0".into(),
             spec: None,
         });
         store.save(&mut s).unwrap();
-        assert_eq!(store.load::<ServiceState>("hello").unwrap().unwrap(), s);
+        assert_eq!(store.load::<VmRecord>("hello").unwrap().unwrap(), s);
         assert_eq!(
-            store.records::<ServiceState>().unwrap(),
+            store.records::<VmRecord>().unwrap(),
             vec!["hello".to_string()]
         );
 
@@ -350,34 +330,34 @@ mod tests {
             b"{\"format\": 1, \"serv",
         )
         .unwrap();
-        let e = store.load::<ServiceState>("hello").unwrap_err();
+        let e = store.load::<VmRecord>("hello").unwrap_err();
         assert!(matches!(e, StateError::Corrupt { .. }));
         assert!(
             e.to_string().contains("rebuilt from the releases on disk"),
             "{e}"
         );
-        let aside = store.quarantine::<ServiceState>("hello").unwrap();
+        let aside = store.quarantine::<VmRecord>("hello").unwrap();
         assert!(aside.exists());
-        assert!(store.load::<ServiceState>("hello").unwrap().is_none());
+        assert!(store.load::<VmRecord>("hello").unwrap().is_none());
     }
 
     #[test]
     fn a_record_of_another_format_or_service_is_damaged() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut s = ServiceState::new("hello");
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = VmRecord::new("hello");
         store.save(&mut s).unwrap();
         let path = dir.path().join("services/hello.json");
         let text = fs::read_to_string(&path).unwrap();
         fs::write(&path, text.replace("\"format\": 1", "\"format\": 2")).unwrap();
-        let e = store.load::<ServiceState>("hello").unwrap_err().to_string();
+        let e = store.load::<VmRecord>("hello").unwrap_err().to_string();
         assert!(
             e.contains("format 2 for service `hello`, expected format 1"),
             "{e}"
         );
         fs::write(&path, text).unwrap();
         fs::copy(&path, dir.path().join("services/other.json")).unwrap();
-        let e = store.load::<ServiceState>("other").unwrap_err().to_string();
+        let e = store.load::<VmRecord>("other").unwrap_err().to_string();
         assert!(
             e.contains("for service `hello`, expected format 1 for `other`"),
             "{e}"
@@ -387,7 +367,7 @@ mod tests {
     #[test]
     fn events_append() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
         for phase in ["stop", "start"] {
             store.event(&Event::now("h", "s", "1", phase, None));
         }

@@ -18,33 +18,25 @@ use crate::spec::Digest;
 
 /// Why an artifact could not be fetched. Every variant names the URL.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum ArtifactError {
     /// The server says the artifact does not exist.
     #[error("artifact {url} not found (HTTP {status}); check the artifact url and the version")]
-    NotFound {
-        /// URL.
-        url: String,
-        /// HTTP status.
-        status: u16,
-    },
+    NotFound { url: String, status: u16 },
     /// The server refused, or kept failing.
     #[error("artifact {url}: HTTP {status} after {attempts} attempt(s)")]
     Http {
-        /// URL.
         url: String,
         /// Last HTTP status.
         status: u16,
-        /// Attempts made.
         attempts: u32,
     },
     /// The connection failed or broke, every time.
     #[error("artifact {url}: {message} (after {attempts} attempt(s))")]
     Network {
-        /// URL.
         url: String,
         /// What went wrong the last time.
         message: String,
-        /// Attempts made.
         attempts: u32,
     },
     /// The body ended before its announced length, every time.
@@ -52,13 +44,9 @@ pub enum ArtifactError {
         "artifact {url}: download truncated at {got} of {expected} bytes (after {attempts} attempt(s))"
     )]
     Truncated {
-        /// URL.
         url: String,
-        /// Bytes received.
         got: u64,
-        /// Bytes announced.
         expected: u64,
-        /// Attempts made.
         attempts: u32,
     },
     /// The content does not match the pinned digest.
@@ -67,9 +55,7 @@ pub enum ArtifactError {
          the artifact changed or the pin is wrong — nothing was installed"
     )]
     DigestMismatch {
-        /// URL.
         url: String,
-        /// Pinned digest.
         expected: Digest,
         /// Digest of what was downloaded.
         actual: String,
@@ -77,11 +63,9 @@ pub enum ArtifactError {
     /// Over the configured size limit.
     #[error("artifact {url} is {size} bytes, over limits.max_artifact_size ({limit} bytes)")]
     TooLarge {
-        /// URL.
         url: String,
         /// Size seen (announced or counted).
         size: u64,
-        /// The limit.
         limit: u64,
     },
     /// Not enough disk space for the download.
@@ -90,32 +74,24 @@ pub enum ArtifactError {
          {reserve} bytes free), {available} available"
     )]
     NoSpace {
-        /// URL.
         url: String,
-        /// Cache directory.
         dir: PathBuf,
-        /// Bytes needed.
         needed: u64,
         /// Bytes kept free (limits.min_free_space).
         reserve: u64,
-        /// Bytes available.
         available: u64,
     },
     /// A local file error (reading a file:// artifact, writing the cache).
     #[error("artifact {url}: {path}: {source}")]
     Io {
-        /// URL.
         url: String,
-        /// The file.
         path: PathBuf,
-        /// The cause.
         #[source]
         source: io::Error,
     },
     /// The URL is not usable.
     #[error("artifact url `{url}`: {message}")]
     BadUrl {
-        /// URL.
         url: String,
         /// What is wrong.
         message: String,

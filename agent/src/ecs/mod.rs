@@ -9,13 +9,22 @@
 //! 100 % back on the old side in one call and removes the new side. The sides swap roles for
 //! the next deploy.
 //!
-//! [`Phase`] is the state machine, with its transitions; [`resume`] decides what to do with a
+//! [`EcsPhase`] is the state machine, with its transitions; [`recover`] decides what to do with a
 //! deploy a crash interrupted, from the local record and the weights AWS shows.
 
 pub mod aws;
-pub mod driver;
+mod deployer;
+mod machine;
+mod record;
 
 use serde::{Deserialize, Serialize};
+
+pub use deployer::EcsDeployer;
+pub use machine::EcsError;
+pub use record::{EcsFailure, EcsFlight, EcsRecord, EcsRelease};
+
+use crate::engine::{End, Next};
+use crate::spec::ResolvedEcs;
 
 /// A side of the deployment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,7 +58,7 @@ impl Colour {
 /// their physical colours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "percent")]
-pub enum Phase {
+pub enum EcsPhase {
     /// Before a deploy: all traffic on the live side.
     StableBlue,
     /// Registering the new task definition revision (only the image changes).
@@ -72,99 +81,100 @@ pub enum Phase {
     RollingBack,
 }
 
-/// Where a phase leads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
-    /// Go on with this phase.
-    Phase(Phase),
-    /// The deploy is complete.
-    Done,
-    /// The rollback is complete: the old side is live again.
-    RolledBack,
-}
-
-impl Phase {
+impl EcsPhase {
     /// The phase's name in logs and events.
     pub fn name(self) -> String {
         match self {
-            Phase::StableBlue => "stable_blue".into(),
-            Phase::CreatingGreen => "creating_green".into(),
-            Phase::Provisioning => "provisioning".into(),
-            Phase::HealthCheck => "health_check".into(),
-            Phase::TrafficShift(p) => format!("traffic_shift_{p}"),
-            Phase::Monitoring(p) => format!("monitoring_{p}"),
-            Phase::StableGreen => "stable_green".into(),
-            Phase::DeletingBlue => "deleting_blue".into(),
-            Phase::Complete => "complete".into(),
-            Phase::RollingBack => "rolling_back".into(),
+            EcsPhase::StableBlue => "stable_blue".into(),
+            EcsPhase::CreatingGreen => "creating_green".into(),
+            EcsPhase::Provisioning => "provisioning".into(),
+            EcsPhase::HealthCheck => "health_check".into(),
+            EcsPhase::TrafficShift(p) => format!("traffic_shift_{p}"),
+            EcsPhase::Monitoring(p) => format!("monitoring_{p}"),
+            EcsPhase::StableGreen => "stable_green".into(),
+            EcsPhase::DeletingBlue => "deleting_blue".into(),
+            EcsPhase::Complete => "complete".into(),
+            EcsPhase::RollingBack => "rolling_back".into(),
         }
     }
 
     /// The failpoint name of the phase (`ecs:` + a name without the percentage).
     pub fn failpoint(self) -> String {
         match self {
-            Phase::TrafficShift(_) => "ecs:traffic_shift".into(),
-            Phase::Monitoring(_) => "ecs:monitoring".into(),
+            EcsPhase::TrafficShift(_) => "ecs:traffic_shift".into(),
+            EcsPhase::Monitoring(_) => "ecs:monitoring".into(),
             p => format!("ecs:{}", p.name()),
         }
     }
 
     /// Where this phase leads when it succeeds, with `steps` the traffic steps.
-    pub fn on_success(self, steps: &[u8]) -> Next {
+    pub fn on_success(self, steps: &[u8]) -> Next<EcsPhase> {
         let after = |p: u8| steps.iter().copied().find(|s| *s > p);
         match self {
-            Phase::StableBlue => Next::Phase(Phase::CreatingGreen),
-            Phase::CreatingGreen => Next::Phase(Phase::Provisioning),
-            Phase::Provisioning => Next::Phase(Phase::HealthCheck),
-            Phase::HealthCheck => Next::Phase(Phase::TrafficShift(after(0).unwrap_or(100))),
-            Phase::TrafficShift(p) => Next::Phase(Phase::Monitoring(p)),
-            Phase::Monitoring(p) => match after(p) {
-                Some(n) => Next::Phase(Phase::TrafficShift(n)),
-                None => Next::Phase(Phase::StableGreen),
+            EcsPhase::StableBlue => Next::Phase(EcsPhase::CreatingGreen),
+            EcsPhase::CreatingGreen => Next::Phase(EcsPhase::Provisioning),
+            EcsPhase::Provisioning => Next::Phase(EcsPhase::HealthCheck),
+            EcsPhase::HealthCheck => Next::Phase(EcsPhase::TrafficShift(after(0).unwrap_or(100))),
+            EcsPhase::TrafficShift(p) => Next::Phase(EcsPhase::Monitoring(p)),
+            EcsPhase::Monitoring(p) => match after(p) {
+                Some(n) => Next::Phase(EcsPhase::TrafficShift(n)),
+                None => Next::Phase(EcsPhase::StableGreen),
             },
-            Phase::StableGreen => Next::Phase(Phase::DeletingBlue),
-            Phase::DeletingBlue => Next::Phase(Phase::Complete),
-            Phase::Complete => Next::Done,
-            Phase::RollingBack => Next::RolledBack,
+            EcsPhase::StableGreen => Next::Phase(EcsPhase::DeletingBlue),
+            EcsPhase::DeletingBlue => Next::Phase(EcsPhase::Complete),
+            EcsPhase::Complete => Next::End(End::Deployed),
+            EcsPhase::RollingBack => Next::End(End::RolledBack),
         }
     }
 
     /// Where this phase leads when it fails.
-    pub fn on_failure(self) -> Next {
+    pub fn on_failure(self) -> Next<EcsPhase> {
         match self {
+            // No lease (wait, refused): nothing was touched.
+            EcsPhase::StableBlue => Next::End(End::Abandoned),
             // Nothing shifted yet, or traffic partly on the new side: back to the old one.
-            Phase::StableBlue
-            | Phase::CreatingGreen
-            | Phase::Provisioning
-            | Phase::HealthCheck
-            | Phase::TrafficShift(_)
-            | Phase::Monitoring(_) => Next::Phase(Phase::RollingBack),
+            EcsPhase::CreatingGreen
+            | EcsPhase::Provisioning
+            | EcsPhase::HealthCheck
+            | EcsPhase::TrafficShift(_)
+            | EcsPhase::Monitoring(_) => Next::Phase(EcsPhase::RollingBack),
             // All traffic is on the new side: cleaning up the old one is retried, never undone.
-            Phase::StableGreen | Phase::DeletingBlue => Next::Phase(Phase::DeletingBlue),
-            Phase::Complete => Next::Done,
+            EcsPhase::StableGreen | EcsPhase::DeletingBlue => Next::Phase(EcsPhase::DeletingBlue),
+            EcsPhase::Complete => Next::End(End::Deployed),
             // A rollback is retried until it holds.
-            Phase::RollingBack => Next::Phase(Phase::RollingBack),
+            EcsPhase::RollingBack => Next::Phase(EcsPhase::RollingBack),
         }
     }
 
     /// Checks that `to` may follow `self` under `steps`.
-    pub fn step(self, to: Phase, steps: &[u8]) -> Result<Phase, String> {
+    pub fn step(self, to: EcsPhase, steps: &[u8]) -> Result<EcsPhase, String> {
         if self.on_success(steps) == Next::Phase(to) || self.on_failure() == Next::Phase(to) {
             Ok(to)
         } else {
             Err(format!("illegal ECS transition {self:?} → {to:?}"))
         }
     }
+}
 
-    /// Whether traffic may be (partly) on the new side in this phase.
-    pub fn traffic_moved(self) -> bool {
-        matches!(
-            self,
-            Phase::TrafficShift(_)
-                | Phase::Monitoring(_)
-                | Phase::StableGreen
-                | Phase::DeletingBlue
-        )
+/// `<service>-blue` or `<service>-green`.
+pub fn service_name(service: &str, c: Colour) -> String {
+    format!("{service}-{}", c.name())
+}
+
+/// The target group of side `c`.
+pub fn tg(e: &ResolvedEcs, c: Colour) -> &str {
+    match c {
+        Colour::Blue => &e.tg_blue,
+        Colour::Green => &e.tg_green,
+    }
+}
+
+/// Listener weights with `live` at `100 - p` and the other side at `p`.
+pub fn split(live: Colour, p: u8) -> Weights {
+    let (l, n) = (u32::from(100 - p), u32::from(p));
+    match live {
+        Colour::Blue => Weights { blue: l, green: n },
+        Colour::Green => Weights { blue: n, green: l },
     }
 }
 
@@ -207,14 +217,14 @@ impl Weights {
 /// What to do at start-up for one service, from the local record (phase and live side of a
 /// deploy in flight) and the weights AWS shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resume {
+pub enum EcsRecovery {
     /// Nothing in flight and traffic on one side: deploy normally from there.
     Idle {
         /// The live side.
         live: Colour,
     },
     /// Go on from this phase.
-    At(Phase),
+    At(EcsPhase),
     /// Traffic is split and no record says why: put it all back on the majority side.
     Restore {
         /// The side that gets all traffic.
@@ -222,13 +232,13 @@ pub enum Resume {
     },
 }
 
-/// Decides how to resume. Pure.
-pub fn resume(record: Option<(Phase, Colour)>, w: Weights) -> Resume {
+/// Decides how to recover a deploy a crash interrupted. Pure.
+pub fn recover(record: Option<(EcsPhase, Colour)>, w: Weights) -> EcsRecovery {
     match record {
         None => match w.all_on() {
-            Some(live) => Resume::Idle { live },
+            Some(live) => EcsRecovery::Idle { live },
             // Split (or nothing): never leave it like that; the larger side wins (blue on a tie).
-            None => Resume::Restore {
+            None => EcsRecovery::Restore {
                 to: if w.green > w.blue {
                     Colour::Green
                 } else {
@@ -239,18 +249,22 @@ pub fn resume(record: Option<(Phase, Colour)>, w: Weights) -> Resume {
         Some((phase, live)) => {
             let new = live.other();
             match phase {
-                Phase::RollingBack => Resume::At(Phase::RollingBack),
-                Phase::StableGreen | Phase::DeletingBlue | Phase::Complete => {
-                    Resume::At(Phase::DeletingBlue)
+                EcsPhase::RollingBack => EcsRecovery::At(EcsPhase::RollingBack),
+                EcsPhase::StableGreen | EcsPhase::DeletingBlue | EcsPhase::Complete => {
+                    EcsRecovery::At(EcsPhase::DeletingBlue)
                 }
                 // Before any traffic moved, the new side is rebuilt idempotently.
-                Phase::StableBlue | Phase::CreatingGreen => Resume::At(Phase::CreatingGreen),
-                Phase::Provisioning | Phase::HealthCheck => Resume::At(Phase::Provisioning),
+                EcsPhase::StableBlue | EcsPhase::CreatingGreen => {
+                    EcsRecovery::At(EcsPhase::CreatingGreen)
+                }
+                EcsPhase::Provisioning | EcsPhase::HealthCheck => {
+                    EcsRecovery::At(EcsPhase::Provisioning)
+                }
                 // Traffic may be split: watch it again at the weight AWS shows.
-                Phase::TrafficShift(_) | Phase::Monitoring(_) => match w.percent(new) {
-                    0 => Resume::At(Phase::HealthCheck),
-                    100 => Resume::At(Phase::StableGreen),
-                    p => Resume::At(Phase::Monitoring(p)),
+                EcsPhase::TrafficShift(_) | EcsPhase::Monitoring(_) => match w.percent(new) {
+                    0 => EcsRecovery::At(EcsPhase::HealthCheck),
+                    100 => EcsRecovery::At(EcsPhase::StableGreen),
+                    p => EcsRecovery::At(EcsPhase::Monitoring(p)),
                 },
             }
         }
@@ -265,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_deploy_goes_through_every_step() {
-        let mut p = Phase::StableBlue;
+        let mut p = EcsPhase::StableBlue;
         let mut seen = vec![p];
         while let Next::Phase(n) = p.on_success(STEPS) {
             p = p.step(n, STEPS).unwrap();
@@ -274,76 +288,96 @@ mod tests {
         assert_eq!(
             seen,
             [
-                Phase::StableBlue,
-                Phase::CreatingGreen,
-                Phase::Provisioning,
-                Phase::HealthCheck,
-                Phase::TrafficShift(10),
-                Phase::Monitoring(10),
-                Phase::TrafficShift(50),
-                Phase::Monitoring(50),
-                Phase::TrafficShift(100),
-                Phase::Monitoring(100),
-                Phase::StableGreen,
-                Phase::DeletingBlue,
-                Phase::Complete,
+                EcsPhase::StableBlue,
+                EcsPhase::CreatingGreen,
+                EcsPhase::Provisioning,
+                EcsPhase::HealthCheck,
+                EcsPhase::TrafficShift(10),
+                EcsPhase::Monitoring(10),
+                EcsPhase::TrafficShift(50),
+                EcsPhase::Monitoring(50),
+                EcsPhase::TrafficShift(100),
+                EcsPhase::Monitoring(100),
+                EcsPhase::StableGreen,
+                EcsPhase::DeletingBlue,
+                EcsPhase::Complete,
             ]
         );
-        assert_eq!(Phase::Complete.on_success(STEPS), Next::Done);
-        assert_eq!(Phase::RollingBack.on_success(STEPS), Next::RolledBack);
+        assert_eq!(
+            EcsPhase::Complete.on_success(STEPS),
+            Next::End(End::Deployed)
+        );
+        assert_eq!(
+            EcsPhase::RollingBack.on_success(STEPS),
+            Next::End(End::RolledBack)
+        );
         // Canary steps.
         let canary = [10, 25, 50, 100];
         assert_eq!(
-            Phase::Monitoring(10).on_success(&canary),
-            Next::Phase(Phase::TrafficShift(25))
+            EcsPhase::Monitoring(10).on_success(&canary),
+            Next::Phase(EcsPhase::TrafficShift(25))
         );
     }
 
     #[test]
     fn failures_roll_back_until_traffic_is_all_on_the_new_side() {
         for p in [
-            Phase::CreatingGreen,
-            Phase::Provisioning,
-            Phase::HealthCheck,
-            Phase::TrafficShift(10),
-            Phase::Monitoring(50),
+            EcsPhase::CreatingGreen,
+            EcsPhase::Provisioning,
+            EcsPhase::HealthCheck,
+            EcsPhase::TrafficShift(10),
+            EcsPhase::Monitoring(50),
         ] {
-            assert_eq!(p.on_failure(), Next::Phase(Phase::RollingBack), "{p:?}");
+            assert_eq!(p.on_failure(), Next::Phase(EcsPhase::RollingBack), "{p:?}");
         }
+        // No lease: nothing was touched.
+        assert_eq!(EcsPhase::StableBlue.on_failure(), Next::End(End::Abandoned));
         assert_eq!(
-            Phase::StableGreen.on_failure(),
-            Next::Phase(Phase::DeletingBlue)
+            EcsPhase::StableGreen.on_failure(),
+            Next::Phase(EcsPhase::DeletingBlue)
         );
         assert_eq!(
-            Phase::DeletingBlue.on_failure(),
-            Next::Phase(Phase::DeletingBlue)
+            EcsPhase::DeletingBlue.on_failure(),
+            Next::Phase(EcsPhase::DeletingBlue)
         );
         assert_eq!(
-            Phase::RollingBack.on_failure(),
-            Next::Phase(Phase::RollingBack)
+            EcsPhase::RollingBack.on_failure(),
+            Next::Phase(EcsPhase::RollingBack)
         );
     }
 
     #[test]
     fn illegal_transitions_are_refused() {
         assert!(
-            Phase::HealthCheck
-                .step(Phase::TrafficShift(50), STEPS)
+            EcsPhase::HealthCheck
+                .step(EcsPhase::TrafficShift(50), STEPS)
                 .is_err()
         );
         assert!(
-            Phase::TrafficShift(10)
-                .step(Phase::Monitoring(50), STEPS)
+            EcsPhase::TrafficShift(10)
+                .step(EcsPhase::Monitoring(50), STEPS)
                 .is_err()
         );
         assert!(
-            Phase::Monitoring(100)
-                .step(Phase::StableGreen, STEPS)
+            EcsPhase::Monitoring(100)
+                .step(EcsPhase::StableGreen, STEPS)
                 .is_ok()
         );
-        assert!(Phase::StableGreen.step(Phase::RollingBack, STEPS).is_err());
-        assert!(Phase::Complete.step(Phase::RollingBack, STEPS).is_err());
-        assert!(Phase::StableBlue.step(Phase::Complete, STEPS).is_err());
+        assert!(
+            EcsPhase::StableGreen
+                .step(EcsPhase::RollingBack, STEPS)
+                .is_err()
+        );
+        assert!(
+            EcsPhase::Complete
+                .step(EcsPhase::RollingBack, STEPS)
+                .is_err()
+        );
+        assert!(
+            EcsPhase::StableBlue
+                .step(EcsPhase::Complete, STEPS)
+                .is_err()
+        );
     }
 
     #[test]
@@ -373,50 +407,53 @@ mod tests {
             green: 100,
         };
         assert_eq!(
-            resume(None, all_green),
-            Resume::Idle {
+            recover(None, all_green),
+            EcsRecovery::Idle {
                 live: Colour::Green
             }
         );
-        assert_eq!(resume(None, split), Resume::Restore { to: Colour::Blue });
         assert_eq!(
-            resume(
+            recover(None, split),
+            EcsRecovery::Restore { to: Colour::Blue }
+        );
+        assert_eq!(
+            recover(
                 None,
                 Weights {
                     blue: 10,
                     green: 90
                 }
             ),
-            Resume::Restore { to: Colour::Green }
+            EcsRecovery::Restore { to: Colour::Green }
         );
         let live_blue = |p| Some((p, Colour::Blue));
         assert_eq!(
-            resume(live_blue(Phase::CreatingGreen), all_blue),
-            Resume::At(Phase::CreatingGreen)
+            recover(live_blue(EcsPhase::CreatingGreen), all_blue),
+            EcsRecovery::At(EcsPhase::CreatingGreen)
         );
         assert_eq!(
-            resume(live_blue(Phase::HealthCheck), all_blue),
-            Resume::At(Phase::Provisioning)
+            recover(live_blue(EcsPhase::HealthCheck), all_blue),
+            EcsRecovery::At(EcsPhase::Provisioning)
         );
         assert_eq!(
-            resume(live_blue(Phase::TrafficShift(50)), split),
-            Resume::At(Phase::Monitoring(50))
+            recover(live_blue(EcsPhase::TrafficShift(50)), split),
+            EcsRecovery::At(EcsPhase::Monitoring(50))
         );
         assert_eq!(
-            resume(live_blue(Phase::TrafficShift(10)), all_blue),
-            Resume::At(Phase::HealthCheck)
+            recover(live_blue(EcsPhase::TrafficShift(10)), all_blue),
+            EcsRecovery::At(EcsPhase::HealthCheck)
         );
         assert_eq!(
-            resume(live_blue(Phase::Monitoring(100)), all_green),
-            Resume::At(Phase::StableGreen)
+            recover(live_blue(EcsPhase::Monitoring(100)), all_green),
+            EcsRecovery::At(EcsPhase::StableGreen)
         );
         assert_eq!(
-            resume(live_blue(Phase::DeletingBlue), all_green),
-            Resume::At(Phase::DeletingBlue)
+            recover(live_blue(EcsPhase::DeletingBlue), all_green),
+            EcsRecovery::At(EcsPhase::DeletingBlue)
         );
         assert_eq!(
-            resume(live_blue(Phase::RollingBack), split),
-            Resume::At(Phase::RollingBack)
+            recover(live_blue(EcsPhase::RollingBack), split),
+            EcsRecovery::At(EcsPhase::RollingBack)
         );
     }
 }

@@ -11,14 +11,14 @@ pub use drover_desired::git::{GitError, Mirror, Snapshot, fetch_snapshot, snapsh
 
 use crate::config::RepoConfig;
 use crate::fsutil;
-use crate::state::{RepoStatus, Store};
+use crate::state::{RepoStatus, StateStore};
 
 /// Follows the repo and publishes each new snapshot; runs until `shutdown` is set. `wake`
 /// asks for a fetch now (the coordinator said the tip moved).
 pub async fn watch(
     mirror: Arc<Mirror>,
     repo: RepoConfig,
-    store: Store,
+    store: StateStore,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     wake: mpsc::Receiver<()>,
     shutdown: watch::Receiver<bool>,
@@ -58,7 +58,7 @@ pub async fn watch(
 
 /// Records the result of a fetch in the repo status (as `once` and `plan` do; the daemon's
 /// watch loop keeps its own copy).
-pub fn record(store: &Store, url: &str, branch: &str, result: &Result<Snapshot, GitError>) {
+pub fn record(store: &StateStore, url: &str, branch: &str, result: &Result<Snapshot, GitError>) {
     let mut status = store.repo_status().unwrap_or_default();
     status.url = url.to_string();
     status.branch = branch.to_string();
@@ -81,7 +81,7 @@ pub fn record(store: &Store, url: &str, branch: &str, result: &Result<Snapshot, 
     save_status(store, &status);
 }
 
-fn save_status(store: &Store, status: &RepoStatus) {
+fn save_status(store: &StateStore, status: &RepoStatus) {
     if let Err(e) = store.save_repo_status(status) {
         tracing::warn!(error = %e, "cannot write the repo status");
     }

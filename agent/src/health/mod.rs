@@ -12,13 +12,12 @@ const MAX_BODY: usize = 1 << 20;
 
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum CheckError {
     /// The health check did not pass in time.
     #[error("health check {url} did not pass within {after:?}; last result: {last}")]
     Timeout {
-        /// URL.
         url: String,
-        /// The limit.
         after: Duration,
         /// What the last probe saw.
         last: String,

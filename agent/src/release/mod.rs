@@ -32,6 +32,7 @@ pub const MARKER: &str = ".drover-release.json";
 
 /// Why staging a release failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum ReleaseError {
     /// The archive was rejected or could not be unpacked.
     #[error(transparent)]
@@ -48,20 +49,13 @@ pub enum ReleaseError {
     },
     /// A path was refused: it escapes the install root or passes through a link.
     #[error("{path}: {message}")]
-    Refused {
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
+    Refused { path: PathBuf, message: String },
     /// A filesystem operation failed.
     #[error("{what} {path}: {source}")]
     Io {
         /// What was being done.
         what: &'static str,
-        /// Where.
         path: PathBuf,
-        /// The cause.
         #[source]
         source: io::Error,
     },

@@ -19,7 +19,7 @@ impl Agent {
         self.deployer_prepare();
         for (name, r) in self.recover().await {
             match r {
-                Ok(o) if !matches!(o, Outcome::UpToDate { .. }) => {
+                Ok(o) if !matches!(o, Reconciled::UpToDate { .. }) => {
                     tracing::info!(service = %name, outcome = %o.summary(), "recovered")
                 }
                 Ok(_) => {}
@@ -57,7 +57,7 @@ impl Agent {
         let mut base: Vec<Job> = Vec::new();
         let mut pins: BTreeMap<String, Job> = BTreeMap::new();
         let mut slots: HashMap<String, Slot> = HashMap::new();
-        let mut tasks: JoinSet<(String, Result<Outcome, DeployError>)> = JoinSet::new();
+        let mut tasks: JoinSet<(String, Result<Reconciled, DeployError>)> = JoinSet::new();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let beat_every = self
@@ -133,7 +133,7 @@ impl Agent {
                         spawn(&mut tasks, slot, job, &ctx);
                     }
                 }
-                _ = beat.tick(), if self.deployer.gate().is_some() => {
+                _ = beat.tick(), if self.engine.gate.is_some() => {
                     let commit = ctx.as_ref().map(|c| c.commit.as_str());
                     let Some(actions) = self.heartbeat(&jobs, commit).await else { continue };
                     let mut redo: Vec<String> = Vec::new();
@@ -264,18 +264,18 @@ struct Slot {
 }
 
 impl Slot {
-    fn report(&mut self, name: &str, result: Result<Outcome, DeployError>) {
+    fn report(&mut self, name: &str, result: Result<Reconciled, DeployError>) {
         let (line, retry) = match &result {
             Ok(o) => (
                 o.summary(),
                 matches!(
                     o,
-                    Outcome::Abandoned { retry: true, .. } | Outcome::Broken { .. }
+                    Reconciled::Abandoned { retry: true, .. } | Reconciled::Broken { .. }
                 ),
             ),
             Err(e) => (e.to_string(), true),
         };
-        if let Ok(Outcome::Waiting { retry_after_ms, .. }) = &result {
+        if let Ok(Reconciled::Waiting { retry_after_ms, .. }) = &result {
             // The coordinator says when to ask again.
             self.retry_at =
                 Some(Instant::now() + Duration::from_millis((*retry_after_ms).max(200)));
@@ -291,19 +291,19 @@ impl Slot {
             return;
         }
         match &result {
-            Ok(Outcome::UpToDate { .. }) => tracing::debug!(service = name, "{line}"),
-            Ok(Outcome::Deployed { .. } | Outcome::Started { .. }) => {
+            Ok(Reconciled::UpToDate { .. }) => tracing::debug!(service = name, "{line}"),
+            Ok(Reconciled::Deployed { .. } | Reconciled::Started { .. }) => {
                 tracing::info!(service = name, "{line}")
             }
-            Ok(Outcome::Waiting { .. }) => tracing::info!(service = name, "{line}"),
+            Ok(Reconciled::Waiting { .. }) => tracing::info!(service = name, "{line}"),
             Ok(
-                Outcome::RolledBack { .. }
-                | Outcome::SkippedFailed { .. }
-                | Outcome::Abandoned { .. },
+                Reconciled::RolledBack { .. }
+                | Reconciled::SkippedFailed { .. }
+                | Reconciled::Abandoned { .. },
             ) => {
                 tracing::warn!(service = name, "{line}")
             }
-            Ok(Outcome::Broken { .. }) | Err(_) => tracing::error!(service = name, "{line}"),
+            Ok(Reconciled::Broken { .. }) | Err(_) => tracing::error!(service = name, "{line}"),
         }
         self.last = Some(line);
     }

@@ -15,19 +15,18 @@ use tokio::task::JoinSet;
 use crate::artifact::Fetcher;
 use crate::config::{Config, Mode, ServiceManager};
 use crate::coordinator::{Ctx, Gate};
-use crate::deploy::ServiceState;
-use crate::deploy::driver::{DeployError, Deployer, Outcome, Peers};
-use crate::deploy::{Action, decide};
+use crate::ecs::EcsDeployer;
 use crate::ecs::aws::Aws;
-use crate::ecs::driver::EcsDeployer;
+use crate::engine::{DeployError, Engine, Reconciled};
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
 use crate::notify::Notifier;
 use crate::release::Layout;
-use crate::report::{self, Entry, Status};
+use crate::report::{self, Entry, HostStatus};
 use crate::service::{Manager, Process, Systemd};
 use crate::spec::{self, Host, HostPlan, Kind, ResolvedEcsService, ResolvedService};
-use crate::state::Store;
+use crate::state::StateStore;
+use crate::vm::{Peers, VmDeployer, VmRecord};
 use crate::yaml::Problems;
 use drover_coordinator::wire::{self, ActionKind, ServiceReport};
 
@@ -37,8 +36,9 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
 /// The agent, with its peers built from the configuration.
 pub struct Agent {
     config: Config,
-    store: Store,
-    deployer: Deployer,
+    store: StateStore,
+    engine: Engine,
+    deployer: VmDeployer,
     mirror: Arc<Mirror>,
     notify: Notifier,
     ecs: Option<EcsDeployer>,
@@ -47,7 +47,7 @@ pub struct Agent {
 impl Agent {
     /// Builds the agent; fails if the state directory cannot be created.
     pub async fn new(config: Config, notify: Notifier) -> anyhow::Result<Agent> {
-        let store = Store::open(&config.state_dir)
+        let store = StateStore::open(&config.state_dir)
             .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -90,15 +90,18 @@ impl Agent {
             )),
             None => None,
         };
-        let deployer = Deployer::new(
-            store.clone(),
-            config.host.clone(),
+        let engine = Engine {
+            store: store.clone(),
+            host: config.host.clone(),
+            gate,
+            notify: notify.clone(),
+        };
+        let deployer = VmDeployer::new(
+            engine.clone(),
             Peers {
                 fetcher,
                 checker: Checker::new(http.clone()),
                 manager,
-                gate,
-                notify: notify.clone(),
             },
             Arc::new(config.env.clone()),
             crate::release::Unpack {
@@ -114,11 +117,8 @@ impl Agent {
         ));
         let ecs = match &config.ecs {
             Some(c) if config.mode == Mode::Ecs => Some(EcsDeployer::new(
+                engine.clone(),
                 Aws::new(&c.region).await,
-                store.clone(),
-                config.host.clone(),
-                deployer.gate().cloned(),
-                notify.clone(),
                 http_for_ecs,
             )),
             _ => None,
@@ -126,6 +126,7 @@ impl Agent {
         Ok(Agent {
             config,
             store,
+            engine,
             deployer,
             mirror,
             notify,
@@ -134,7 +135,7 @@ impl Agent {
     }
 
     /// The state store.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &StateStore {
         &self.store
     }
 
@@ -250,7 +251,7 @@ impl Agent {
     /// Tells the coordinator (if any) how this host's services are (`jobs`: what it is to run,
     /// read at `commit`); returns its actions, or `None` when it could not be told.
     async fn heartbeat(&self, jobs: &[Job], commit: Option<&str>) -> Option<Vec<wire::Action>> {
-        let gate = self.deployer.gate()?;
+        let gate = self.engine.gate.as_ref()?;
         let reports = if let Some(ecs) = &self.ecs {
             let mut reports = Vec::new();
             for job in jobs {
@@ -279,7 +280,7 @@ impl Agent {
             }
             reports
         } else {
-            let mut names: Vec<String> = self.store.records::<ServiceState>().unwrap_or_default();
+            let mut names: Vec<String> = self.store.records::<VmRecord>().unwrap_or_default();
             names.extend(jobs.iter().map(|j| j.name().to_string()));
             names.sort();
             names.dedup();
@@ -289,7 +290,7 @@ impl Agent {
                     .iter()
                     .find(|j| j.name() == name)
                     .map(|j| j.version().to_string());
-                let st = self.store.load::<ServiceState>(&name).ok().flatten();
+                let st = self.store.load::<VmRecord>(&name).ok().flatten();
                 let current = st.as_ref().and_then(|s| s.current.as_ref());
                 let healthy = match current.and_then(|c| c.spec.as_deref()) {
                     Some(spec) => self
@@ -356,7 +357,7 @@ impl Agent {
 
     /// Finishes deploys that a crash interrupted and restarts current releases that are not
     /// running, from the local state alone (no Git needed).
-    pub async fn recover(&self) -> Vec<(String, Result<Outcome, DeployError>)> {
+    pub async fn recover(&self) -> Vec<(String, Result<Reconciled, DeployError>)> {
         let mut out = Vec::new();
         if let Some(ecs) = &self.ecs {
             // An ECS deploy in flight is finished or undone from its record and AWS.
@@ -370,8 +371,8 @@ impl Agent {
             }
             return out;
         }
-        for name in self.store.records::<ServiceState>().unwrap_or_default() {
-            let st = match self.store.load::<ServiceState>(&name) {
+        for name in self.store.records::<VmRecord>().unwrap_or_default() {
+            let st = match self.store.load::<VmRecord>(&name) {
                 Ok(Some(s)) => s,
                 Ok(None) => continue,
                 Err(e) => {
@@ -395,7 +396,7 @@ impl Agent {
 
     /// One pass: recover, fetch, deploy every service of this host, wait for the checks.
     /// Returns each service's outcome; the host converged if all did.
-    pub async fn once(&self) -> anyhow::Result<Vec<(String, Outcome)>> {
+    pub async fn once(&self) -> anyhow::Result<Vec<(String, Reconciled)>> {
         self.deployer_prepare();
         for (name, r) in self.recover().await {
             if let Err(e) = r {
@@ -437,15 +438,15 @@ impl Agent {
     }
 
     /// Rolls `service` back to its previous release.
-    pub async fn rollback(&self, service: &str) -> anyhow::Result<Outcome> {
+    pub async fn rollback(&self, service: &str) -> anyhow::Result<Reconciled> {
         Ok(self.deployer.rollback(service).await?)
     }
 
     /// The local state of every service, and the repo status.
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> HostStatus {
         let mut services = BTreeMap::new();
-        for name in self.store.records::<ServiceState>().unwrap_or_default() {
-            let entry = match self.store.load::<ServiceState>(&name) {
+        for name in self.store.records::<VmRecord>().unwrap_or_default() {
+            let entry = match self.store.load::<VmRecord>(&name) {
                 Ok(Some(st)) => {
                     let process = match self.deployer.manager() {
                         Manager::Process(p) => p.running(&name).map(|a| report::Running {
@@ -507,7 +508,7 @@ impl Agent {
                 })
                 .collect()
         });
-        Status {
+        HostStatus {
             host: self.config.host.clone(),
             environment: self.config.environment.clone(),
             repo: self.store.repo_status(),

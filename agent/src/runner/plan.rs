@@ -1,6 +1,7 @@
 //! `drover-agent plan`: what a pass would change on this host, nothing done.
 
 use super::*;
+use crate::vm::{VmNeed, decide};
 
 impl Agent {
     /// What `plan` prints: what would change on this host, nothing done.
@@ -24,8 +25,8 @@ impl Agent {
             return Ok(out);
         }
         for svc in &plan.services {
-            let st = match self.store.load::<ServiceState>(&svc.service) {
-                Ok(s) => s.unwrap_or_else(|| crate::deploy::ServiceState::new(&svc.service)),
+            let st = match self.store.load::<VmRecord>(&svc.service) {
+                Ok(s) => s.unwrap_or_else(|| crate::vm::VmRecord::new(&svc.service)),
                 Err(e) => {
                     out.push_str(&format!("  {}: {e}\n", svc.service));
                     continue;
@@ -33,7 +34,7 @@ impl Agent {
             };
             let layout = Layout::new(&svc.root);
             let line = match decide(svc, &st, layout.current().as_deref()) {
-                Action::Recover => format!(
+                VmNeed::Recover => format!(
                     "finish an interrupted deploy of {} (phase {})",
                     st.deployment
                         .as_ref()
@@ -44,12 +45,12 @@ impl Agent {
                         .map(|d| d.phase.name())
                         .unwrap_or("?")
                 ),
-                Action::EnsureRunning => format!("{} — up to date", svc.version),
-                Action::SkipFailed { reason } => format!(
+                VmNeed::EnsureRunning => format!("{} — up to date", svc.version),
+                VmNeed::SkipFailed { reason } => format!(
                     "{} failed here before; not retried until the desired version changes ({reason})",
                     svc.version
                 ),
-                Action::Deploy => {
+                VmNeed::Deploy => {
                     deploy_steps(svc, st.current.as_ref().map(|c| c.version.as_str()))
                 }
             };

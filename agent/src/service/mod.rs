@@ -15,6 +15,7 @@ use crate::spec::ResolvedService;
 
 /// Why a service could not be stopped, started or inspected.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum ServiceError {
     /// `run.user` or `run.group` is not on this host.
     #[error(transparent)]
@@ -22,44 +23,30 @@ pub enum ServiceError {
     /// The command could not be started.
     #[error("cannot start `{command}`: {source}")]
     Spawn {
-        /// The command line.
         command: String,
-        /// The cause.
         #[source]
         source: std::io::Error,
     },
     /// The started command exited at once.
     #[error("`{command}` exited right after start ({status}); see {log}")]
     ExitedAtStart {
-        /// The command line.
         command: String,
         /// How it exited.
         status: String,
-        /// Its log file.
         log: String,
     },
     /// The process did not stop, even after SIGKILL.
     #[error("process {pid} of `{service}` did not exit after SIGTERM and SIGKILL")]
-    WontStop {
-        /// Service.
-        service: String,
-        /// The process.
-        pid: i32,
-    },
+    WontStop { service: String, pid: i32 },
     /// The systemd unit does not exist.
     #[error("systemd unit {unit} not found; install the unit file (systemctl cat {unit})")]
-    UnitMissing {
-        /// The unit.
-        unit: String,
-    },
+    UnitMissing { unit: String },
     /// systemctl failed.
     #[error("systemctl {action} {unit} failed ({status}): {stderr}; see `journalctl -u {unit}`")]
     Systemctl {
-        /// The unit.
         unit: String,
         /// stop, start, …
         action: &'static str,
-        /// Exit status.
         status: String,
         /// What systemctl printed.
         stderr: String,
@@ -67,26 +54,21 @@ pub enum ServiceError {
     /// systemctl did not finish in time.
     #[error("systemctl {action} {unit} timed out after {after:?}")]
     Timeout {
-        /// The unit.
         unit: String,
         /// stop, start, …
         action: &'static str,
-        /// The limit.
         after: Duration,
     },
     /// A pid file or log could not be accessed.
     #[error("{path}: {source}")]
     Io {
-        /// The file.
         path: String,
-        /// The cause.
         #[source]
         source: std::io::Error,
     },
     /// The service's definition has no way to run it with this manager.
     #[error("service {service}: {message}")]
     Config {
-        /// Service.
         service: String,
         /// What is missing.
         message: String,

@@ -26,11 +26,11 @@ const P_MARGINAL: f64 = 0.05;
 
 /// Why samples could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
+#[allow(missing_docs, reason = "variant fields are named for what they hold")]
 pub enum MetricError {
     /// The source did not answer.
     #[error("metric `{metric}`: cannot reach {url}: {message}")]
     Unreachable {
-        /// Metric name.
         metric: String,
         /// Source URL.
         url: String,
@@ -40,9 +40,7 @@ pub enum MetricError {
     /// The source refused the query.
     #[error("metric `{metric}`: query rejected: {message} (query: {query})")]
     Query {
-        /// Metric name.
         metric: String,
-        /// The query.
         query: String,
         /// What the source said.
         message: String,
@@ -281,7 +279,7 @@ pub fn verdict(metrics: Vec<MetricVerdict>) -> Verdict {
 
 /// What the deploy does with a verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum RiskResponse {
     /// Go on.
     Continue,
     /// Keep the version; pause the rollout for a human.
@@ -291,11 +289,11 @@ pub enum Decision {
 }
 
 /// The decision for `risk` under `on_medium`. Pure.
-pub fn decide(risk: Risk, on_medium: OnMedium) -> Decision {
+pub fn decide(risk: Risk, on_medium: OnMedium) -> RiskResponse {
     match (risk, on_medium) {
-        (Risk::Low, _) => Decision::Continue,
-        (Risk::Medium, OnMedium::Pause) => Decision::Pause,
-        (Risk::Medium, OnMedium::Rollback) | (Risk::High, _) => Decision::RollBack,
+        (Risk::Low, _) => RiskResponse::Continue,
+        (Risk::Medium, OnMedium::Pause) => RiskResponse::Pause,
+        (Risk::Medium, OnMedium::Rollback) | (Risk::High, _) => RiskResponse::RollBack,
     }
 }
 

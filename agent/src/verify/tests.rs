@@ -100,10 +100,13 @@ fn direction_matters() {
 
 #[test]
 fn decisions() {
-    assert_eq!(decide(Risk::Low, OnMedium::Pause), Decision::Continue);
-    assert_eq!(decide(Risk::Medium, OnMedium::Pause), Decision::Pause);
-    assert_eq!(decide(Risk::Medium, OnMedium::Rollback), Decision::RollBack);
-    assert_eq!(decide(Risk::High, OnMedium::Pause), Decision::RollBack);
+    assert_eq!(decide(Risk::Low, OnMedium::Pause), RiskResponse::Continue);
+    assert_eq!(decide(Risk::Medium, OnMedium::Pause), RiskResponse::Pause);
+    assert_eq!(
+        decide(Risk::Medium, OnMedium::Rollback),
+        RiskResponse::RollBack
+    );
+    assert_eq!(decide(Risk::High, OnMedium::Pause), RiskResponse::RollBack);
 }
 
 /// Canned answers, to test the baseline fallbacks without a server (the Prometheus client is

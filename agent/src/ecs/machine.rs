@@ -1,0 +1,274 @@
+//! The ECS machine's I/O: what each [`EcsPhase`] does against ECS and the ALB, for the engine
+//! to drive.
+
+use std::time::Instant;
+
+use super::aws::AwsError;
+use super::record::settle;
+use super::{EcsDeployer, EcsFlight, EcsPhase, EcsRecord, EcsRelease, service_name, split, tg};
+use crate::engine::{self, End, Engine, Machine, Next, Reconciled, StepError, Transient};
+use crate::verify::{self, Prometheus};
+
+/// Why an ECS phase failed (the engine adds the errors every machine shares).
+#[derive(Debug, thiserror::Error)]
+pub enum EcsError {
+    /// An AWS call.
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    /// The new side is not healthy (or not cleanly provisioned) in time.
+    #[error("{0}")]
+    Unhealthy(String),
+}
+
+impl Transient for EcsError {
+    fn is_transient(&self) -> bool {
+        match self {
+            EcsError::Aws(e) => e.is_transient(),
+            EcsError::Unhealthy(_) => false,
+        }
+    }
+}
+
+impl Machine for EcsDeployer {
+    type Phase = EcsPhase;
+    type Flight = EcsFlight;
+    type Record = EcsRecord;
+    type Error = EcsError;
+
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn name(phase: EcsPhase) -> String {
+        phase.name()
+    }
+
+    fn failpoint(phase: EcsPhase) -> String {
+        phase.failpoint()
+    }
+
+    fn on_success(&self, flight: &EcsFlight, phase: EcsPhase) -> Next<EcsPhase> {
+        phase.on_success(&flight.target.ecs.steps)
+    }
+
+    fn on_failure(phase: EcsPhase) -> Next<EcsPhase> {
+        phase.on_failure()
+    }
+
+    fn takes_lease(phase: EcsPhase) -> bool {
+        phase == EcsPhase::StableBlue
+    }
+
+    fn rolls_back(phase: EcsPhase) -> bool {
+        phase == EcsPhase::RollingBack
+    }
+
+    fn exhausted(phase: EcsPhase) -> End {
+        match phase {
+            // All traffic is on the new side: the old side, left at weight 0, is removed by
+            // the next deploy (which builds on that side).
+            EcsPhase::DeletingBlue => End::Deployed,
+            _ => End::Broken,
+        }
+    }
+
+    async fn run_phase(
+        &self,
+        rec: &mut EcsRecord,
+        flight: &mut EcsFlight,
+        phase: EcsPhase,
+    ) -> Result<(), StepError<EcsError>> {
+        // The coordinator may stop a deploy between the lease and the end of the traffic
+        // shift: then traffic goes back to the old side.
+        if phase.on_failure() == Next::Phase(EcsPhase::RollingBack)
+            && phase != EcsPhase::RollingBack
+        {
+            self.aborted(&flight.target.service)?;
+        }
+        self.io(rec, flight, phase).await
+    }
+
+    fn settle(
+        &self,
+        rec: &mut EcsRecord,
+        flight: &EcsFlight,
+        end: End,
+        cause: Option<&StepError<EcsError>>,
+    ) -> Reconciled {
+        settle(rec, flight, end, cause)
+    }
+
+    async fn after(&self, _rec: &EcsRecord, flight: &EcsFlight, _outcome: &Reconciled) {
+        self.aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&flight.target.service);
+        let calls = self.aws.calls().saturating_sub(flight.calls_before);
+        tracing::info!(api_calls = calls, "ECS deploy ended");
+    }
+}
+
+impl EcsDeployer {
+    /// The I/O of every phase but the lease (the engine's).
+    async fn io(
+        &self,
+        st: &mut EcsRecord,
+        d: &mut EcsFlight,
+        phase: EcsPhase,
+    ) -> Result<(), StepError<EcsError>> {
+        let t = d.target.clone();
+        let e = &t.ecs;
+        let new = d.live.other();
+        let new_name = service_name(&t.service, new);
+        let live_name = service_name(&t.service, d.live);
+        match phase {
+            EcsPhase::StableBlue => unreachable!("the engine takes the lease"),
+            EcsPhase::CreatingGreen => {
+                // Copy the live side's task definition (the family's latest on a first deploy).
+                let base_id = match self.aws.service(&e.cluster, &live_name).await? {
+                    Some(s) => s.task_definition,
+                    None => e.task_family.clone(),
+                };
+                let base = self.aws.task_definition(&base_id).await?;
+                let arn = self
+                    .aws
+                    .register_copy(&base, &e.container, &e.image)
+                    .await?;
+                tracing::info!(task_definition = %arn, "registered");
+                d.task_definition = Some(arn);
+            }
+            EcsPhase::Provisioning => {
+                let td = d
+                    .task_definition
+                    .clone()
+                    .ok_or_else(|| unhealthy("no task definition recorded".into()))?;
+                // The new side starts fresh: a service left on it (a removal that failed) goes,
+                // and its healthy targets must be gone before new tasks count as healthy.
+                self.aws.remove_service(&e.cluster, &new_name).await?;
+                let deadline = Instant::now() + e.health_timeout.0;
+                loop {
+                    let left = self.aws.healthy_targets(tg(e, new)).await?;
+                    if left == 0 {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(unhealthy(format!(
+                            "target group {} still has {left} healthy target(s) of an earlier service after {}",
+                            tg(e, new),
+                            e.health_timeout
+                        )));
+                    }
+                    tokio::time::sleep(self.poll).await;
+                }
+                self.aws.ensure_service(e, &new_name, new, &td).await?;
+                // The new side is attached with no traffic before it gets any.
+                self.aws.set_weights(e, split(d.live, 0)).await?;
+            }
+            EcsPhase::HealthCheck => {
+                let deadline = Instant::now() + e.health_timeout.0;
+                loop {
+                    let svc = self.aws.service(&e.cluster, &new_name).await?;
+                    let running = svc.as_ref().map_or(0, |s| s.running);
+                    let healthy = self.aws.healthy_targets(tg(e, new)).await?;
+                    if running >= e.desired_count as i32 && healthy >= e.desired_count {
+                        break;
+                    }
+                    self.aborted(&t.service)?;
+                    if Instant::now() >= deadline {
+                        return Err(unhealthy(format!(
+                            "{new_name} not healthy within {}: {running}/{} tasks running, {healthy}/{} healthy targets in {}",
+                            e.health_timeout,
+                            e.desired_count,
+                            e.desired_count,
+                            tg(e, new)
+                        )));
+                    }
+                    tokio::time::sleep(self.poll).await;
+                }
+            }
+            EcsPhase::TrafficShift(p) => self.aws.set_weights(e, split(d.live, p)).await?,
+            EcsPhase::Monitoring(p) => {
+                let until = Instant::now() + e.step_wait.0;
+                loop {
+                    let healthy = self.aws.healthy_targets(tg(e, new)).await?;
+                    if healthy < e.desired_count {
+                        return Err(unhealthy(format!(
+                            "at {p}% only {healthy}/{} targets of {new_name} are healthy",
+                            e.desired_count
+                        )));
+                    }
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    self.aborted(&t.service)?;
+                    tokio::time::sleep(
+                        self.poll
+                            .min(until.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                }
+                if let Some(v) = &t.verify {
+                    let source = Prometheus::new(self.http.clone(), &v.prometheus);
+                    let old = st.current.as_ref().map(|c| c.version.clone());
+                    let verdict = verify::run(
+                        &source,
+                        v,
+                        &t.version,
+                        old.as_deref(),
+                        std::time::SystemTime::now(),
+                    )
+                    .await;
+                    self.engine.event(
+                        &t.service,
+                        &t.version,
+                        "verified",
+                        Some(format!("at {p}%: {}", verdict.summary)),
+                    );
+                    if let Some(l) = &mut st.lease {
+                        l.verification = Some(engine::LeaseVerdict {
+                            risk: verdict.risk,
+                            summary: verdict.summary.clone(),
+                        });
+                    }
+                    // With traffic split, anything but a low risk rolls back: the agent never
+                    // leaves a split waiting for a human.
+                    if verdict.risk != verify::Risk::Low {
+                        return Err(StepError::Verify(verdict.summary));
+                    }
+                }
+            }
+            EcsPhase::StableGreen => {
+                st.current = Some(EcsRelease {
+                    version: t.version.clone(),
+                    image: e.image.clone(),
+                    task_definition: d.task_definition.clone().unwrap_or_default(),
+                    colour: new,
+                });
+            }
+            EcsPhase::DeletingBlue => {
+                tokio::time::sleep(e.drain.0).await;
+                self.aws.remove_service(&e.cluster, &live_name).await?;
+            }
+            EcsPhase::Complete => {}
+            EcsPhase::RollingBack => {
+                // One call puts all traffic back on the old side …
+                self.aws.set_weights(e, split(d.live, 0)).await?;
+                // … then the new side goes.
+                if let Err(err) = self.aws.remove_service(&e.cluster, &new_name).await {
+                    tracing::warn!(error = %err, service = %new_name, "removing the new side failed; it has no traffic");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unhealthy(why: String) -> StepError<EcsError> {
+    StepError::Machine(EcsError::Unhealthy(why))
+}
+
+impl From<AwsError> for StepError<EcsError> {
+    fn from(e: AwsError) -> StepError<EcsError> {
+        StepError::Machine(EcsError::Aws(e))
+    }
+}
