@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use drover_agent::config::{self, Config};
 use drover_agent::runner::Agent;
 use drover_agent::{failpoint, spec, telemetry};
 
-/// Deploys this host's services from a desired-state Git repo.
+/// Deploys this host's services (or an ECS cluster's) from a desired-state Git repo.
 #[derive(Parser)]
-#[command(name = "drover-agent", version, about)]
+#[command(name = "drover-agent", version)]
 struct Cli {
     /// Configuration file (drop-ins are read from `<name>.d/*.yaml` next to it).
     #[arg(long, global = true, default_value = config::DEFAULT_PATH, env = "DROVER_AGENT_CONFIG")]
@@ -67,6 +67,9 @@ fn limit_malloc_arenas() {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    if let Some(code) = drover_desired::cli::intercept(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
     telemetry::init(&telemetry::Settings::from_env(&env), "drover-agent");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use drover_coordinator::actor::{self, Settings, now_ms};
 use drover_coordinator::auth::hash_token;
 use drover_coordinator::config::Config;
@@ -18,7 +18,7 @@ use drover_coordinator::tls::{self, TlsSlot};
 
 /// drover's coordinator: rolling-batch leases, approval gates, fleet view, audit.
 #[derive(Parser)]
-#[command(name = "drover-coordinator", version, about)]
+#[command(name = "drover-coordinator", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,6 +79,9 @@ fn main() -> ExitCode {
     // Files the coordinator creates (the store, its WAL, the Git mirror) are its own.
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
+    if let Some(code) = drover_desired::cli::intercept(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     let filter = std::env::var("DROVER_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()

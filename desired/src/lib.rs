@@ -3,7 +3,11 @@
 //! problem), [`spec`] (the repo format v1: `services/*.yaml`, `environments/*.yaml`, their
 //! validation and what one host must run), [`git`] (a bare mirror of the repo fetched with
 //! gix, and the loop that keeps it at the branch tip); [`text`] (other hosts' text made
-//! safe for a terminal) and [`file`] (bounded reads of files a configuration names).
+//! safe for a terminal) and [`file`] (bounded reads of files a configuration names); with the
+//! `cli` feature, `cli` (shell completions and man pages for drover's binaries).
+
+#[cfg(feature = "cli")]
+pub mod cli;
 
 pub mod file;
 pub mod git;

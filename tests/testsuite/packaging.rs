@@ -428,3 +428,150 @@ fn the_agent_package_deploys_in_a_real_systemd() {
         .stdout;
     assert!(status.contains("serving on 127.0.0.1:7070"), "{status}");
 }
+
+/// Each binary's (completions, man pages) as the .deb installs them, and a subcommand of it.
+const DOCS: [(&str, &str, &str); 3] = [
+    ("drover-agent", "drover-agent", "validate"),
+    ("drover-coordinator", "drover-coordinator", "serve"),
+    ("drover-coordinator", "drover", "approve"),
+];
+
+#[test]
+fn packages_carry_completions_and_man_pages_that_load_and_render() {
+    let t = TestDir::new();
+    for pkg in ["drover-agent", "drover-coordinator"] {
+        let out = run(
+            "dpkg-deb",
+            &[
+                "-x",
+                deb(1, pkg).to_str().unwrap(),
+                t.path().to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.code, 0, "{}", out.all());
+    }
+    let root = t.path();
+    for (pkg, bin, sub) in DOCS {
+        // bash: the script loads, registers a completion for the binary, and completes its
+        // subcommands (the hidden `generate` is not offered).
+        let script = root.join(format!("usr/share/bash-completion/completions/{bin}"));
+        assert!(script.is_file(), "{} missing", script.display());
+        let probe = format!(
+            "source {s} && complete -p {bin} && COMP_WORDS=({bin} '') && COMP_CWORD=1 \
+             && COMP_LINE='{bin} ' && COMP_POINT=${{#COMP_LINE}} && _{f} {bin} '' {bin}; \
+             printf 'offered:%s\\n' \"${{COMPREPLY[@]}}\"",
+            s = script.display(),
+            f = bin.replace('-', "__"),
+        );
+        let out = run("bash", &["-c", &probe]);
+        assert_eq!(out.code, 0, "{bin}: {}", out.all());
+        let registered = format!("-F _{} {bin}\n", bin.replace('-', "__"));
+        assert!(out.stdout.contains(&registered), "{bin}: {}", out.all());
+        assert!(
+            out.stdout.contains(&format!("offered:{sub}\n")),
+            "{bin}: {}",
+            out.all()
+        );
+        assert!(
+            !out.stdout.contains("offered:generate"),
+            "{bin}: {}",
+            out.all()
+        );
+        for file in [
+            format!("usr/share/zsh/vendor-completions/_{bin}"),
+            format!("usr/share/fish/vendor_completions.d/{bin}.fish"),
+        ] {
+            let text = std::fs::read_to_string(root.join(&file))
+                .unwrap_or_else(|e| panic!("{file} in the {pkg} .deb: {e}"));
+            assert!(text.contains(sub), "{file}: {text}");
+        }
+        // man: the binary's page and its subcommands' pages render.
+        for page in [bin.to_string(), format!("{bin}-{sub}")] {
+            let file = root.join(format!("usr/share/man/man1/{page}.1.gz"));
+            assert!(
+                file.is_file(),
+                "{} missing from the {pkg} .deb",
+                file.display()
+            );
+            let out = Command::new("man")
+                .args(["-l", file.to_str().unwrap()])
+                .env("MANPAGER", "cat")
+                .env("MANWIDTH", "100")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "man -l {page}: {out:?}");
+            assert!(
+                text.contains("NAME") && text.contains(&page),
+                "{page}: {text}"
+            );
+            if page == bin {
+                assert!(text.contains(sub), "{page} lists {sub}: {text}");
+                assert!(!text.contains("generate"), "{page}: {text}");
+            }
+        }
+    }
+    // The rpms install them at the Fedora/RHEL paths.
+    for (pkg, bin, _) in DOCS {
+        let files = run("rpm", &["-qpl", rpm(1, pkg).to_str().unwrap()]).stdout;
+        for f in [
+            format!("/usr/share/bash-completion/completions/{bin}\n"),
+            format!("/usr/share/zsh/site-functions/_{bin}\n"),
+            format!("/usr/share/fish/vendor_completions.d/{bin}.fish\n"),
+            format!("/usr/share/man/man1/{bin}.1.gz\n"),
+        ] {
+            assert!(
+                files.contains(&f),
+                "{f} missing from the {pkg} rpm:\n{files}"
+            );
+        }
+    }
+}
+
+#[test]
+fn generate_refuses_what_it_does_not_know_and_stays_out_of_help() {
+    let t = TestDir::new();
+    let agent = drover_tests::bin("drover-agent");
+    let out: Out = Command::new(&agent)
+        .args(["generate", "pdf", t.path().to_str().unwrap()])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("unknown document 'pdf'") && out.stderr.contains("bash|zsh|fish|man"),
+        "{}",
+        out.all()
+    );
+    let out: Out = Command::new(&agent)
+        .args(["generate", "bash", t.path().join("none").to_str().unwrap()])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("cannot write into"), "{}", out.all());
+    let out: Out = Command::new(&agent)
+        .arg("generate")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("usage: drover-agent generate"),
+        "{}",
+        out.all()
+    );
+    for bin in ["drover-agent", "drover-coordinator", "drover"] {
+        let out: Out = Command::new(drover_tests::bin(bin))
+            .arg("--help")
+            .output()
+            .unwrap()
+            .into();
+        assert_eq!(out.code, 0, "{}", out.all());
+        assert!(
+            !out.stdout.contains("generate"),
+            "{bin} --help: {}",
+            out.stdout
+        );
+    }
+}

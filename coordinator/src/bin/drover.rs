@@ -5,13 +5,13 @@ use drover_desired::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use drover_coordinator::client::{Client, ClientError};
 use drover_coordinator::wire::{RolloutKind, RolloutReply, RolloutView, Status};
 
 /// Operate a drover fleet through its coordinator.
 #[derive(Parser)]
-#[command(name = "drover", version, about)]
+#[command(name = "drover", version)]
 struct Cli {
     /// The coordinator's URL.
     #[arg(
@@ -115,6 +115,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = drover_desired::cli::intercept(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     let token = match &cli.token_file {
         Some(f) => match drover_desired::file::read_text_capped(f, 64 << 10) {
