@@ -71,6 +71,17 @@ struct Input {
     /// Who process-managed apps, hooks and smoke commands run as when a service names no
     /// `run.user`.
     run_as: Option<RunAsInput>,
+    /// An opt-in Prometheus endpoint.
+    metrics: Option<MetricsInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsInput {
+    /// `address:port` to serve `/metrics` on.
+    listen: Spanned<String>,
+    /// A file holding the bearer token scrapes must carry (needed off loopback).
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +220,8 @@ pub struct Config {
     pub ecs: Option<EcsConfig>,
     /// Default user and group of process-managed services (`run_as`).
     pub run_as: Option<(Option<Account>, Option<Account>)>,
+    /// The Prometheus endpoint, if enabled.
+    pub metrics: Option<MetricsConfig>,
     /// The agent's environment variables, captured once, for `{env.NAME}` in template files.
     pub env: BTreeMap<String, String>,
     /// The files the configuration was read from.
@@ -223,6 +236,24 @@ pub struct EcsConfig {
     pub cluster: String,
     /// AWS region.
     pub region: String,
+}
+
+/// The agent's Prometheus endpoint (`metrics:`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where to serve `/metrics`.
+    pub listen: std::net::SocketAddr,
+    /// The bearer token a scrape must carry, if any.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }
 
 /// How to reach the coordinator.
@@ -446,42 +477,7 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
             }
             PathBuf::from(f.value)
         });
-        let others_read = {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(&c.token_file.value)
-                .map(|m| m.permissions().mode() & 0o004 != 0)
-                .unwrap_or(false)
-        };
-        if others_read {
-            problems.push(Problem::new(
-                c.token_file.mark.clone(),
-                format!(
-                    "coordinator token file {} is readable by every user: anyone on this host could act as it; chmod 600 it",
-                    c.token_file.value
-                ),
-            ));
-        }
-        let token = match crate::fsutil::read_text_capped(Path::new(&c.token_file.value), MAX_TOKEN)
-        {
-            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-            Ok(_) => {
-                problems.push(Problem::new(
-                    c.token_file.mark.clone(),
-                    format!("coordinator token file {} is empty", c.token_file.value),
-                ));
-                String::new()
-            }
-            Err(e) => {
-                problems.push(Problem::new(
-                    c.token_file.mark.clone(),
-                    format!(
-                        "cannot read coordinator token file {}: {e}",
-                        c.token_file.value
-                    ),
-                ));
-                String::new()
-            }
-        };
+        let token = read_token("coordinator", &c.token_file, problems);
         CoordinatorConfig {
             url,
             token,
@@ -492,6 +488,34 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
                 insecure: c.insecure,
             },
         }
+    });
+    let metrics = i.metrics.map(|m| {
+        let listen = match m.listen.value.parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                problems.push(Problem::new(
+                    m.listen.mark.clone(),
+                    format!(
+                        "metrics listen `{}` is not an address and port: write e.g. 127.0.0.1:9469",
+                        m.listen.value
+                    ),
+                ));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 9469))
+            }
+        };
+        let token = m
+            .token_file
+            .as_ref()
+            .map(|f| read_token("metrics", f, problems));
+        if token.is_none() && !crate::metrics::http::is_private(&listen) {
+            problems.push(Problem::new(
+                m.listen.mark.clone(),
+                format!(
+                    "metrics listen {listen} is reachable from other hosts: set metrics.token_file (a bearer token Prometheus sends) or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        MetricsConfig { listen, token }
     });
     let ecs = i.ecs.map(|e| EcsConfig {
         cluster: e.cluster,
@@ -530,8 +554,46 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         coordinator,
         ecs,
         run_as: i.run_as.map(|r| (r.user, r.group)),
+        metrics,
         env,
         files: Vec::new(),
+    }
+}
+
+/// Reads the token in `file` (the `what` setting's `token_file`): refused when others may read
+/// it, empty, or unreadable.
+fn read_token(what: &str, file: &Spanned<String>, problems: &mut Vec<Problem>) -> String {
+    let others_read = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&file.value)
+            .map(|m| m.permissions().mode() & 0o004 != 0)
+            .unwrap_or(false)
+    };
+    if others_read {
+        problems.push(Problem::new(
+            file.mark.clone(),
+            format!(
+                "{what} token file {} is readable by every user: anyone on this host could act as it; chmod 600 it",
+                file.value
+            ),
+        ));
+    }
+    match crate::fsutil::read_text_capped(Path::new(&file.value), MAX_TOKEN) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) => {
+            problems.push(Problem::new(
+                file.mark.clone(),
+                format!("{what} token file {} is empty", file.value),
+            ));
+            String::new()
+        }
+        Err(e) => {
+            problems.push(Problem::new(
+                file.mark.clone(),
+                format!("cannot read {what} token file {}: {e}", file.value),
+            ));
+            String::new()
+        }
     }
 }
 

@@ -184,10 +184,11 @@ impl HostStatus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn status() -> HostStatus {
+    /// A host with one service rolling back and one unreadable.
+    pub(crate) fn status() -> HostStatus {
         let hello = ServiceStatus {
             current: Some("1.0".into()),
             previous: Some("0.9".into()),

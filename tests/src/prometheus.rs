@@ -21,18 +21,27 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus scraping `127.0.0.1:<port>/metrics` for each of `targets`.
     pub fn start(work: &Path, targets: &[u16]) -> Prometheus {
-        let port = crate::free_port();
-        let dir = work.join(format!("prometheus-{port}"));
-        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
         let list = targets
             .iter()
             .map(|p| format!("'127.0.0.1:{p}'"))
             .collect::<Vec<_>>()
             .join(", ");
+        Prometheus::start_with(
+            work,
+            &format!("  - job_name: hello\n    static_configs:\n      - targets: [{list}]\n"),
+        )
+    }
+
+    /// Starts Prometheus with these `scrape_configs` entries (YAML, indented by two), every
+    /// second.
+    pub fn start_with(work: &Path, scrape_configs: &str) -> Prometheus {
+        let port = crate::free_port();
+        let dir = work.join(format!("prometheus-{port}"));
+        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
         std::fs::write(
             dir.join("prometheus.yml"),
             format!(
-                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: hello\n    static_configs:\n      - targets: [{list}]\n"
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n{scrape_configs}"
             ),
         )
         .expect("config");
@@ -93,6 +102,38 @@ impl Prometheus {
                 (s == 200 && body.contains("\"value\"") && !body.contains("\"NaN\"")).then_some(())
             },
         );
+    }
+
+    /// The samples of an instant query: each series' labels and value.
+    pub fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+        let path = format!("/api/v1/query?query={}", urlencode(query));
+        let Some((200, body)) = crate::http_get(self.port, &path) else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("prometheus answers JSON");
+        v["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .map(|s| {
+                        let value = s["value"][1].as_str().unwrap_or("NaN");
+                        (s["metric"].clone(), value.parse().unwrap_or(f64::NAN))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until `query` has one sample equal to `value`; returns its labels.
+    pub fn wait_for_value(&self, query: &str, value: f64) -> serde_json::Value {
+        crate::wait_for(
+            &format!("prometheus: {query} == {value}"),
+            Duration::from_secs(60),
+            || {
+                let r = self.query(query);
+                (r.len() == 1 && r[0].1 == value).then(|| r[0].0.clone())
+            },
+        )
     }
 }
 

@@ -8,6 +8,7 @@ mod ecs;
 mod git;
 mod gitops;
 mod hostile;
+mod metrics;
 mod packaging;
 mod recovery;
 mod security;

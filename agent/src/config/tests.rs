@@ -91,3 +91,72 @@ fn missing_environment_is_an_error() {
     let e = load(&[("agent.yaml", "repo: {url: /x}\n")]).unwrap_err();
     assert!(e.to_string().contains("missing field `environment`"), "{e}");
 }
+
+#[test]
+fn metrics_is_off_by_default_and_loopback_needs_no_token() {
+    assert_eq!(load(&[("agent.yaml", BASE)]).unwrap().metrics, None);
+    let text = format!("{BASE}metrics: {{ listen: \"127.0.0.1:9469\" }}\n");
+    let c = load(&[("agent.yaml", &text)]).unwrap();
+    assert_eq!(
+        c.metrics,
+        Some(MetricsConfig {
+            listen: "127.0.0.1:9469".parse().unwrap(),
+            token: None
+        })
+    );
+}
+
+#[test]
+fn metrics_settings_that_would_expose_or_break_the_endpoint_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open-token");
+    std::fs::write(&open, "s3cret-token\n").unwrap();
+    let shut = dir.path().join("token");
+    std::fs::write(&shut, "s3cret-token\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&shut, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (metrics, expect) in [
+        (
+            "{ listen: \"0.0.0.0:9469\" }".to_string(),
+            "agent.yaml:8:20: metrics listen 0.0.0.0:9469 is reachable from other hosts: set metrics.token_file",
+        ),
+        (
+            "{ listen: \"localhost:9469\" }".to_string(),
+            "metrics listen `localhost:9469` is not an address and port: write e.g. 127.0.0.1:9469",
+        ),
+        (
+            "{ listen: \"127.0.0.1\" }".to_string(),
+            "metrics listen `127.0.0.1` is not an address and port",
+        ),
+        (
+            "{ listen: \"127.0.0.1:9469\", port: 1 }".to_string(),
+            "unknown field `port`",
+        ),
+        ("{ token_file: /x }".to_string(), "missing field `listen`"),
+        (
+            format!(
+                "{{ listen: \"0.0.0.0:9469\", token_file: {} }}",
+                open.display()
+            ),
+            "metrics token file",
+        ),
+        (
+            "{ listen: \"0.0.0.0:9469\", token_file: /dev/zero }".to_string(),
+            "cannot read metrics token file /dev/zero: not a regular file",
+        ),
+    ] {
+        let text = format!("{BASE}metrics: {metrics}\n");
+        let e = load(&[("agent.yaml", &text)]).unwrap_err().to_string();
+        assert!(e.contains(expect), "{metrics}: {e}");
+    }
+    // Off loopback with a private token file: served, the token kept out of Debug output.
+    let text = format!(
+        "{BASE}metrics: {{ listen: \"0.0.0.0:9469\", token_file: {} }}\n",
+        shut.display()
+    );
+    let c = load(&[("agent.yaml", &text)]).unwrap();
+    let m = c.metrics.unwrap();
+    assert_eq!(m.token.as_deref(), Some("s3cret-token"));
+    assert!(!format!("{m:?}").contains("s3cret"));
+}

@@ -32,6 +32,7 @@ pub use outcome::{DeployError, Reconciled};
 use crate::coordinator::{self, Ctx, Gate, GateError, KeepAlive, LeasePurpose};
 use crate::failpoint;
 use crate::fsutil::FileLock;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::state::{Event, Record, StateStore};
 
@@ -246,6 +247,8 @@ pub struct Engine {
     pub gate: Option<Gate>,
     /// systemd notifications (the phase in `systemctl status`).
     pub notify: Notifier,
+    /// The agent's Prometheus counters (deploys, phase durations).
+    pub metrics: Metrics,
 }
 
 impl Engine {
@@ -350,6 +353,7 @@ pub async fn drive<M: Machine>(
             e.event(&service, &version, &name, detail.map(str::to_string));
             tracing::info!(phase = %name, "phase");
         }
+        let began = Instant::now();
         let result = match failpoint::hit(&M::failpoint(phase)) {
             Err(msg) => Err(StepError::Injected(msg)),
             Ok(()) if M::takes_lease(phase) => {
@@ -366,6 +370,11 @@ pub async fn drive<M: Machine>(
             }
             Ok(()) => m.run_phase(rec, &mut flight, phase).await,
         };
+        if !matches!(result, Err(StepError::Gate(GateError::Wait { .. }))) {
+            // Waiting for a lease is not a phase's work: its retries are not timed.
+            e.metrics
+                .phase(&service, &name, began.elapsed().as_secs_f64());
+        }
         let next = match result {
             Ok(()) => m.on_success(&flight, phase),
             Err(err) => {
@@ -435,6 +444,7 @@ pub async fn conclude<M: Machine>(
         );
     }
     e.save(rec)?;
+    e.metrics.ended(flight.service(), &outcome);
     if let Some((what, detail)) = outcome.event() {
         e.event(flight.service(), flight.version(), what, detail);
         e.notify

@@ -204,6 +204,7 @@ async fn run(
             host: "h1".into(),
             gate: None,
             notify: Notifier::default(),
+            metrics: Default::default(),
         },
         fails: fails.iter().copied().collect(),
         ran: Mutex::default(),
@@ -228,7 +229,14 @@ async fn run(
     let stored: Book = store.load("svc").unwrap().unwrap();
     assert_eq!(stored.ended, book.ended, "what ended is saved");
     let events = store.events().into_iter().map(|e| e.phase).collect();
-    (outcome, stored, m.ran.into_inner().unwrap(), events)
+    // Every phase run is timed, and the ending counted once under its outcome.
+    let counters = m.engine.metrics.snapshot();
+    let ran = m.ran.into_inner().unwrap();
+    let timed: u64 = counters.phases.values().map(|h| h.count).sum();
+    assert_eq!(timed as usize, ran.len(), "{counters:?}");
+    assert_eq!(counters.deploys.values().sum::<u64>(), 1, "{counters:?}");
+    assert_eq!(counters.deploys.keys().next().unwrap().0, "svc");
+    (outcome, stored, ran, events)
 }
 
 #[tokio::test]

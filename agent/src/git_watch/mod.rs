@@ -11,14 +11,16 @@ pub use drover_desired::git::{GitError, Mirror, Snapshot, fetch_snapshot, snapsh
 
 use crate::config::RepoConfig;
 use crate::fsutil;
+use crate::metrics::Metrics;
 use crate::state::{RepoStatus, StateStore};
 
-/// Follows the repo and publishes each new snapshot; runs until `shutdown` is set. `wake`
-/// asks for a fetch now (the coordinator said the tip moved).
+/// Follows the repo and publishes each new snapshot, counting fetches in `metrics`; runs
+/// until `shutdown` is set. `wake` asks for a fetch now (the coordinator said the tip moved).
 pub async fn watch(
     mirror: Arc<Mirror>,
     repo: RepoConfig,
     store: StateStore,
+    metrics: Metrics,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     wake: mpsc::Receiver<()>,
     shutdown: watch::Receiver<bool>,
@@ -28,6 +30,7 @@ pub async fn watch(
     status.branch = repo.branch.clone();
     drover_desired::git::follow(mirror, repo, wake, shutdown, move |result| match result {
         Ok(snap) => {
+            metrics.fetched(snap.commit_time_ms);
             let changed = status.commit.as_deref() != Some(snap.commit.as_str());
             let recovered = status.error.is_some();
             if changed || recovered || tx.borrow().is_none() {
@@ -46,6 +49,7 @@ pub async fn watch(
             }
         }
         Err(e) => {
+            metrics.fetch_failed();
             if status.error.is_none() {
                 status.failing_since = Some(fsutil::now_rfc3339());
             }

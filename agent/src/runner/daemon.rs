@@ -16,6 +16,23 @@ impl Agent {
                     self.config.state_dir.display()
                 )
             })?;
+        let endpoint = match &self.config.metrics {
+            Some(m) => {
+                let listener = crate::metrics::http::bind(m.listen).await?;
+                tracing::info!(listen = %m.listen, "serving Prometheus metrics at /metrics");
+                let (reader, metrics) = (self.reader(), self.engine.metrics.clone());
+                let page: crate::metrics::http::Page = std::sync::Arc::new(move || {
+                    crate::metrics::render(&reader.status(), &metrics.snapshot())
+                });
+                Some(tokio::spawn(crate::metrics::http::serve(
+                    listener,
+                    m.token.clone(),
+                    page,
+                    shutdown.clone(),
+                )))
+            }
+            None => None,
+        };
         self.deployer_prepare();
         for (name, r) in self.recover().await {
             match r {
@@ -32,6 +49,7 @@ impl Agent {
             self.mirror.clone(),
             self.config.repo.clone(),
             self.store.clone(),
+            self.engine.metrics.clone(),
             tx,
             wake_rx,
             shutdown.clone(),
@@ -100,6 +118,7 @@ impl Agent {
                             ctx = Some(Agent::ctx(&snap));
                             base = self.jobs(&p);
                             jobs = pinned(&base, &pins);
+                            self.engine.metrics.desired(jobs.iter().map(|j| (j.name(), j.version())));
                             let wanted: Vec<&str> = jobs.iter().map(Job::name).collect();
                             for old in slots.keys().filter(|k| !wanted.contains(&k.as_str())) {
                                 tracing::warn!(service = %old, "no longer in this host's desired state; leaving it as it is");
@@ -194,6 +213,7 @@ impl Agent {
                     }
                     if !redo.is_empty() {
                         jobs = pinned(&base, &pins);
+                        self.engine.metrics.desired(jobs.iter().map(|j| (j.name(), j.version())));
                         for name in redo {
                             let Some(job) = jobs.iter().find(|j| j.name() == name) else { continue };
                             let slot = slots.entry(name).or_default();
@@ -238,6 +258,9 @@ impl Agent {
             tracing::warn!("deploys still in flight after 90s; they resume at the next start");
         }
         watcher.abort();
+        if let Some(e) = endpoint {
+            e.abort();
+        }
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 
 mod daemon;
 mod plan;
+mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::ecs::aws::Aws;
 use crate::engine::{DeployError, Engine, Reconciled};
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::release::Layout;
 use crate::report::{self, Entry, HostStatus};
@@ -95,6 +97,7 @@ impl Agent {
             host: config.host.clone(),
             gate,
             notify: notify.clone(),
+            metrics: Metrics::default(),
         };
         let deployer = VmDeployer::new(
             engine.clone(),
@@ -323,8 +326,12 @@ impl Agent {
             .heartbeat(reports, &self.config.labels, commit.map(str::to_string))
             .await
         {
-            Ok(actions) => Some(actions),
+            Ok(actions) => {
+                self.engine.metrics.coordinator(true);
+                Some(actions)
+            }
             Err(e) => {
+                self.engine.metrics.coordinator(false);
                 tracing::warn!(error = %e, "heartbeat failed");
                 None
             }
@@ -444,76 +451,17 @@ impl Agent {
 
     /// The local state of every service, and the repo status.
     pub fn status(&self) -> HostStatus {
-        let mut services = BTreeMap::new();
-        for name in self.store.records::<VmRecord>().unwrap_or_default() {
-            let entry = match self.store.load::<VmRecord>(&name) {
-                Ok(Some(st)) => {
-                    let process = match self.deployer.manager() {
-                        Manager::Process(p) => p.running(&name).map(|a| report::Running {
-                            pid: a.pid,
-                            version: a.version,
-                            since: a.started_at,
-                        }),
-                        Manager::Systemd(_) => None,
-                    };
-                    Entry::Read(report::ServiceStatus {
-                        current: st.current.map(|r| r.version),
-                        previous: st.previous.map(|r| r.version),
-                        failed: st.failed,
-                        deploying: st.deployment.map(|d| report::Deploying {
-                            version: d.target.version,
-                            phase: d.phase,
-                            attempts: d.attempts,
-                            since: d.started_at,
-                        }),
-                        process,
-                        last_error: st.last_error,
-                        verdict: st.verdict.map(|(version, v)| report::VerdictView {
-                            version,
-                            risk: v.risk,
-                            summary: v.summary,
-                            metrics: v.metrics,
-                        }),
-                        root: st.root,
-                        updated_at: st.updated_at,
-                    })
-                }
-                Ok(None) => continue,
-                Err(e) => Entry::Unreadable {
-                    error: e.to_string(),
-                },
-            };
-            services.insert(name, entry);
-        }
-        let ecs = self.ecs.as_ref().map(|e| {
-            e.services()
-                .into_iter()
-                .map(|n| {
-                    let entry = match e.load(&n) {
-                        Ok(st) => Entry::Read(report::EcsStatus {
-                            current: st.current,
-                            failed: st.failed,
-                            deploying: st.deployment.map(|d| report::EcsDeploying {
-                                version: d.target.version,
-                                phase: d.phase.name(),
-                                live: d.live,
-                            }),
-                            last_error: st.last_error,
-                        }),
-                        Err(err) => Entry::Unreadable {
-                            error: err.to_string(),
-                        },
-                    };
-                    (n, entry)
-                })
-                .collect()
-        });
-        HostStatus {
+        self.reader().status()
+    }
+
+    /// What reads the status, detached from the agent (for the metrics endpoint).
+    fn reader(&self) -> status::Reader {
+        status::Reader {
+            store: self.store.clone(),
+            deployer: self.deployer.clone(),
+            ecs: self.ecs.clone(),
             host: self.config.host.clone(),
             environment: self.config.environment.clone(),
-            repo: self.store.repo_status(),
-            services,
-            ecs,
         }
     }
 }
