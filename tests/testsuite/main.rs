@@ -11,6 +11,7 @@ mod hostile;
 mod metrics;
 mod packaging;
 mod recovery;
+mod schema;
 mod security;
 mod validate;
 mod verify;

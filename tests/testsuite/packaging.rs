@@ -99,6 +99,8 @@ fn debs_and_rpms_carry_binaries_units_config_and_users() {
         "./etc/drover/agent.yaml",
         "./usr/lib/tmpfiles.d/drover-agent.conf",
         "./usr/lib/sysusers.d/drover-app.conf",
+        "./usr/share/drover/schema/service.schema.json",
+        "./usr/share/drover/schema/environment.schema.json",
     ] {
         assert!(list.contains(f), "{f} missing from the agent .deb:\n{list}");
     }
@@ -148,7 +150,8 @@ fn debs_and_rpms_carry_binaries_units_config_and_users() {
     let files = run("rpm", &["-qpl", agent_rpm.to_str().unwrap()]).stdout;
     assert!(
         files.contains("/usr/bin/drover-agent")
-            && files.contains("/usr/lib/systemd/system/drover-agent.service"),
+            && files.contains("/usr/lib/systemd/system/drover-agent.service")
+            && files.contains("/usr/share/drover/schema/service.schema.json"),
         "{files}"
     );
     let config = run("rpm", &["-qpc", agent_rpm.to_str().unwrap()]).stdout;

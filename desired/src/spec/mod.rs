@@ -5,6 +5,8 @@
 
 mod leaf;
 mod resolve;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod template;
 
 use std::collections::BTreeMap;
@@ -23,6 +25,7 @@ pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedMetric, ResolvedVerif
 pub use template::{BUILTINS, Template, Vars, env_names, render_str};
 
 /// A service definition, `services/<service>.yaml`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
@@ -60,6 +63,7 @@ pub struct ServiceSpec {
 }
 
 /// `ecs:` — an ECS service deployed by the cluster's agent through weighted target groups.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ecs {
@@ -114,6 +118,7 @@ fn default_ecs_health_timeout() -> Dur {
 }
 
 /// `target_groups: { blue: ARN, green: ARN }`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetGroups {
@@ -124,6 +129,7 @@ pub struct TargetGroups {
 }
 
 /// How traffic moves.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
@@ -135,6 +141,7 @@ pub enum Strategy {
 }
 
 /// ECS launch type.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum LaunchType {
     /// Fargate.
@@ -147,6 +154,7 @@ pub enum LaunchType {
 }
 
 /// awsvpc network configuration.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
@@ -160,6 +168,7 @@ pub struct Network {
 }
 
 /// `verify:` — metric analysis against Prometheus after health and smoke tests.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Verify {
@@ -189,6 +198,7 @@ fn default_min_points() -> u32 {
 }
 
 /// What a medium-risk verdict does.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnMedium {
@@ -200,6 +210,7 @@ pub enum OnMedium {
 }
 
 /// Which way a metric gets worse.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -213,6 +224,7 @@ pub enum Direction {
 }
 
 /// What a metric is compared with.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compare {
@@ -222,6 +234,7 @@ pub enum Compare {
 }
 
 /// One metric of `verify.metrics`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metric {
@@ -251,6 +264,7 @@ fn default_tolerance() -> f64 {
 }
 
 /// An environment's override of a service's `verify` (every field optional).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyOverride {
@@ -271,6 +285,7 @@ pub struct VerifyOverride {
 }
 
 /// How an agent stops and starts the services of its host (agent config `service_manager`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceManager {
@@ -281,6 +296,7 @@ pub enum ServiceManager {
 }
 
 /// What kind of target a service runs on.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -292,6 +308,7 @@ pub enum Kind {
 }
 
 /// `artifact:` — the release archive.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Artifact {
@@ -300,6 +317,7 @@ pub struct Artifact {
 }
 
 /// `install:` — the release layout on the host.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Install {
@@ -336,6 +354,7 @@ fn rel_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RelPath>, D::Error> 
 }
 
 /// One template file: `src` (in the release) rendered to `dest` (in the release).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateFile {
@@ -348,6 +367,7 @@ pub struct TemplateFile {
 }
 
 /// `run:` — how the service runs.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Run {
@@ -374,6 +394,7 @@ fn default_stop_timeout() -> Dur {
 }
 
 /// `hooks:` — programs in the release run around the switch.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hooks {
@@ -450,6 +471,7 @@ fn default_hook_timeout() -> Dur {
 }
 
 /// `health:` — polled after start until it passes or times out.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
@@ -474,6 +496,7 @@ fn default_health_timeout() -> Dur {
 }
 
 /// One smoke test: an HTTP check (`url`) or a program in the release (`command`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Smoke {
@@ -496,6 +519,7 @@ fn default_smoke_timeout() -> Dur {
 }
 
 /// An environment, `environments/<env>.yaml`: policy and desired versions.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Environment {
@@ -518,6 +542,7 @@ pub struct Environment {
 }
 
 /// `rollout:` — how many hosts deploy at once and how many may fail.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Rollout {
@@ -543,6 +568,7 @@ impl Default for Rollout {
 }
 
 /// `approval:` — a human gate before any host of a new version moves.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
@@ -562,6 +588,7 @@ pub struct Approval {
 }
 
 /// `approval.rollbacks`: whether a return to a version that succeeded before is approved.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rollbacks {
@@ -588,6 +615,7 @@ impl Default for Approval {
 }
 
 /// `promotion:` — where a version must have succeeded first.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Promotion {
@@ -596,6 +624,7 @@ pub struct Promotion {
 }
 
 /// The desired version of one service.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pin {
