@@ -20,6 +20,7 @@ pub mod health;
 pub mod hooks;
 pub mod metrics;
 pub mod notify;
+pub mod progress;
 pub mod redact;
 pub mod release;
 pub mod report;

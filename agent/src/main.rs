@@ -27,7 +27,13 @@ enum Command {
     /// Run as a daemon: watch the repo and keep this host in its desired state.
     Run,
     /// One pass: deploy what changed, wait for the checks, exit 0 if the host converged.
-    Once,
+    /// Phases are shown as they happen (live on a terminal, plain lines otherwise).
+    Once {
+        /// Print one JSON object per line: every phase's start and end, each deploy's end,
+        /// then a `result` per service.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a desired-state repo (a directory) and print every problem with file:line.
     Validate {
         /// The repo's directory (with services/ and environments/).
@@ -134,17 +140,31 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
                 agent.run(rx).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Once => {
-                let results = agent.once().await?;
+            Command::Once { json } => {
+                let show = show_progress(&agent, json);
+                let results = agent.once().await;
+                show.end().await;
+                let results = results?;
                 let mut ok = true;
                 for (name, outcome) in &results {
-                    println!(
-                        "{name}: {}",
-                        drover_desired::text::printable(&outcome.summary())
-                    );
+                    if json {
+                        let line = serde_json::json!({
+                            "event": "result",
+                            "service": name,
+                            "outcome": drover_agent::progress::outcome_name(outcome),
+                            "converged": outcome.converged(),
+                            "summary": outcome.summary(),
+                        });
+                        println!("{line}");
+                    } else {
+                        println!(
+                            "{name}: {}",
+                            drover_desired::text::printable(&outcome.summary())
+                        );
+                    }
                     ok &= outcome.converged();
                 }
-                if results.is_empty() {
+                if results.is_empty() && !json {
                     println!("no services for this host");
                 }
                 Ok(if ok {
@@ -184,6 +204,60 @@ fn real_main(cli: Cli, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode
             Command::Validate { .. } | Command::CheckConfig => unreachable!("handled above"),
         }
     })
+}
+
+/// Prints the agent's progress while `once` runs, until [`Shower::end`].
+struct Shower {
+    done: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Shower {
+    /// Prints what is left and erases the live line.
+    async fn end(self) {
+        let _ = self.done.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn show_progress(agent: &Agent, json: bool) -> Shower {
+    use drover_agent::progress::{Board, Style, TICK, terminal_width};
+    use std::io::Write;
+    let style = match (json, terminal_width()) {
+        (true, _) => Style::Json,
+        (false, Some(width)) => Style::Terminal { width },
+        (false, None) => Style::Plain,
+    };
+    let mut rx = agent.progress().subscribe();
+    let (done, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let write = |s: String| {
+        if !s.is_empty() {
+            let mut out = std::io::stdout().lock();
+            // A closed pipe (`| head`) must not stop the deploy: the text is dropped.
+            let _ = out.write_all(s.as_bytes()).and_then(|()| out.flush());
+        }
+    };
+    let task = tokio::spawn(async move {
+        let mut board = Board::new(style);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                u = rx.recv() => match u {
+                    Some(u) => write(board.update(&u)),
+                    None => break,
+                },
+                _ = tick.tick() => write(board.tick()),
+                _ = &mut done_rx => {
+                    while let Ok(u) = rx.try_recv() {
+                        write(board.update(&u));
+                    }
+                    break;
+                }
+            }
+        }
+        write(board.finish());
+    });
+    Shower { done, task }
 }
 
 async fn shutdown_signal() {

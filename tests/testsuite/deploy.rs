@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use drover_tests::host::{Fleet, SERVICE};
+use drover_tests::host::{Fleet, Out, SERVICE};
 use drover_tests::{Killed, wait_for};
 
 #[test]
@@ -432,4 +432,110 @@ fn an_app_that_cannot_bind_its_port_is_not_fooled_by_another_program() {
     assert!(h.app_pids().is_empty());
     assert_eq!(h.hello()["failed"]["version"], "1.0.0");
     assert_eq!(h.current(), None);
+}
+
+/// `once` shows the phases as they happen: plain lines through a pipe, JSON lines with
+/// `--json`, and a live line redrawn in place under a pseudo-terminal (`script`).
+#[test]
+fn once_shows_each_phase_with_its_timing_plain_json_and_on_a_terminal() {
+    let f = Fleet::new();
+    let h = f.host("h1");
+    f.pin(&f.hello("1.0.0", &[]));
+    // Plain (stdout is a pipe): a line as each phase starts and ends, then the summary.
+    let out = h.once();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        !out.stdout.contains('\x1b') && !out.stdout.contains('\r'),
+        "{}",
+        out.stdout
+    );
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let at = |prefix: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix}:\n{}", out.stdout))
+    };
+    assert!(at("hello 1.0.0: fetch …") < at("hello 1.0.0: fetch ok ("));
+    assert!(at("hello 1.0.0: fetch ok (") < at("hello 1.0.0: start …"));
+    assert!(at("hello 1.0.0: check ok (") < at("hello: deployed 1.0.0"));
+    let timed = lines
+        .iter()
+        .find(|l| l.starts_with("hello 1.0.0: check ok ("))
+        .unwrap();
+    assert!(timed.ends_with("s)"), "{timed}");
+
+    // --json: one object per line; a failed check, the rollback, the end, the result.
+    f.pin(&f.hello("2.0.0", &["FAIL_HEALTH=1"]));
+    let out = h.run_cmd(&["once", "--json"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let find = |event: &str, phase: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == event && (phase.is_empty() || e["phase"] == phase))
+            .unwrap_or_else(|| panic!("no {event} {phase} in {events:#?}"))
+    };
+    let check = find("phase_ended", "check");
+    assert!(
+        check["error"].as_str().unwrap().contains("HTTP 500"),
+        "{check}"
+    );
+    assert!(
+        check["took_ms"].as_u64().is_some() && check["at"].is_string(),
+        "{check}"
+    );
+    assert_eq!(
+        find("phase_ended", "rollback")["error"],
+        serde_json::Value::Null
+    );
+    assert_eq!(find("ended", "")["outcome"], "rolled_back");
+    let result = events.last().unwrap();
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["service"], "hello");
+    assert_eq!(result["outcome"], "rolled_back");
+    assert_eq!(result["converged"], false);
+
+    // A terminal: finished phases marked, the running one on a live line erased in place.
+    f.pin(&f.hello("2.0.1", &[]));
+    let cmd = h.cmd(&["once"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = std::process::Command::new("script");
+    script.args(["-q", "-e", "-f", "-c", &line, "/dev/null"]);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let out: Out = script.output().expect("script (util-linux) runs").into();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("… hello 2.0.1: fetch "),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("\r\x1b[2K✓ hello 2.0.1: fetch ok ("),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("✓ hello 2.0.1: check ok ("),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("hello: deployed 2.0.1"),
+        "{:?}",
+        out.stdout
+    );
 }

@@ -34,6 +34,7 @@ use crate::failpoint;
 use crate::fsutil::FileLock;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::progress::{Progress, Update};
 use crate::state::{Event, Record, StateStore};
 
 /// Where a phase leads.
@@ -249,6 +250,8 @@ pub struct Engine {
     pub notify: Notifier,
     /// The agent's Prometheus counters (deploys, phase durations).
     pub metrics: Metrics,
+    /// Phases as they happen, for a command that shows them (`once`).
+    pub progress: Progress,
 }
 
 impl Engine {
@@ -352,6 +355,11 @@ pub async fn drive<M: Machine>(
             let detail = flight.error().filter(|_| M::rolls_back(phase));
             e.event(&service, &version, &name, detail.map(str::to_string));
             tracing::info!(phase = %name, "phase");
+            e.progress.send(Update::PhaseStarted {
+                service: service.clone(),
+                version: version.clone(),
+                phase: name.clone(),
+            });
         }
         let began = Instant::now();
         let result = match failpoint::hit(&M::failpoint(phase)) {
@@ -372,8 +380,15 @@ pub async fn drive<M: Machine>(
         };
         if !matches!(result, Err(StepError::Gate(GateError::Wait { .. }))) {
             // Waiting for a lease is not a phase's work: its retries are not timed.
-            e.metrics
-                .phase(&service, &name, began.elapsed().as_secs_f64());
+            let took = began.elapsed();
+            e.metrics.phase(&service, &name, took.as_secs_f64());
+            e.progress.send(Update::PhaseEnded {
+                service: service.clone(),
+                version: version.clone(),
+                phase: name.clone(),
+                took_ms: took.as_millis() as u64,
+                error: result.as_ref().err().map(|e| e.to_string()),
+            });
         }
         let next = match result {
             Ok(()) => m.on_success(&flight, phase),
@@ -416,8 +431,17 @@ pub async fn drive<M: Machine>(
             }
             Next::End(end) => {
                 drop(keep.take());
-                tracing::info!(took_ms = t0.elapsed().as_millis() as u64, outcome = ?end, "deploy ended");
-                return conclude(m, rec, &flight, end, cause.as_ref()).await;
+                let took_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(took_ms, outcome = ?end, "deploy ended");
+                let outcome = conclude(m, rec, &flight, end, cause.as_ref()).await?;
+                e.progress.send(Update::Ended {
+                    service: flight.service().to_string(),
+                    version: flight.version().to_string(),
+                    outcome: crate::progress::outcome_name(&outcome),
+                    summary: outcome.summary(),
+                    took_ms,
+                });
+                return Ok(outcome);
             }
         }
     }

@@ -205,6 +205,7 @@ async fn run(
             gate: None,
             notify: Notifier::default(),
             metrics: Default::default(),
+            progress: Default::default(),
         },
         fails: fails.iter().copied().collect(),
         ran: Mutex::default(),
@@ -223,6 +224,7 @@ async fn run(
         phase: Step::Prepare,
         error: None,
     };
+    let mut watch = m.engine.progress.subscribe();
     let outcome = drive(&m, &mut book, flight, Step::Prepare, None, None)
         .await
         .unwrap();
@@ -236,6 +238,24 @@ async fn run(
     assert_eq!(timed as usize, ran.len(), "{counters:?}");
     assert_eq!(counters.deploys.values().sum::<u64>(), 1, "{counters:?}");
     assert_eq!(counters.deploys.keys().next().unwrap().0, "svc");
+    // Progress: each phase run starts and ends, in order; then the deploy ends, once.
+    let mut updates = Vec::new();
+    while let Ok(u) = watch.try_recv() {
+        updates.push(u);
+    }
+    let Some(crate::progress::Update::Ended { outcome: name, .. }) = updates.pop() else {
+        panic!("{updates:?}")
+    };
+    assert_eq!(name, crate::progress::outcome_name(&outcome));
+    assert_eq!(updates.len(), 2 * ran.len(), "{updates:?}");
+    for (pair, (step, _)) in updates.chunks(2).zip(&ran) {
+        let phase = Scripted::name(*step);
+        assert!(
+            matches!(&pair[0], crate::progress::Update::PhaseStarted { phase: p, .. } if *p == phase)
+                && matches!(&pair[1], crate::progress::Update::PhaseEnded { phase: p, .. } if *p == phase),
+            "{pair:?}"
+        );
+    }
     (outcome, stored, ran, events)
 }
 

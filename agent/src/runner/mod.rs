@@ -98,6 +98,7 @@ impl Agent {
             gate,
             notify: notify.clone(),
             metrics: Metrics::default(),
+            progress: Default::default(),
         };
         let deployer = VmDeployer::new(
             engine.clone(),
@@ -135,6 +136,11 @@ impl Agent {
             notify,
             ecs,
         })
+    }
+
+    /// Where deploys report their phases as they happen (nobody listens unless subscribed).
+    pub fn progress(&self) -> &crate::progress::Progress {
+        &self.engine.progress
     }
 
     /// The state store.
