@@ -35,3 +35,5 @@ pub mod server;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod view;

@@ -196,6 +196,95 @@ fn a_failing_rollout_halts_and_the_upgraded_hosts_revert() {
     // The reverts also respected max_parallel.
     let w: Vec<_> = windows(&first, "2.0.0");
     assert!(max_overlap(&w) <= 2);
+
+    // `drover status` filters: by state, environment, service, label.
+    let hosts = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["status", "--json"];
+        all.extend_from_slice(args);
+        let out = c.cli("watcher", &all);
+        assert_eq!(out.code, 0, "{}", out.all());
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let mut names: Vec<String> = v["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["host"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    wait_for(
+        "the hosts' reports of 2.0.0 failing",
+        Duration::from_secs(30),
+        || (hosts(&["--state", "failed"]).len() >= 3).then_some(()),
+    );
+    let failed = hosts(&["--state", "failed"]);
+    assert!(failed.contains(&"h3".to_string()), "{failed:?}");
+    // h3..h5 run 1.0.0 while Git asks them for 2.0.0: drifted. h1 and h2 are ok while the
+    // coordinator holds them on 1.0.0, drifted once it lets them follow Git again.
+    let drifted = hosts(&["--state", "drifted", "--env", "test"]);
+    let ok = hosts(&["--state", "ok"]);
+    for h in ["h3", "h4", "h5"] {
+        assert!(
+            drifted.contains(&h.to_string()) && !ok.contains(&h.to_string()),
+            "{h}: {drifted:?} {ok:?}"
+        );
+    }
+    for h in ["h1", "h2"] {
+        assert!(
+            drifted.contains(&h.to_string()) || ok.contains(&h.to_string()),
+            "{h}: {drifted:?} {ok:?}"
+        );
+    }
+    assert!(hosts(&["--env", "prod"]).is_empty());
+    assert!(hosts(&["--service", "nope"]).is_empty());
+    assert!(hosts(&["--label", "role=db"]).is_empty());
+    assert_eq!(hosts(&["--service", "hello", "--env", "test"]).len(), 5);
+    let out = c.cli("watcher", &["status", "--state", "broken"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("unknown state `broken`: use one of ok, deploying, failed"),
+        "{}",
+        out.stderr
+    );
+    let out = c.cli("watcher", &["status", "--label", "role"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("is not KEY=VALUE"), "{}", out.stderr);
+    // The table, filtered: h3's reason whole on its line (not a terminal: no wrapping).
+    let out = c.cli(
+        "watcher",
+        &["status", "--state", "failed", "--service", "hello"],
+    );
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("h3 "))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(row.contains("2.0.0") && row.contains("1.0.0"), "{row}");
+    assert!(out.stdout.contains("did not pass within"), "{}", out.stdout);
+    // On a 60-column terminal (a pseudo-terminal from `script`), every line fits.
+    assert!(c.ca.is_none(), "plain http coordinator");
+    let line = format!(
+        "stty cols 60 && '{}' --url '{}' --token-file '{}' status",
+        drover_tests::bin("drover").display(),
+        c.url(),
+        c.token_file("watcher").display()
+    );
+    let out: drover_tests::host::Out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs")
+        .into();
+    assert_eq!(out.code, 0, "{}", out.all());
+    let text = out.stdout.replace('\r', "");
+    assert!(text.contains("h3"), "{text}");
+    for l in text.lines() {
+        assert!(
+            l.chars().count() <= 60,
+            "{l:?} is wider than the terminal:\n{text}"
+        );
+    }
 }
 
 #[test]

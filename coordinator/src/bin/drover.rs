@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use drover_coordinator::client::{Client, ClientError};
-use drover_coordinator::wire::{RolloutKind, RolloutReply, RolloutView, Status};
+use drover_coordinator::view::{self, Filter, Label, RowState, rollout_line, time};
+use drover_coordinator::wire::RolloutReply;
 
 /// Operate a drover fleet through its coordinator.
 #[derive(Parser)]
@@ -43,6 +44,19 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only this environment (repeatable: any of them).
+        #[arg(long = "env", value_name = "ENV")]
+        environments: Vec<String>,
+        /// Only this service (repeatable: any of them).
+        #[arg(long = "service", value_name = "SERVICE")]
+        services: Vec<String>,
+        /// Only hosts with this label (repeatable: all of them).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<Label>,
+        /// Only services in this state: ok, deploying, failed, down, stale or drifted
+        /// (repeatable: any of them).
+        #[arg(long = "state", value_name = "STATE")]
+        states: Vec<RowState>,
     },
     /// Approve a rollout waiting for approval.
     Approve {
@@ -156,13 +170,25 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         },
     )?;
     match cli.command {
-        Command::Status { json } => {
-            let s = c.status().await?;
+        Command::Status {
+            json,
+            environments,
+            services,
+            labels,
+            states,
+        } => {
+            let filter = Filter {
+                environments,
+                services,
+                labels,
+                states,
+            };
+            let s = view::filter(&c.status().await?, &filter);
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).expect("json"));
             } else {
                 // Hosts' text (errors, phases) may hold terminal escapes: shown, not obeyed.
-                print!("{}", printable(&status_table(&s)));
+                print!("{}", printable(&view::status_table(&s, terminal_width())));
             }
         }
         Command::Approve {
@@ -214,133 +240,31 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The width of the terminal stdout is, if it is one (`COLUMNS` when the size is unknown).
+fn terminal_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
+    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    if r == 0 && ws.ws_col > 0 {
+        return Some(ws.ws_col as usize);
+    }
+    Some(
+        std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(80),
+    )
+}
+
 fn print_rollout(r: &RolloutReply) {
     println!("{}", printable(&rollout_line(&r.rollout)));
-}
-
-fn rollout_line(r: &RolloutView) -> String {
-    let kind = match r.kind {
-        RolloutKind::Deploy => "",
-        RolloutKind::Rollback => " rollback",
-    };
-    let attempt = if r.attempt > 1 {
-        format!(", attempt {}", r.attempt)
-    } else {
-        String::new()
-    };
-    let mut s = format!(
-        "{}/{}/{} {} (#{}{kind}{attempt}, commit {}, leases {}, ok {}, failed {}, reverted {})",
-        r.environment,
-        r.service,
-        r.version,
-        r.state,
-        r.id,
-        short(&r.commit),
-        r.leases,
-        r.succeeded.len(),
-        r.failed.len(),
-        r.reverted.len()
-    );
-    if let Some(d) = &r.decision {
-        s.push_str(&format!(
-            "; {} by {} at {}",
-            if d.approved { "approved" } else { "rejected" },
-            d.by,
-            time(d.at_ms)
-        ));
-    }
-    if let Some(why) = &r.reason {
-        s.push_str(&format!("; {why}"));
-    }
-    if let Some(w) = &r.waiting_for {
-        s.push_str(&format!("\n      waits for {w}"));
-    }
-    for (host, v) in &r.verdicts {
-        s.push_str(&format!("\n      verification on {host}: {v}"));
-    }
-    s
-}
-
-fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(12)]
-}
-
-/// `YYYY-MM-DD HH:MM:SS` UTC of a millisecond timestamp.
-fn time(ms: u64) -> String {
-    let t = drover_coordinator::time::rfc3339((ms / 1000) as i64, 0);
-    t[..19].replace('T', " ")
-}
-
-fn status_table(s: &Status) -> String {
-    let mut out = String::new();
-    match &s.desired {
-        Some(d) => out.push_str(&format!(
-            "DESIRED STATE  commit {} ({}), read {}\n",
-            short(&d.commit),
-            time(d.commit_time_ms),
-            time(d.fetched_at_ms)
-        )),
-        None => out.push_str("DESIRED STATE  not read yet\n"),
-    }
-    if let Some(e) = &s.git_error {
-        out.push_str(&format!("  Git: {e}\n"));
-    }
-    if let Some(r) = &s.refused {
-        out.push_str(&format!(
-            "  REFUSED commit {} ({} problem(s)); nothing moves until a valid commit:\n",
-            short(&r.commit),
-            r.problems.len()
-        ));
-        for p in &r.problems {
-            out.push_str(&format!("    {p}\n"));
-        }
-    }
-    for o in &s.overrides {
-        out.push_str(&format!(
-            "  {}/{}: rolled back from {} to {} by {} at {}; Git still asks for {}\n",
-            o.environment,
-            o.service,
-            o.from,
-            o.to,
-            o.by,
-            time(o.at_ms),
-            o.from
-        ));
-    }
-    out.push_str("HOSTS\n");
-    out.push_str(&format!(
-        "  {:<16} {:<12} {:<12} {:<10} {:<10} {:<8} {}\n",
-        "HOST", "ENVIRONMENT", "SERVICE", "DESIRED", "ACTUAL", "HEALTH", "NOTE"
-    ));
-    for h in &s.hosts {
-        for svc in &h.services {
-            let note = match (&svc.phase, &svc.last_error, h.stale) {
-                (_, _, true) => "stale (no heartbeat)".to_string(),
-                (Some(p), _, _) => format!("deploying ({p})"),
-                (_, Some(e), _) => e.chars().take(60).collect(),
-                _ => String::new(),
-            };
-            out.push_str(&format!(
-                "  {:<16} {:<12} {:<12} {:<10} {:<10} {:<8} {}\n",
-                h.host,
-                h.environment,
-                svc.service,
-                svc.desired.as_deref().unwrap_or("-"),
-                svc.actual.as_deref().unwrap_or("-"),
-                if svc.healthy { "ok" } else { "DOWN" },
-                note
-            ));
-        }
-        if h.services.is_empty() {
-            out.push_str(&format!(
-                "  {:<16} {:<12} (no services)\n",
-                h.host, h.environment
-            ));
-        }
-    }
-    out.push_str("ROLLOUTS\n");
-    for r in &s.rollouts {
-        out.push_str(&format!("  {}\n", rollout_line(r)));
-    }
-    out
 }
