@@ -66,7 +66,23 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
                         .map(|v| (s.clone(), v.as_str().to_string()))
                 })
                 .collect();
-            (name.clone(), EnvDesired { policy, services })
+            let after: BTreeMap<String, Vec<String>> = env
+                .services
+                .iter()
+                .filter(|(_, pin)| !pin.value.after.is_empty())
+                .map(|(s, pin)| {
+                    let names = pin.value.after.iter().map(|a| a.value.as_str().to_string());
+                    (s.clone(), names.collect())
+                })
+                .collect();
+            (
+                name.clone(),
+                EnvDesired {
+                    policy,
+                    services,
+                    after,
+                },
+            )
         })
         .collect();
     Desired {

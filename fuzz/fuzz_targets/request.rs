@@ -48,6 +48,7 @@ fn desired(version: &str, n: u64) -> Desired {
             EnvDesired {
                 policy,
                 services: BTreeMap::from([("hello".to_string(), version.to_string())]),
+                after: BTreeMap::new(),
             },
         )]),
     }

@@ -299,20 +299,26 @@ fn approvals_gate_the_rollout_and_wrong_roles_are_refused() {
         Duration::from_secs(30),
         || (c.state("prod", "1.0.0").as_deref() == Some("APPROVAL_REQUIRED")).then_some(()),
     );
-    std::thread::sleep(Duration::from_millis(1500));
     for h in &hosts {
+        // Each agent has asked for a lease and been told to wait (a loaded machine may take
+        // a while to get there: wait for it rather than sleep a fixed time).
+        wait_for(
+            "the agent to be told the rollout waits for approval",
+            Duration::from_secs(30),
+            || {
+                h.hello()["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("approval_required")
+                    .then_some(())
+            },
+        );
         assert!(
             h.hello()["current"].is_null(),
             "{} moved before approval",
             h.name
         );
         assert!(!h.phases().iter().any(|p| p == "1.0.0:stop"));
-        assert!(
-            h.hello()["last_error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("approval_required")
-        );
     }
     // Wrong roles and groups: 403, audited.
     for who in ["fleet", "watcher", "ops", "bob"] {

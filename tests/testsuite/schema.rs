@@ -240,6 +240,11 @@ fn cases() -> Vec<(&'static str, String, Option<&'static str>)> {
             format!("{ENV}approval: {{ rollbacks: sometimes }}\n"),
             Some("sometimes"),
         ),
+        (
+            "environments",
+            env("b4b }", "b4b, after: 5 }"),
+            Some("is not of type 'array'"),
+        ),
     ]
 }
 

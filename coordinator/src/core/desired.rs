@@ -5,9 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ApiError, Change, Core, Desired, Override, Refused, Rollout, check_names, key, short};
+use super::{
+    ApiError, Change, Core, Desired, EnvDesired, Override, Refused, Rollout, check_names, key,
+    short,
+};
 use crate::auth::Caller;
-use crate::wire::{Policy, RolloutKind, RolloutState, RolloutView};
+use crate::wire::{RolloutKind, RolloutState, RolloutView};
 
 /// How much of a refused commit's problems the audit keeps.
 const MAX_AUDIT_PROBLEMS: usize = 4096;
@@ -42,7 +45,7 @@ impl Core {
         );
         for (env, e) in &d.environments {
             for (service, version) in &e.services {
-                self.follow(env, service, version, &e.policy, &d, now);
+                self.follow(env, service, version, e, &d, now);
             }
         }
         // Services no longer pinned in their environment: nothing is rolled out for them.
@@ -124,10 +127,12 @@ impl Core {
         env: &str,
         service: &str,
         version: &str,
-        policy: &Policy,
+        e: &EnvDesired,
         d: &Desired,
         now: u64,
     ) {
+        let policy = &e.policy;
+        let after = e.after_of(service);
         if let Some(o) = self.overrides.get(&(env.to_string(), service.to_string())) {
             if o.from == version {
                 return; // Git still asks for what was rolled back from: the override holds.
@@ -140,8 +145,15 @@ impl Core {
             );
         }
         let newest = self.newest(env, service, None);
-        if newest.is_some_and(|id| self.rollouts[&id].version == version) {
-            return; // Same version as before: its rollout goes on, whatever its state.
+        if let Some(id) = newest.filter(|id| self.rollouts[id].version == version) {
+            // Same version as before: its rollout goes on, whatever its state; one that has
+            // not started waits for what this commit pins of the services it comes after.
+            let r = self.rollouts.get_mut(&id).expect("exists");
+            if r.state == RolloutState::Pending && r.after != after {
+                r.after = after;
+                self.save(id);
+            }
+            return;
         }
         self.supersede(
             env,
@@ -176,6 +188,7 @@ impl Core {
             approval_deadline_ms: None,
             created_at_ms: now,
             updated_at_ms: now,
+            after,
         });
         self.advance(id, now);
     }
@@ -255,7 +268,7 @@ impl Core {
         let needs_approval = match r.kind {
             RolloutKind::Rollback => r.policy.rollbacks_need_approval,
             RolloutKind::Deploy => {
-                if self.upstream_missing(r).is_some() {
+                if self.upstream_missing(r).is_some() || self.order_missing(r).is_some() {
                     return;
                 }
                 r.policy.approval_required
@@ -300,6 +313,31 @@ impl Core {
         })
     }
 
+    /// Why `r` may not start yet under `after:`, if it may not: the services it comes after
+    /// whose pinned versions have not succeeded in its environment.
+    pub(super) fn order_missing(&self, r: &Rollout) -> Option<String> {
+        let missing: Vec<String> = r
+            .after
+            .iter()
+            .filter(|(service, version)| {
+                !self.rollouts.values().any(|u| {
+                    u.of(&r.environment, service)
+                        && &u.version == *version
+                        && u.state == RolloutState::Success
+                })
+            })
+            .map(|(s, v)| format!("{s} {v}"))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "{} comes after {} in {}: it starts once they have succeeded there",
+                r.service,
+                missing.join(" and "),
+                r.environment
+            )
+        })
+    }
+
     /// `drover retry ENV SERVICE`: the failed or aborted rollout of the version Git asks for
     /// starts again as a new attempt (through the same gates).
     pub fn retry(
@@ -329,9 +367,16 @@ impl Core {
             )));
         }
         let attempt = r.attempt.saturating_add(1);
+        let after = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.environments.get(env))
+            .map(|e| e.after_of(service))
+            .unwrap_or_default();
         let next = Rollout {
             id: 0,
             attempt,
+            after,
             trigger: format!("retry by {}", who.name),
             state: RolloutState::Pending,
             succeeded: BTreeSet::new(),
@@ -473,6 +518,7 @@ impl Core {
             approval_deadline_ms: None,
             created_at_ms: now,
             updated_at_ms: now,
+            after: BTreeMap::new(),
         });
         // Asked for by a person on call: no approval, whatever the policy.
         self.set_state(id, RolloutState::Running, None, &who.name, now);

@@ -83,6 +83,7 @@ impl Core {
                     RolloutState::Pending | RolloutState::Approved => {
                         let why = self
                             .upstream_missing(r)
+                            .or_else(|| self.order_missing(r))
                             .unwrap_or_else(|| format!("{k} has not started yet"));
                         return Err(ApiError::wait("upstream_missing", 5000, why));
                     }

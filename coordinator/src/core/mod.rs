@@ -75,6 +75,10 @@ pub struct Rollout {
     pub created_at_ms: u64,
     /// Last change (of state or hosts).
     pub updated_at_ms: u64,
+    /// Services of the environment (with the version the commit pins) whose rollouts must
+    /// have succeeded before this one starts (`after:` in Git).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub after: BTreeMap<String, String>,
 }
 
 fn deploy_kind() -> RolloutKind {
@@ -140,6 +144,21 @@ pub struct EnvDesired {
     pub policy: Policy,
     /// The desired version of each pinned service.
     pub services: BTreeMap<String, String>,
+    /// The services each service comes after (`after:`), for those that name any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub after: BTreeMap<String, Vec<String>>,
+}
+
+impl EnvDesired {
+    /// What `service` comes after, each with the version this commit pins.
+    pub fn after_of(&self, service: &str) -> BTreeMap<String, String> {
+        self.after
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| self.services.get(a).map(|v| (a.clone(), v.clone())))
+            .collect()
+    }
 }
 
 /// The desired state the coordinator follows: the last valid commit of the branch.

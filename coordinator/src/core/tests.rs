@@ -55,6 +55,7 @@ fn push(c: &mut Core, env: &str, version: &str, p: &Policy, now: u64) -> String 
     let e = d.environments.entry(env.into()).or_insert(EnvDesired {
         policy: p.clone(),
         services: BTreeMap::new(),
+        after: BTreeMap::new(),
     });
     e.policy = p.clone();
     e.services.insert("hello".into(), version.into());
@@ -1283,4 +1284,86 @@ fn heartbeats_are_bounded() {
     assert!(e.body.message.contains("max_hosts"), "{e:?}");
     // A known host still heartbeats.
     c.heartbeat("h1", &hb(1, 0), &agent(), T0 + 1).unwrap();
+}
+
+/// A commit of `prod` pinning `migrate` and hello, hello coming after migrate.
+fn push_ordered(c: &mut Core, migrate: &str, hello: &str, now: u64) {
+    let d = Desired {
+        commit: format!("c{now:x}"),
+        commit_time_ms: now,
+        fetched_at_ms: now,
+        environments: BTreeMap::from([(
+            "prod".to_string(),
+            EnvDesired {
+                policy: policy(1, 0),
+                services: BTreeMap::from([
+                    ("hello".to_string(), hello.to_string()),
+                    ("migrate".to_string(), migrate.to_string()),
+                ]),
+                after: BTreeMap::from([("hello".to_string(), vec!["migrate".to_string()])]),
+            },
+        )]),
+    };
+    c.apply_desired(d, now);
+}
+
+/// `migrate` `version` deployed on its one host m1: leased, released, reported.
+fn migrate(c: &mut Core, from: &str, version: &str, now: u64) {
+    let mut s = report(version, from, true);
+    s.service = "migrate".into();
+    beat(c, "m1", "prod", s.clone(), now);
+    let mut r = req(c, "m1", "prod", version);
+    r.service = "migrate".into();
+    let g = c.acquire(&r, &agent(), now + 1).unwrap();
+    c.release(&g.lease.id, &ok(Outcome::Success), now + 2)
+        .unwrap();
+    s.actual = Some(version.into());
+    beat(c, "m1", "prod", s, now + 3);
+}
+
+#[test]
+fn a_service_after_another_waits_for_its_success() {
+    let mut c = core();
+    push_ordered(&mut c, "1", "1.0", T0);
+    assert_eq!(state(&c, "prod", "1.0"), RolloutState::Pending);
+    let e = acquire(&mut c, "p1", "prod", "1.0", T0).unwrap_err();
+    assert_eq!(e.body.reason.as_deref(), Some("upstream_missing"));
+    assert!(
+        e.body.message.contains(
+            "hello comes after migrate 1 in prod: it starts once they have succeeded there"
+        ),
+        "{}",
+        e.body.message
+    );
+    let view = c.status(T0 + 100_000).rollouts;
+    let hello = view.iter().find(|r| r.service == "hello").unwrap();
+    assert!(
+        hello
+            .waiting_for
+            .as_deref()
+            .unwrap_or("")
+            .contains("comes after migrate 1"),
+        "{hello:?}"
+    );
+    migrate(&mut c, "0", "1", T0 + 10);
+    let id = c.newest("prod", "migrate", Some("1")).unwrap();
+    assert_eq!(c.rollouts[&id].state, RolloutState::Success);
+    // hello moves on as migrate succeeds.
+    assert_eq!(state(&c, "prod", "1.0"), RolloutState::Running);
+    assert!(acquire(&mut c, "p1", "prod", "1.0", T0 + 20).is_ok());
+}
+
+#[test]
+fn a_waiting_service_follows_a_new_version_of_what_it_comes_after() {
+    let mut c = core();
+    push_ordered(&mut c, "1", "1.0", T0);
+    // Git moves migrate on before it succeeded: hello waits for migrate 2, not 1.
+    push_ordered(&mut c, "2", "1.0", T0 + 1);
+    migrate(&mut c, "0", "2", T0 + 10);
+    assert_eq!(state(&c, "prod", "1.0"), RolloutState::Running);
+    // A rollout of a service with no `after` starts at once; a rollback is not held.
+    push_ordered(&mut c, "3", "1.1", T0 + 20);
+    let id = c.newest("prod", "migrate", Some("3")).unwrap();
+    assert_eq!(c.rollouts[&id].state, RolloutState::Running);
+    assert_eq!(state(&c, "prod", "1.1"), RolloutState::Pending);
 }

@@ -635,6 +635,10 @@ pub struct Pin {
     /// SHA-256 of the artifact; required for `vm` services.
     #[serde(default, deserialize_with = "opt_digest")]
     pub sha256: Option<Digest>,
+    /// Services of this environment whose desired versions must have succeeded here before
+    /// this service's rollout starts (a migration before the API, the API before the web).
+    #[serde(default)]
+    pub after: Vec<Spanned<Name>>,
 }
 
 fn opt_digest<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Digest>, D::Error> {
@@ -1191,6 +1195,93 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
                 ),
             )),
             _ => {}
+        }
+        for a in &pin.value.after {
+            let a_name = a.value.as_str();
+            if a_name == service {
+                problems.push(Problem::new(
+                    a.mark.clone(),
+                    format!("service `{service}`: `after` names the service itself"),
+                ));
+            } else if !env.services.contains_key(a_name) {
+                problems.push(Problem::new(
+                    a.mark.clone(),
+                    format!(
+                        "service `{service}`: `after` names `{a_name}`, which is not pinned in environment `{name}`: pin it here or remove it from `after`"
+                    ),
+                ));
+            }
+        }
+    }
+    check_order(env, problems);
+}
+
+/// Refuses a cycle of `after` among the services of `env`, at the `after` entry that closes it.
+fn check_order(env: &Environment, problems: &mut Vec<Problem>) {
+    let edges = |s: &str| -> Vec<&Spanned<Name>> {
+        env.services
+            .get(s)
+            .map(|p| {
+                p.value
+                    .after
+                    .iter()
+                    .filter(|a| {
+                        a.value.as_str() != s && env.services.contains_key(a.value.as_str())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Depth-first, three colours: a grey service met again closes a cycle.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Colour {
+        White,
+        Grey,
+        Black,
+    }
+    let mut colour: BTreeMap<&str, Colour> = env
+        .services
+        .keys()
+        .map(|s| (s.as_str(), Colour::White))
+        .collect();
+    for start in env.services.keys() {
+        if colour[start.as_str()] != Colour::White {
+            continue;
+        }
+        // (service, index of its next edge); `path` is the grey chain.
+        let mut stack: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
+        colour.insert(start.as_str(), Colour::Grey);
+        while let Some((s, i)) = stack.last().copied() {
+            let next = edges(s);
+            if i == next.len() {
+                colour.insert(s, Colour::Black);
+                stack.pop();
+                continue;
+            }
+            stack.last_mut().expect("not empty").1 += 1;
+            let to = next[i].value.as_str();
+            match colour[to] {
+                Colour::White => {
+                    colour.insert(to, Colour::Grey);
+                    stack.push((to, 0));
+                }
+                Colour::Grey => {
+                    let from = stack
+                        .iter()
+                        .position(|(x, _)| *x == to)
+                        .expect("grey is on the stack");
+                    let mut cycle: Vec<&str> = stack[from..].iter().map(|(x, _)| *x).collect();
+                    cycle.push(to);
+                    problems.push(Problem::new(
+                        next[i].mark.clone(),
+                        format!(
+                            "`after` makes a cycle: {} (each waits for the next, so none would ever start); remove one of them",
+                            cycle.join(" after ")
+                        ),
+                    ));
+                }
+                Colour::Black => {}
+            }
         }
     }
 }

@@ -279,3 +279,78 @@ fn resolve_skips_untargeted_hosts_and_reports_missing_vars() {
     let e = resolve(&repo, &other).unwrap_err();
     assert!(e.to_string().contains("environment `qa`"), "{e}");
 }
+
+/// Three services of one environment ordered by `after`; `order` gives each one's line.
+fn ordered(order: &[(&str, &str)]) -> Result<Repo, Problems> {
+    let mut list = vec![];
+    let mut env = String::from("environment: prod\nservices:\n");
+    let texts: Vec<(String, String)> = order
+        .iter()
+        .map(|(name, _)| {
+            (
+                format!("services/{name}.yaml"),
+                HELLO.replace("service: hello", &format!("service: {name}")),
+            )
+        })
+        .collect();
+    for (name, after) in order {
+        env.push_str(&format!(
+            "  {name}: {{ version: 1.0, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b{after} }}\n"
+        ));
+    }
+    for (p, t) in &texts {
+        list.push((p.clone(), t.clone()));
+    }
+    list.push(("environments/prod.yaml".to_string(), env));
+    load(&list, None)
+}
+
+#[test]
+fn after_orders_services_and_refuses_cycles_unknown_names_and_itself() {
+    let repo = ordered(&[
+        ("api", ", after: [migrate]"),
+        ("migrate", ""),
+        ("web", ", after: [api, migrate]"),
+    ])
+    .unwrap();
+    let after: Vec<&str> = repo.environments["prod"].services["web"]
+        .value
+        .after
+        .iter()
+        .map(|a| a.value.as_str())
+        .collect();
+    assert_eq!(after, ["api", "migrate"]);
+
+    // A cycle of three, reported once at the entry that closes it.
+    let e = ordered(&[
+        ("api", ", after: [web]"),
+        ("migrate", ", after: [api]"),
+        ("web", ", after: [migrate]"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e.matches("makes a cycle").count(), 1, "{e}");
+    assert!(
+        e.contains("environments/prod.yaml:")
+            && e.contains("`after` makes a cycle: api after web after migrate after api"),
+        "{e}"
+    );
+    // Unknown and self.
+    let e = ordered(&[("api", ", after: [db, api]"), ("web", "")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("environments/prod.yaml:3:")
+            && e.contains("`after` names `db`, which is not pinned in environment `prod`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("service `api`: `after` names the service itself"),
+        "{e}"
+    );
+    // A bad name is a bad name.
+    let e = ordered(&[("api", ", after: [Web]"), ("web", "")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid name `Web`"), "{e}");
+}

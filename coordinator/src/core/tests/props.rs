@@ -177,6 +177,7 @@ impl<'a> World<'a> {
                 EnvDesired {
                     policy: self.policy.clone(),
                     services,
+                    after: BTreeMap::new(),
                 },
             )]),
         };
