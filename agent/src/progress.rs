@@ -239,25 +239,7 @@ impl Board {
 pub const TICK: Duration = Duration::from_millis(250);
 
 /// The terminal's width in columns, if stdout is one.
-pub fn terminal_width() -> Option<usize> {
-    use std::io::IsTerminal;
-    if !std::io::stdout().is_terminal() {
-        return None;
-    }
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
-    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    Some(if r == 0 && ws.ws_col > 0 {
-        ws.ws_col as usize
-    } else {
-        80
-    })
-}
+pub use drover_desired::text::terminal_width;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,32 @@ pub fn printable(s: &str) -> String {
     out
 }
 
+/// The width in columns of the terminal standard output is, or `None` when it is not a
+/// terminal (a pipe or a file: no width to fit). `COLUMNS`, then 80, when the size is unknown.
+pub fn terminal_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
+    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    if r == 0 && ws.ws_col > 0 {
+        return Some(ws.ws_col as usize);
+    }
+    Some(
+        std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(80),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,6 +206,17 @@ fn label(v: &str) -> String {
     out
 }
 
+/// The sample of an `_info` metric of `service` at `version`, if it has one.
+fn version_info(service: &str, version: Option<&str>) -> Option<String> {
+    version.map(|v| {
+        format!(
+            "{{service=\"{}\",version=\"{}\"}} 1",
+            label(service),
+            label(v)
+        )
+    })
+}
+
 /// One metric family: `# HELP`, `# TYPE`, then `samples` (lines after the name).
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[String]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -278,42 +289,21 @@ pub fn render(status: &HostStatus, counters: &Counters) -> String {
         "drover_service_desired_version_info",
         "gauge",
         "The version the desired state (or the coordinator's rollback) asks of a service.",
-        &per(&|n| {
-            let v = counters.desired.get(n)?;
-            Some(format!(
-                "{{service=\"{}\",version=\"{}\"}} 1",
-                label(n),
-                label(v)
-            ))
-        }),
+        &per(&|n| version_info(n, counters.desired.get(n).map(String::as_str))),
     );
     family(
         &mut out,
         "drover_service_running_version_info",
         "gauge",
         "The version a service runs.",
-        &per(&|n| {
-            let v = now.get(n)?.running?;
-            Some(format!(
-                "{{service=\"{}\",version=\"{}\"}} 1",
-                label(n),
-                label(v)
-            ))
-        }),
+        &per(&|n| version_info(n, now.get(n).and_then(|s| s.running))),
     );
     family(
         &mut out,
         "drover_service_failed_version_info",
         "gauge",
         "A version marked failed on this host (not retried until the desired version changes).",
-        &per(&|n| {
-            let v = now.get(n)?.failed?;
-            Some(format!(
-                "{{service=\"{}\",version=\"{}\"}} 1",
-                label(n),
-                label(v)
-            ))
-        }),
+        &per(&|n| version_info(n, now.get(n).and_then(|s| s.failed))),
     );
     family(
         &mut out,

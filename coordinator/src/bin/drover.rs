@@ -188,7 +188,13 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
                 println!("{}", serde_json::to_string_pretty(&s).expect("json"));
             } else {
                 // Hosts' text (errors, phases) may hold terminal escapes: shown, not obeyed.
-                print!("{}", printable(&view::status_table(&s, terminal_width())));
+                print!(
+                    "{}",
+                    printable(&view::status_table(
+                        &s,
+                        drover_desired::text::terminal_width()
+                    ))
+                );
             }
         }
         Command::Approve {
@@ -238,31 +244,6 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         }
     }
     Ok(())
-}
-
-/// The width of the terminal stdout is, if it is one (`COLUMNS` when the size is unknown).
-fn terminal_width() -> Option<usize> {
-    use std::io::IsTerminal;
-    if !std::io::stdout().is_terminal() {
-        return None;
-    }
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
-    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    if r == 0 && ws.ws_col > 0 {
-        return Some(ws.ws_col as usize);
-    }
-    Some(
-        std::env::var("COLUMNS")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(80),
-    )
 }
 
 fn print_rollout(r: &RolloutReply) {
