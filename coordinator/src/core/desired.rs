@@ -268,7 +268,7 @@ impl Core {
         let needs_approval = match r.kind {
             RolloutKind::Rollback => r.policy.rollbacks_need_approval,
             RolloutKind::Deploy => {
-                if self.upstream_missing(r).is_some() || self.order_missing(r).is_some() {
+                if self.held_back(r).is_some() {
                     return;
                 }
                 r.policy.approval_required
@@ -299,8 +299,14 @@ impl Core {
         }
     }
 
+    /// Why a deploy `r` may not start yet — its promotion rule, then its `after:` order — if
+    /// it may not.
+    pub(super) fn held_back(&self, r: &Rollout) -> Option<String> {
+        self.upstream_missing(r).or_else(|| self.order_missing(r))
+    }
+
     /// Why `r` may not start yet under `promotion.requires`, if it may not.
-    pub(super) fn upstream_missing(&self, r: &Rollout) -> Option<String> {
+    fn upstream_missing(&self, r: &Rollout) -> Option<String> {
         let up = r.policy.promotion_requires.as_deref()?;
         let ok = self.rollouts.values().any(|u| {
             u.of(up, &r.service) && u.version == r.version && u.state == RolloutState::Success
@@ -315,7 +321,7 @@ impl Core {
 
     /// Why `r` may not start yet under `after:`, if it may not: the services it comes after
     /// whose pinned versions have not succeeded in its environment.
-    pub(super) fn order_missing(&self, r: &Rollout) -> Option<String> {
+    fn order_missing(&self, r: &Rollout) -> Option<String> {
         let missing: Vec<String> = r
             .after
             .iter()

@@ -489,9 +489,7 @@ impl Core {
                     format!("hosts {} to deploy it, for {secs}s", missing.join(", "))
                 })
             }
-            RolloutState::Pending => self
-                .upstream_missing(r)
-                .or_else(|| self.order_missing(r)),
+            RolloutState::Pending => self.held_back(r),
             RolloutState::ApprovalRequired => Some(format!(
                 "an approval ({}): drover approve {} {} {}",
                 if r.policy.approvers.is_empty() {

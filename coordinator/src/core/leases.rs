@@ -82,8 +82,7 @@ impl Core {
                     RolloutState::Running | RolloutState::Verifying | RolloutState::Success => {}
                     RolloutState::Pending | RolloutState::Approved => {
                         let why = self
-                            .upstream_missing(r)
-                            .or_else(|| self.order_missing(r))
+                            .held_back(r)
                             .unwrap_or_else(|| format!("{k} has not started yet"));
                         return Err(ApiError::wait("upstream_missing", 5000, why));
                     }

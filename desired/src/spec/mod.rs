@@ -1248,7 +1248,7 @@ fn check_order(env: &Environment, problems: &mut Vec<Problem>) {
         if colour[start.as_str()] != Colour::White {
             continue;
         }
-        // (service, index of its next edge); `path` is the grey chain.
+        // (service, index of its next edge); the stack is the grey chain.
         let mut stack: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
         colour.insert(start.as_str(), Colour::Grey);
         while let Some((s, i)) = stack.last().copied() {
