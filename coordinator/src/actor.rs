@@ -49,6 +49,8 @@ pub enum Command {
         version: String,
         /// Approve (true) or reject.
         approve: bool,
+        /// Approve it during a freeze of its environment (admins; `approve` is true).
+        during_freeze: bool,
         /// Who.
         caller: Caller,
         /// Answer.
@@ -284,12 +286,16 @@ pub fn run(
                     service,
                     version,
                     approve,
+                    during_freeze,
                     caller,
                     reply,
                 } => {
-                    let r = core
-                        .decide(&env, &service, &version, approve, &caller, now)
-                        .map(|rollout| RolloutReply { rollout });
+                    let r = if during_freeze {
+                        core.approve_during_freeze(&env, &service, &version, &caller, now)
+                    } else {
+                        core.decide(&env, &service, &version, approve, &caller, now)
+                    }
+                    .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }
                 Command::Retry {

@@ -264,20 +264,27 @@ impl Client {
         self.call::<(), _>(reqwest::Method::GET, &path, None).await
     }
 
-    /// Approves or rejects (environment, service, version).
+    /// Approves or rejects (environment, service, version); `during_freeze` (admins) also
+    /// lets it start during a freeze of its environment.
     pub async fn decide(
         &self,
         env: &str,
         service: &str,
         version: &str,
         approve: bool,
+        during_freeze: bool,
     ) -> Result<RolloutReply, ClientError> {
         let verb = if approve { "approve" } else { "reject" };
         let path = format!(
-            "/v1/rollouts/{}/{}/{}/{verb}",
+            "/v1/rollouts/{}/{}/{}/{verb}{}",
             path_part(env),
             path_part(service),
-            path_part(version)
+            path_part(version),
+            if during_freeze {
+                "?during_freeze=true"
+            } else {
+                ""
+            }
         );
         self.call::<(), _>(reqwest::Method::POST, &path, None).await
     }

@@ -55,6 +55,7 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
                     .as_ref()
                     .map(|p| p.requires.value.as_str().to_string()),
                 rollbacks_need_approval: env.approval.rollbacks == Rollbacks::Required,
+                approve_after_first_batch: env.approval.after_first_batch,
             };
             let services: BTreeMap<String, String> = env
                 .services
@@ -81,6 +82,7 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
                     policy,
                     services,
                     after,
+                    freeze: env.freeze_windows(),
                 },
             )
         })
@@ -175,6 +177,7 @@ mod tests {
                 approval_timeout_ms: 7_200_000,
                 promotion_requires: Some("staging".into()),
                 rollbacks_need_approval: true,
+                approve_after_first_batch: false,
             }
         );
         assert!(d.environments["staging"].services.is_empty());

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -417,9 +417,22 @@ async fn history(
     answer(&app, r)
 }
 
+/// The query of an approval: none, or `during_freeze=true|false`.
+fn during_freeze(query: Option<&str>) -> Result<bool, ApiError> {
+    match query.unwrap_or("") {
+        "" | "during_freeze=false" => Ok(false),
+        "during_freeze=true" => Ok(true),
+        other => Err(ApiError::bad_request(format!(
+            "unknown query `{}`: the only one is during_freeze=true",
+            other.chars().take(80).collect::<String>()
+        ))),
+    }
+}
+
 async fn decide(
     State(app): State<App>,
     Path((env, service, version, verb)): Path<(String, String, String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let r = async {
@@ -432,6 +445,12 @@ async fn decide(
                 )));
             }
         };
+        let during_freeze = during_freeze(query.as_deref())?;
+        if during_freeze && !approve {
+            return Err(ApiError::bad_request(
+                "during_freeze goes with approve: a rejection needs no freeze lifted",
+            ));
+        }
         let who = caller(
             &app,
             &headers,
@@ -444,6 +463,7 @@ async fn decide(
             service,
             version,
             approve,
+            during_freeze,
             caller: who,
             reply,
         })

@@ -17,9 +17,12 @@ pub fn allowed(from: RolloutState, to: RolloutState) -> bool {
     matches!(
         (from, to),
         (Pending, ApprovalRequired | Running | Aborted)
-            | (ApprovalRequired, Approved | Aborted)
+            | (ApprovalRequired, Approved | Failed | Aborted)
             | (Approved, Running)
-            | (Running, Paused | Verifying | Failed | Aborted)
+            | (
+                Running,
+                ApprovalRequired | Paused | Verifying | Failed | Aborted
+            )
             | (Paused, Running | Aborted)
             | (Verifying, Success | Paused | Failed | Aborted)
             | (Failed, RollingBack | Aborted)
@@ -43,9 +46,12 @@ mod tests {
     /// The matrix of docs/protocol.md, written out row by row.
     const MATRIX: &[(RolloutState, &[RolloutState])] = &[
         (Pending, &[ApprovalRequired, Running, Aborted]),
-        (ApprovalRequired, &[Approved, Aborted]),
+        (ApprovalRequired, &[Approved, Failed, Aborted]),
         (Approved, &[Running]),
-        (Running, &[Paused, Verifying, Failed, Aborted]),
+        (
+            Running,
+            &[ApprovalRequired, Paused, Verifying, Failed, Aborted],
+        ),
         (Paused, &[Running, Aborted]),
         (Verifying, &[Success, Paused, Failed, Aborted]),
         (Failed, &[RollingBack, Aborted]),

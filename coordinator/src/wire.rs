@@ -102,6 +102,10 @@ pub struct Policy {
     /// an approval too (`approval.rollbacks: required`).
     #[serde(default)]
     pub rollbacks_need_approval: bool,
+    /// Whether a deploy stops for an approval once its first batch (`max_parallel` hosts)
+    /// has succeeded (`approval.after_first_batch`).
+    #[serde(default)]
+    pub approve_after_first_batch: bool,
 }
 
 /// Why a rollout exists.

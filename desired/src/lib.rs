@@ -1,7 +1,7 @@
 //! drover's desired state, shared by the agent and the coordinator so that both read a commit
 //! the same way: [`yaml`] (YAML with positions, strict deserialization reporting every
 //! problem), [`spec`] (the repo format v1: `services/*.yaml`, `environments/*.yaml`, their
-//! validation and what one host must run), [`git`] (a bare mirror of the repo fetched with
+//! validation and what one host must run), [`freeze`] (freeze windows: when no new rollout starts), [`git`] (a bare mirror of the repo fetched with
 //! gix, and the loop that keeps it at the branch tip); [`text`] (other hosts' text made
 //! safe for a terminal) and [`file`] (bounded reads of files a configuration names); with the
 //! `cli` feature, `cli` (shell completions and man pages for drover's binaries).
@@ -10,6 +10,7 @@
 pub mod cli;
 
 pub mod file;
+pub mod freeze;
 pub mod git;
 pub mod spec;
 pub mod text;

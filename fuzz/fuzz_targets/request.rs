@@ -38,6 +38,7 @@ fn desired(version: &str, n: u64) -> Desired {
         approval_timeout_ms: 60_000,
         promotion_requires: None,
         rollbacks_need_approval: false,
+        approve_after_first_batch: false,
     };
     Desired {
         commit: format!("{n:040x}"),
@@ -49,6 +50,7 @@ fn desired(version: &str, n: u64) -> Desired {
                 policy,
                 services: BTreeMap::from([("hello".to_string(), version.to_string())]),
                 after: BTreeMap::new(),
+                freeze: vec![],
             },
         )]),
     }

@@ -10,6 +10,7 @@ mod gitops;
 mod hostile;
 mod metrics;
 mod packaging;
+mod pipeline;
 mod recovery;
 mod schema;
 mod security;

@@ -1,7 +1,7 @@
 //! The JSON Schemas of the repo files (`schema/`): generated from the parser's own types (the
 //! committed copies must match), accepting every example, and rejecting what the parser
 //! rejects, as an independent validator reads them (Python's `jsonschema`, draft 7, with the
-//! YAML loaded by PyYAML, as editors load it).
+//! YAML loaded by PyYAML as YAML 1.2, as editors load it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,11 +14,19 @@ use drover_tests::{TestDir, workspace};
 /// messages.
 const VALIDATE: &str = r#"
 import json, sys, yaml, jsonschema
+# YAML 1.2 (what drover's parser and editors' YAML support read) has no timestamps: a freeze
+# window's `from: 2026-12-24T00:00:00Z` is text, not the datetime PyYAML's 1.1 would make.
+class Loader(yaml.SafeLoader):
+    pass
+Loader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 schema = json.load(open(sys.argv[1]))
 jsonschema.Draft7Validator.check_schema(schema)
 v = jsonschema.Draft7Validator(schema)
 for f in sys.argv[2:]:
-    doc = yaml.safe_load(open(f))
+    doc = yaml.load(open(f), Loader=Loader)
     errs = sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.path)))
     def show(e):
         print(f"{f}: /{'/'.join(map(str, e.absolute_path))}: {e.message}")
@@ -138,6 +146,13 @@ fn cases() -> Vec<(&'static str, String, Option<&'static str>)> {
             None,
         ),
         ("environments", env("version: 1.0.0", "version: 7"), None),
+        (
+            "environments",
+            format!(
+                "{ENV}approval: {{ after_first_batch: true }}\nfreeze:\n  - {{ from: 2026-12-24T00:00:00Z, to: \"2026-12-27T00:00:00+01:00\" }}\n  - {{ cron: \"0 18 * * FRI\", duration: 62h, timezone: Europe/Berlin }}\n"
+            ),
+            None,
+        ),
         // Refused by both.
         (
             "services",
@@ -244,6 +259,16 @@ fn cases() -> Vec<(&'static str, String, Option<&'static str>)> {
             "environments",
             env("b4b }", "b4b, after: 5 }"),
             Some("is not of type 'array'"),
+        ),
+        (
+            "environments",
+            format!("{ENV}freeze:\n  - {{ cron: \"0 18 * *\", duration: 2h }}\n"),
+            Some("does not match"),
+        ),
+        (
+            "environments",
+            format!("{ENV}freeze:\n  - {{ from: 2026-12-24, to: 2026-12-27T00:00:00Z }}\n"),
+            Some("2026"),
         ),
     ]
 }

@@ -58,7 +58,7 @@ enum Command {
         #[arg(long = "state", value_name = "STATE")]
         states: Vec<RowState>,
     },
-    /// Approve a rollout waiting for approval.
+    /// Approve a rollout waiting for approval (before its start, or after its first batch).
     Approve {
         /// Environment.
         env: String,
@@ -66,6 +66,10 @@ enum Command {
         service: String,
         /// Version.
         version: String,
+        /// Also let it start while its environment is frozen (admins; audited). Other
+        /// rollouts still wait for the freeze to end.
+        #[arg(long)]
+        during_freeze: bool,
     },
     /// Reject a rollout waiting for approval (it is aborted).
     Reject {
@@ -201,15 +205,19 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
             env,
             service,
             version,
+            during_freeze,
         } => {
-            print_rollout(&c.decide(&env, &service, &version, true).await?);
+            print_rollout(
+                &c.decide(&env, &service, &version, true, during_freeze)
+                    .await?,
+            );
         }
         Command::Reject {
             env,
             service,
             version,
         } => {
-            print_rollout(&c.decide(&env, &service, &version, false).await?);
+            print_rollout(&c.decide(&env, &service, &version, false, false).await?);
         }
         Command::Pause { env, service } => {
             print_rollout(&c.operate(&env, &service, "pause").await?)

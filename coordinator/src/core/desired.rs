@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use drover_desired::freeze;
+
 use super::{
     ApiError, Change, Core, Desired, EnvDesired, Override, Refused, Rollout, check_names, key,
     short,
@@ -166,7 +168,7 @@ impl Core {
         } else {
             RolloutKind::Deploy
         };
-        let id = self.create(Rollout {
+        self.create(Rollout {
             id: 0,
             environment: env.into(),
             service: service.into(),
@@ -189,8 +191,11 @@ impl Core {
             created_at_ms: now,
             updated_at_ms: now,
             after,
+            freeze_lifted: None,
+            first_batch: None,
         });
-        self.advance(id, now);
+        // It moves on (or waits) once the whole commit is followed: `apply_desired` then
+        // advances every PENDING rollout under this commit's freeze windows and order.
     }
 
     fn succeeded_before(&self, env: &str, service: &str, version: &str) -> bool {
@@ -260,7 +265,7 @@ impl Core {
 
     /// Moves a PENDING rollout on when it may: a rollback at once (or to approval when
     /// `approval.rollbacks: required`); a deploy once its promotion rule holds.
-    fn advance(&mut self, id: u64, now: u64) {
+    pub(super) fn advance(&mut self, id: u64, now: u64) {
         let r = &self.rollouts[&id];
         if r.state != RolloutState::Pending {
             return;
@@ -268,7 +273,7 @@ impl Core {
         let needs_approval = match r.kind {
             RolloutKind::Rollback => r.policy.rollbacks_need_approval,
             RolloutKind::Deploy => {
-                if self.held_back(r).is_some() {
+                if self.held_back(r, now).is_some() {
                     return;
                 }
                 r.policy.approval_required
@@ -299,10 +304,38 @@ impl Core {
         }
     }
 
-    /// Why a deploy `r` may not start yet — its promotion rule, then its `after:` order — if
-    /// it may not.
-    pub(super) fn held_back(&self, r: &Rollout) -> Option<String> {
-        self.upstream_missing(r).or_else(|| self.order_missing(r))
+    /// Why a deploy `r` may not start yet — its promotion rule, its `after:` order, then a
+    /// freeze of its environment — if it may not.
+    pub(super) fn held_back(&self, r: &Rollout, now: u64) -> Option<String> {
+        self.upstream_missing(r)
+            .or_else(|| self.order_missing(r))
+            .or_else(|| self.frozen_for(r, now))
+    }
+
+    /// Whether `env` is frozen at `now`: until when (ms), and the message that says so.
+    pub(super) fn frozen(&self, env: &str, now: u64) -> Option<(u64, String)> {
+        let windows = &self.desired.as_ref()?.environments.get(env)?.freeze;
+        let (until, first) = freeze::frozen_until(windows, now)?;
+        Some((
+            until,
+            format!(
+                "{env} is frozen until {} (freeze: {first})",
+                freeze::show_ms(until)
+            ),
+        ))
+    }
+
+    /// Why deploy `r` may not start during a freeze of its environment, if one is open and no
+    /// admin let it through.
+    pub(super) fn frozen_for(&self, r: &Rollout, now: u64) -> Option<String> {
+        if r.kind != RolloutKind::Deploy || r.freeze_lifted.is_some() {
+            return None;
+        }
+        let (_, why) = self.frozen(&r.environment, now)?;
+        Some(format!(
+            "{why}: new rollouts start when it ends, rollbacks go through; an admin may let this one through: drover approve --during-freeze {} {} {}",
+            r.environment, r.service, r.version
+        ))
     }
 
     /// Why `r` may not start yet under `promotion.requires`, if it may not.
@@ -393,6 +426,8 @@ impl Core {
             decision: None,
             reason: None,
             approval_deadline_ms: None,
+            freeze_lifted: None,
+            first_batch: None,
             created_at_ms: now,
             updated_at_ms: now,
             ..r.clone()
@@ -525,6 +560,8 @@ impl Core {
             created_at_ms: now,
             updated_at_ms: now,
             after: BTreeMap::new(),
+            freeze_lifted: None,
+            first_batch: None,
         });
         // Asked for by a person on call: no approval, whatever the policy.
         self.set_state(id, RolloutState::Running, None, &who.name, now);

@@ -381,6 +381,29 @@ impl Core {
                 if done && held == 0 {
                     self.set_state(id, RolloutState::Verifying, None, "coordinator", now);
                     self.progress(id, now);
+                } else if held == 0
+                    && r.gate_ahead()
+                    && r.succeeded.len() >= r.policy.max_parallel as usize
+                {
+                    // The first batch succeeded and hosts remain: a person says go on.
+                    let batch: Vec<&str> = r.succeeded.iter().map(String::as_str).collect();
+                    let why = format!(
+                        "its first batch ({}) succeeded: approve to go on with the rest ({}), or reject to roll it back",
+                        batch.join(", "),
+                        r.approvers()
+                    );
+                    let deadline = now.saturating_add(r.policy.approval_timeout_ms);
+                    self.rollouts
+                        .get_mut(&id)
+                        .expect("exists")
+                        .approval_deadline_ms = Some(deadline);
+                    self.set_state(
+                        id,
+                        RolloutState::ApprovalRequired,
+                        Some(why),
+                        "coordinator",
+                        now,
+                    );
                 }
             }
             RolloutState::Verifying => {
@@ -435,10 +458,17 @@ impl Core {
         }
     }
 
-    /// What an unfinished rollout waits for, once it has waited a few heartbeat intervals.
+    /// What an unfinished rollout waits for: at once for one that has not started (or waits for
+    /// an approval), once it has waited a few heartbeat intervals for one that runs.
     pub(super) fn waiting_for(&self, r: &Rollout, now: u64) -> Option<String> {
         let waited = now.saturating_sub(r.updated_at_ms);
-        if waited < self.heartbeat_ms.saturating_mul(WAIT_SHOWN_AFTER) {
+        // What a rollout that has not started waits for is known at once; what one waits
+        // for from its hosts is shown once they are slow.
+        let gated = matches!(
+            r.state,
+            RolloutState::Pending | RolloutState::ApprovalRequired
+        );
+        if !gated && waited < self.heartbeat_ms.saturating_mul(WAIT_SHOWN_AFTER) {
             return None;
         }
         let secs = waited / 1000;
@@ -489,14 +519,15 @@ impl Core {
                     format!("hosts {} to deploy it, for {secs}s", missing.join(", "))
                 })
             }
-            RolloutState::Pending => self.held_back(r),
+            RolloutState::Pending => self.held_back(r, now),
             RolloutState::ApprovalRequired => Some(format!(
-                "an approval ({}): drover approve {} {} {}",
-                if r.policy.approvers.is_empty() {
-                    "any approver".to_string()
+                "an approval{} ({}): drover approve {} {} {}",
+                if r.at_batch_gate() {
+                    " after its first batch"
                 } else {
-                    r.policy.approvers.join(", ")
+                    ""
                 },
+                r.approvers(),
                 r.environment,
                 r.service,
                 r.version

@@ -81,22 +81,26 @@ impl Core {
                 match r.state {
                     RolloutState::Running | RolloutState::Verifying | RolloutState::Success => {}
                     RolloutState::Pending | RolloutState::Approved => {
+                        if let Some(why) = self.frozen_for(r, now) {
+                            return Err(ApiError::wait("frozen", 5000, why));
+                        }
                         let why = self
-                            .held_back(r)
+                            .held_back(r, now)
                             .unwrap_or_else(|| format!("{k} has not started yet"));
                         return Err(ApiError::wait("upstream_missing", 5000, why));
                     }
                     RolloutState::ApprovalRequired => {
-                        let approvers = if r.policy.approvers.is_empty() {
-                            "any approver".to_string()
+                        let gate = if r.at_batch_gate() {
+                            "after its first batch "
                         } else {
-                            r.policy.approvers.join(", ")
+                            ""
                         };
                         return Err(ApiError::wait(
                             "approval_required",
                             2000,
                             format!(
-                                "{k} waits for approval ({approvers}): drover approve {env} {service} {version}"
+                                "{k} waits for approval {gate}({}): drover approve {env} {service} {version}",
+                                r.approvers()
                             ),
                         ));
                     }
@@ -188,7 +192,19 @@ impl Core {
                 format!("{} asks for {version} instead", req.host),
             );
         }
-        let max = self.rollouts[&id].policy.max_parallel as usize;
+        let r = &self.rollouts[&id];
+        let max = r.policy.max_parallel as usize;
+        if r.gate_ahead() && r.succeeded.len() + self.leases_of(id) >= max {
+            // The first batch is the first `max_parallel` hosts: no more start before the
+            // approval after it.
+            return Err(ApiError::wait(
+                "first_batch",
+                2000,
+                format!(
+                    "{k}: the first batch ({max} host(s)) must succeed and be approved before the rest start (approval.after_first_batch)"
+                ),
+            ));
+        }
         if self.leases_of_service(env, service) >= max {
             return Err(ApiError::wait(
                 "no_slot",

@@ -15,6 +15,7 @@ mod ops;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use drover_desired::freeze::Window;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Caller, cap};
@@ -79,6 +80,12 @@ pub struct Rollout {
     /// have succeeded before this one starts (`after:` in Git).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub after: BTreeMap<String, String>,
+    /// The admin who let it start during a freeze (`drover approve --during-freeze`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_lifted: Option<Decision>,
+    /// The decision at the gate after its first batch (`approval.after_first_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_batch: Option<Decision>,
 }
 
 fn deploy_kind() -> RolloutKind {
@@ -98,6 +105,29 @@ impl Rollout {
     /// Whether it belongs to (env, service).
     fn of(&self, env: &str, service: &str) -> bool {
         self.environment == env && self.service == service
+    }
+
+    /// Whether it must still stop for an approval after its first batch.
+    fn gate_ahead(&self) -> bool {
+        self.policy.approve_after_first_batch
+            && self.first_batch.is_none()
+            && self.kind == RolloutKind::Deploy
+    }
+
+    /// Whether it waits at the gate after its first batch (not the one before its start).
+    fn at_batch_gate(&self) -> bool {
+        self.state == RolloutState::ApprovalRequired
+            && self.gate_ahead()
+            && !self.succeeded.is_empty()
+    }
+
+    /// Who may approve it, in words.
+    fn approvers(&self) -> String {
+        if self.policy.approvers.is_empty() {
+            "any approver".to_string()
+        } else {
+            self.policy.approvers.join(", ")
+        }
     }
 }
 
@@ -147,6 +177,9 @@ pub struct EnvDesired {
     /// The services each service comes after (`after:`), for those that name any.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub after: BTreeMap<String, Vec<String>>,
+    /// Its freeze windows (`freeze:`): while one is open, no new deploy starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<Window>,
 }
 
 impl EnvDesired {
@@ -722,14 +755,24 @@ impl Core {
             .map(|r| r.id)
             .collect();
         for id in timed_out {
-            let t = self.rollouts[&id].policy.approval_timeout_ms;
-            self.set_state(
-                id,
-                RolloutState::Aborted,
-                Some(format!("approval timed out after {}s", t / 1000)),
-                "coordinator",
-                now,
-            );
+            let r = &self.rollouts[&id];
+            let t = r.policy.approval_timeout_ms / 1000;
+            if r.at_batch_gate() {
+                // The first batch runs the new version: nobody said go on, so it goes back.
+                self.fail(
+                    id,
+                    format!("the approval after the first batch timed out after {t}s"),
+                    now,
+                );
+            } else {
+                self.set_state(
+                    id,
+                    RolloutState::Aborted,
+                    Some(format!("approval timed out after {t}s")),
+                    "coordinator",
+                    now,
+                );
+            }
         }
         // Requests and heartbeats move rollouts on as they come; this sweep only catches
         // what time alone changes (hosts going stale), so it need not run often.

@@ -1,11 +1,14 @@
 //! What people do to a rollout: approve or reject it, pause, resume or abort it.
 
+use drover_desired::freeze;
+
 use super::{ApiError, Core, key};
 use crate::auth::{Caller, Role};
 use crate::wire::{Decision, RolloutState, RolloutView};
 
 impl Core {
-    /// Approve (or reject) a rollout waiting for approval.
+    /// Approve (or reject) a rollout waiting for approval, before its start or after its
+    /// first batch.
     pub fn decide(
         &mut self,
         env: &str,
@@ -15,16 +18,15 @@ impl Core {
         who: &Caller,
         now: u64,
     ) -> Result<RolloutView, ApiError> {
-        let k = key(env, service, version);
-        let Some(id) = self.newest(env, service, Some(version)) else {
-            return Err(ApiError::not_found(format!(
-                "no rollout {k}: a rollout starts when a commit asks for {service} {version} in {env}"
-            )));
-        };
+        let (id, k) = self.to_decide(env, service, version)?;
         let r = &self.rollouts[&id];
         if r.state != RolloutState::ApprovalRequired {
+            let why = match self.frozen_for(r, now) {
+                Some(f) if r.state == RolloutState::Pending => format!(": {f}"),
+                _ => String::new(),
+            };
             return Err(ApiError::conflict(format!(
-                "rollout {k} is {}, not waiting for approval",
+                "rollout {k} is {}, not waiting for approval{why}",
                 r.state
             )));
         }
@@ -41,20 +43,46 @@ impl Core {
             self.denied(now, &who.name, &k, &why);
             return Err(ApiError::forbidden(why));
         }
-        let r = self.rollouts.get_mut(&id).expect("exists");
-        r.decision = Some(Decision {
+        let batch_gate = r.at_batch_gate();
+        let decision = Decision {
             approved: approve,
             by: who.name.clone(),
             at_ms: now,
-        });
+        };
+        let r = self.rollouts.get_mut(&id).expect("exists");
+        if batch_gate {
+            r.first_batch = Some(decision);
+        } else {
+            r.decision = Some(decision);
+        }
         r.approval_deadline_ms = None;
         let verb = if approve { "approve" } else { "reject" };
-        self.audit(now, &who.name, verb, &k, format!("{verb}d by {}", who.name));
+        let gate = if batch_gate {
+            " after the first batch"
+        } else {
+            ""
+        };
+        self.audit(
+            now,
+            &who.name,
+            verb,
+            &k,
+            format!("{verb}d{gate} by {}", who.name),
+        );
         // The decision records who and when; the state's reason stays short.
         if approve {
+            let reason =
+                batch_gate.then(|| format!("approved after the first batch by {}", who.name));
             self.set_state(id, RolloutState::Approved, None, &who.name, now);
-            self.set_state(id, RolloutState::Running, None, &who.name, now);
+            self.set_state(id, RolloutState::Running, reason, &who.name, now);
             self.progress(id, now);
+        } else if batch_gate {
+            // The first batch runs the rejected version: it goes back.
+            self.fail(
+                id,
+                format!("rejected after the first batch by {}", who.name),
+                now,
+            );
         } else {
             self.set_state(
                 id,
@@ -63,6 +91,75 @@ impl Core {
                 &who.name,
                 now,
             );
+        }
+        Ok(self.view_of(id, now))
+    }
+
+    /// The newest rollout of (env, service, version) and its key.
+    fn to_decide(
+        &self,
+        env: &str,
+        service: &str,
+        version: &str,
+    ) -> Result<(u64, String), ApiError> {
+        let k = key(env, service, version);
+        match self.newest(env, service, Some(version)) {
+            Some(id) => Ok((id, k)),
+            None => Err(ApiError::not_found(format!(
+                "no rollout {k}: a rollout starts when a commit asks for {service} {version} in {env}"
+            ))),
+        }
+    }
+
+    /// `drover approve --during-freeze`: an admin lets a deploy held by a freeze of its
+    /// environment start (audited), and approves it if it then waits for an approval. It
+    /// still waits for its promotion rule and its `after:` services.
+    pub fn approve_during_freeze(
+        &mut self,
+        env: &str,
+        service: &str,
+        version: &str,
+        who: &Caller,
+        now: u64,
+    ) -> Result<RolloutView, ApiError> {
+        let (id, k) = self.to_decide(env, service, version)?;
+        if who.role != Role::Admin {
+            let why = format!(
+                "{} may not let a rollout through a freeze: --during-freeze is for admins",
+                who.name
+            );
+            self.denied(now, &who.name, &k, &why);
+            return Err(ApiError::forbidden(why));
+        }
+        let r = &self.rollouts[&id];
+        if r.state != RolloutState::Pending || self.frozen_for(r, now).is_none() {
+            return Err(ApiError::conflict(format!(
+                "rollout {k} is {} and not held by a freeze: approve it without --during-freeze",
+                r.state
+            )));
+        }
+        let (until, why) = self.frozen(&r.environment, now).expect("frozen");
+        let r = self.rollouts.get_mut(&id).expect("exists");
+        r.freeze_lifted = Some(Decision {
+            approved: true,
+            by: who.name.clone(),
+            at_ms: now,
+        });
+        self.save(id);
+        self.audit(
+            now,
+            &who.name,
+            "freeze_lifted",
+            &k,
+            format!(
+                "let through a freeze by {} ({why}; other rollouts still wait until {})",
+                who.name,
+                freeze::show_ms(until)
+            ),
+        );
+        self.advance(id, now);
+        if self.rollouts[&id].state == RolloutState::ApprovalRequired {
+            return self.decide(env, service, version, true, who, now);
         }
         Ok(self.view_of(id, now))
     }

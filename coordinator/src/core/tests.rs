@@ -5,6 +5,7 @@ use crate::wire::{
     ReleaseRequest,
 };
 
+mod pipeline;
 mod props;
 
 const T0: u64 = 1_000_000;
@@ -18,6 +19,7 @@ fn policy(max_parallel: u32, max_failures: u32) -> Policy {
         approval_timeout_ms: 60_000,
         promotion_requires: None,
         rollbacks_need_approval: false,
+        approve_after_first_batch: false,
     }
 }
 
@@ -56,6 +58,7 @@ fn push(c: &mut Core, env: &str, version: &str, p: &Policy, now: u64) -> String 
         policy: p.clone(),
         services: BTreeMap::new(),
         after: BTreeMap::new(),
+        freeze: vec![],
     });
     e.policy = p.clone();
     e.services.insert("hello".into(), version.into());
@@ -1301,6 +1304,7 @@ fn push_ordered(c: &mut Core, migrate: &str, hello: &str, now: u64) {
                     ("migrate".to_string(), migrate.to_string()),
                 ]),
                 after: BTreeMap::from([("hello".to_string(), vec!["migrate".to_string()])]),
+                freeze: vec![],
             },
         )]),
     };

@@ -536,6 +536,7 @@ mod tests {
                 approval_timeout_ms: 1,
                 promotion_requires: None,
                 rollbacks_need_approval: false,
+                approve_after_first_batch: false,
             };
             for (v, at) in [("2", 20), ("1", 10)] {
                 let body = serde_json::json!({

@@ -3,7 +3,7 @@
 //! [`load`] parses and validates every file and returns a [`Repo`] or **every** problem found,
 //! each with file and line. [`resolve`] then renders what one host must run.
 
-mod leaf;
+pub(crate) mod leaf;
 mod resolve;
 #[cfg(feature = "schema")]
 pub mod schema;
@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::freeze::{Cron, Stamp, Window, Zone};
 use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 
 pub use leaf::{Account, ByteSize, Digest, Dur, Name, Pattern, RelPath, Version};
@@ -539,6 +540,78 @@ pub struct Environment {
     /// Per-service overrides of `verify` in this environment.
     #[serde(default)]
     pub verify: BTreeMap<String, Spanned<VerifyOverride>>,
+    /// Freeze windows: while one is open no new rollout of this environment starts (those
+    /// started go on; rollbacks and reverts are never held).
+    #[serde(default)]
+    pub freeze: Vec<Spanned<Freeze>>,
+}
+
+/// One entry of `freeze:`: `{ from, to }` (RFC 3339 times with offsets), or `{ cron,
+/// duration, timezone }` (a five-field cron expression that opens the window, read in
+/// `timezone`, UTC by default).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freeze {
+    /// Start of an absolute window (included).
+    pub from: Option<Stamp>,
+    /// End of an absolute window (excluded).
+    pub to: Option<Stamp>,
+    /// When a recurring window opens: minute hour day-of-month month day-of-week.
+    pub cron: Option<Cron>,
+    /// How long a recurring window stays open (at most 31d).
+    pub duration: Option<Dur>,
+    /// The time zone `cron` is read in (an IANA name). Default UTC.
+    pub timezone: Option<Zone>,
+}
+
+impl Freeze {
+    /// The window, or what is wrong with the entry.
+    pub fn window(&self) -> Result<Window, String> {
+        let absolute = self.from.is_some() || self.to.is_some();
+        let recurring = self.cron.is_some() || self.duration.is_some() || self.timezone.is_some();
+        match (absolute, recurring) {
+            (true, true) => Err(
+                "freeze: give either `from` and `to`, or `cron` and `duration` (with `timezone`), not both".into(),
+            ),
+            (false, false) => Err(
+                "freeze: an empty window; give `from` and `to` (e.g. 2026-12-24T00:00:00Z), or `cron` and `duration`".into(),
+            ),
+            (true, false) => match (self.from, self.to) {
+                (Some(from), Some(to)) if from < to => Ok(Window::Between { from, to }),
+                (Some(from), Some(to)) => Err(format!("freeze: `from` {from} is not before `to` {to}")),
+                _ => Err("freeze: an absolute window needs both `from` and `to`".into()),
+            },
+            (false, true) => {
+                let (Some(cron), Some(duration)) = (&self.cron, self.duration) else {
+                    return Err(
+                        "freeze: a recurring window needs `cron` (when it opens) and `duration` (how long it stays open)".into(),
+                    );
+                };
+                let secs = duration.0.as_secs();
+                if !(60..=crate::freeze::MAX_DURATION_S).contains(&secs) {
+                    return Err(format!(
+                        "freeze: duration {duration} is out of range: from 1m to 31d"
+                    ));
+                }
+                Ok(Window::Recurring {
+                    cron: cron.clone(),
+                    duration,
+                    timezone: self.timezone.clone().unwrap_or_else(Zone::utc),
+                })
+            }
+        }
+    }
+}
+
+impl Environment {
+    /// Its freeze windows (the valid ones: a repo with an invalid one is refused anyway).
+    pub fn freeze_windows(&self) -> Vec<Window> {
+        self.freeze
+            .iter()
+            .filter_map(|f| f.value.window().ok())
+            .collect()
+    }
 }
 
 /// `rollout:` — how many hosts deploy at once and how many may fail.
@@ -585,6 +658,11 @@ pub struct Approval {
     /// revert`) waits for an approval too. Default `automatic`: it starts at once.
     #[serde(default)]
     pub rollbacks: Rollbacks,
+    /// Whether a new version stops once its first batch (`rollout.max_parallel` hosts) has
+    /// succeeded, until approved — whether or not it needed an approval to start. A
+    /// rejection, or no answer within `timeout`, rolls the first batch back. Default false.
+    #[serde(default)]
+    pub after_first_batch: bool,
 }
 
 /// `approval.rollbacks`: whether a return to a version that succeeded before is approved.
@@ -610,6 +688,7 @@ impl Default for Approval {
             approvers: Vec::new(),
             timeout: default_approval_timeout(),
             rollbacks: Rollbacks::Automatic,
+            after_first_batch: false,
         }
     }
 }
@@ -1214,7 +1293,21 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
         }
     }
     check_order(env, problems);
+    if env.freeze.len() > MAX_FREEZE {
+        problems.push(Problem::new(
+            env.environment.mark.clone(),
+            format!("freeze: {} windows; at most {MAX_FREEZE}", env.freeze.len()),
+        ));
+    }
+    for f in &env.freeze {
+        if let Err(e) = f.value.window() {
+            problems.push(Problem::new(f.mark.clone(), e));
+        }
+    }
 }
+
+/// The most freeze windows an environment may have.
+const MAX_FREEZE: usize = 64;
 
 /// Refuses a cycle of `after` among the services of `env`, at the `after` entry that closes it.
 fn check_order(env: &Environment, problems: &mut Vec<Problem>) {

@@ -15,6 +15,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, generate::SchemaSettings, js
 
 use super::leaf::{Account, Digest, Dur, Name, Pattern, RelPath, Version};
 use super::{Environment, Hook, ServiceSpec, Template};
+use crate::freeze::{Cron, Stamp, Zone};
 use crate::yaml::Spanned;
 
 /// The file names under `schema/` and what each describes.
@@ -123,6 +124,29 @@ leaf_schema!(
     "Duration",
     "A duration: numbers with units ms, s, m, h, d (e.g. 500ms, 30s, 5m, 1h30m).",
     Some("^\\s*([0-9]+(ms|s|m|h|d))+\\s*$"),
+    false
+);
+leaf_schema!(
+    Stamp,
+    "Time",
+    "A time in RFC 3339 with its offset, e.g. 2026-12-24T00:00:00Z or 2026-12-24T00:00:00+01:00.",
+    Some(
+        "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:?[0-9]{2})$"
+    ),
+    false
+);
+leaf_schema!(
+    Cron,
+    "Cron",
+    "Five cron fields: minute hour day-of-month month day-of-week (e.g. \"0 18 * * FRI\"); `*`, ranges, steps, lists, month and day names.",
+    Some("^\\s*\\S+(\\s+\\S+){4}\\s*$"),
+    false
+);
+leaf_schema!(
+    Zone,
+    "TimeZone",
+    "An IANA time zone name, e.g. UTC, Europe/Berlin, America/New_York.",
+    None,
     false
 );
 leaf_schema!(

@@ -354,3 +354,80 @@ fn after_orders_services_and_refuses_cycles_unknown_names_and_itself() {
         .to_string();
     assert!(e.contains("invalid name `Web`"), "{e}");
 }
+
+/// `prod` with the `freeze:` block `freeze` (indented, from line 3).
+fn frozen(freeze: &str) -> Result<Repo, Problems> {
+    let env = format!(
+        "environment: prod\nfreeze:\n{freeze}services:\n  hello: {{ version: 1.0, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }}\n"
+    );
+    load(
+        &[
+            ("services/hello.yaml".to_string(), HELLO.to_string()),
+            ("environments/prod.yaml".to_string(), env),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn freeze_windows_are_read_and_bad_ones_refused_at_their_line() {
+    let repo = frozen(
+        "  - { from: 2026-12-24T00:00:00Z, to: \"2026-12-27T00:00:00+01:00\" }\n  - { cron: \"0 18 * * FRI\", duration: 62h, timezone: Europe/Berlin }\n  - { cron: \"0 0 1 1 *\", duration: 1d }\n",
+    )
+    .unwrap();
+    let ws = repo.environments["prod"].freeze_windows();
+    assert_eq!(ws.len(), 3);
+    assert_eq!(
+        ws[0].to_string(),
+        "2026-12-24T00:00:00Z to 2026-12-26T23:00:00Z"
+    );
+    assert_eq!(
+        ws[1].to_string(),
+        "\"0 18 * * FRI\" for 62h (Europe/Berlin)"
+    );
+    assert_eq!(ws[2].to_string(), "\"0 0 1 1 *\" for 24h (UTC)");
+
+    for (entry, says) in [
+        (
+            "  - { from: 2026-12-24T00:00:00Z }\n",
+            "needs both `from` and `to`",
+        ),
+        (
+            "  - { from: 2026-12-27T00:00:00Z, to: 2026-12-24T00:00:00Z }\n",
+            "is not before `to`",
+        ),
+        (
+            "  - { from: 2026-12-24, to: 2026-12-27T00:00:00Z }\n",
+            "RFC 3339 with an offset",
+        ),
+        (
+            "  - { cron: \"0 18 * *\", duration: 1h }\n",
+            "has 4 field(s)",
+        ),
+        (
+            "  - { cron: \"0 18 * * FRI\" }\n",
+            "needs `cron` (when it opens) and `duration`",
+        ),
+        (
+            "  - { cron: \"0 18 * * FRI\", duration: 40d }\n",
+            "from 1m to 31d",
+        ),
+        (
+            "  - { cron: \"0 18 * * FRI\", duration: 1h, timezone: Mars/Base }\n",
+            "unknown time zone `Mars/Base`",
+        ),
+        (
+            "  - { cron: \"0 18 * * FRI\", duration: 1h, from: 2026-12-24T00:00:00Z }\n",
+            "not both",
+        ),
+        ("  - { }\n", "an empty window"),
+        (
+            "  - { cron: \"0 18 * * FRI\", duration: 1h, reason: xmas }\n",
+            "reason",
+        ),
+    ] {
+        let e = frozen(entry).unwrap_err().to_string();
+        assert!(e.contains("environments/prod.yaml:3:"), "{entry}: {e}");
+        assert!(e.contains(says), "{entry}: {e}");
+    }
+}

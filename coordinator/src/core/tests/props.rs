@@ -178,6 +178,7 @@ impl<'a> World<'a> {
                     policy: self.policy.clone(),
                     services,
                     after: BTreeMap::new(),
+                    freeze: vec![],
                 },
             )]),
         };
