@@ -84,6 +84,27 @@ pub enum GateError {
     Unavailable(ClientError),
 }
 
+impl From<ClientError> for GateError {
+    /// The coordinator's `409 wait` and `422 rejected` answers; anything else leaves the host
+    /// untouched for now.
+    fn from(e: ClientError) -> GateError {
+        if let Some((reason, retry_after)) = e.wait() {
+            return GateError::Wait {
+                reason: reason.to_string(),
+                message: e.to_string(),
+                retry_after,
+            };
+        }
+        if let Some(reason) = e.rejected() {
+            return GateError::Rejected {
+                reason: reason.to_string(),
+                message: e.to_string(),
+            };
+        }
+        GateError::Unavailable(e)
+    }
+}
+
 impl GateError {
     /// When to try again (None: never, for this version).
     pub fn retry_after(&self) -> Option<Duration> {
@@ -175,25 +196,26 @@ impl Gate {
                 }))
             }
             Err(e) => {
-                if let Some((reason, retry_after)) = e.wait() {
-                    return Err(GateError::Wait {
-                        reason: reason.to_string(),
-                        message: e.to_string(),
-                        retry_after,
-                    });
-                }
-                if let Some(reason) = e.rejected() {
-                    return Err(GateError::Rejected {
-                        reason: reason.to_string(),
-                        message: e.to_string(),
-                    });
-                }
                 if matches!(e, ClientError::Unreachable { .. }) && !self.required {
                     tracing::warn!(error = %e, "coordinator unreachable; deploying without a lease (coordinator.required: false)");
                     return Ok(None);
                 }
-                Err(GateError::Unavailable(e))
+                Err(GateError::from(e))
             }
+        }
+    }
+
+    /// Asks, under `lease`, whether the deploy may go on past `step` (a step that waits for an
+    /// approval). `Ok`: go on; `Wait`: ask again later, traffic stays; `Rejected`: put traffic
+    /// back (the step was rejected or timed out, the rollout failed, or the lease is gone).
+    pub async fn at_step(&self, lease: &str, step: &str) -> Result<(), GateError> {
+        match self.client.gate(lease, step).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is(ErrorKind::LeaseLost) => Err(GateError::Rejected {
+                reason: "lease_lost".into(),
+                message: e.to_string(),
+            }),
+            Err(e) => Err(GateError::from(e)),
         }
     }
 

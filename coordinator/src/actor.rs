@@ -14,8 +14,8 @@ use crate::core::{ApiError, Core};
 use crate::git::Update;
 use crate::store::Store;
 use crate::wire::{
-    AcquireRequest, Granted, Heartbeat, HeartbeatReply, History, ReleaseRequest, Renewed,
-    RolloutReply, Status,
+    AcquireRequest, GateRequest, Granted, Heartbeat, HeartbeatReply, History, ReleaseRequest,
+    Renewed, RolloutReply, Status,
 };
 
 /// Milliseconds since the Unix epoch.
@@ -37,6 +37,8 @@ pub enum Command {
     Renew(String, Caller, Reply<Renewed>),
     /// Release a lease.
     Release(String, ReleaseRequest, Caller, Reply<RolloutReply>),
+    /// The holder of a lease waits at a step gate.
+    Gate(String, GateRequest, Caller, Reply<RolloutReply>),
     /// A host's heartbeat.
     Heartbeat(String, Heartbeat, Caller, Reply<HeartbeatReply>),
     /// Approve or reject.
@@ -182,7 +184,9 @@ impl Command {
     fn refuse(self, e: &ApiError) -> Option<Command> {
         match self {
             Command::Acquire(_, _, r) => drop(r.send(Err(e.clone()))),
-            Command::Release(_, _, _, r) => drop(r.send(Err(e.clone()))),
+            Command::Release(_, _, _, r) | Command::Gate(_, _, _, r) => {
+                drop(r.send(Err(e.clone())))
+            }
             Command::Heartbeat(_, _, _, r) => drop(r.send(Err(e.clone()))),
             Command::Decide { reply, .. }
             | Command::Retry { reply, .. }
@@ -274,6 +278,13 @@ pub fn run(
                     let r = core
                         .check_holder(&id, &caller, "release lease", now)
                         .and_then(|()| core.release(&id, &req, now))
+                        .map(|rollout| RolloutReply { rollout });
+                    pending.push(deferred(reply, r));
+                }
+                Command::Gate(id, req, caller, reply) => {
+                    let r = core
+                        .check_holder(&id, &caller, "step gate", now)
+                        .and_then(|()| core.step_gate(&id, &req.step, now))
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
                 }

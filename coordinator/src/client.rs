@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::wire::{
-    AcquireRequest, ErrorBody, ErrorKind, Granted, Heartbeat, HeartbeatReply, History, PROTOCOL,
-    PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status,
+    AcquireRequest, ErrorBody, ErrorKind, GateRequest, Granted, Heartbeat, HeartbeatReply, History,
+    PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status,
 };
 
 /// Why a call failed.
@@ -250,6 +250,16 @@ impl Client {
     ) -> Result<RolloutReply, ClientError> {
         let path = format!("/v1/leases/{}/release", path_part(id));
         self.call(reqwest::Method::POST, &path, Some(req)).await
+    }
+
+    /// `POST /v1/leases/{id}/gate`: `Ok` to go on past `step`; a `409 wait` while it waits for
+    /// an approval; `422 rejected` when traffic must go back.
+    pub async fn gate(&self, id: &str, step: &str) -> Result<RolloutReply, ClientError> {
+        let path = format!("/v1/leases/{}/gate", path_part(id));
+        let req = GateRequest {
+            step: step.to_string(),
+        };
+        self.call(reqwest::Method::POST, &path, Some(&req)).await
     }
 
     /// `GET /v1/status`.

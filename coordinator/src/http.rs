@@ -19,7 +19,8 @@ use crate::auth::{Caller, Need, RateLimiter, Tokens, cap};
 use crate::core::ApiError;
 use crate::server::ServerStats;
 use crate::wire::{
-    AcquireRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, RollbackRequest,
+    AcquireRequest, GateRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest,
+    RollbackRequest,
 };
 
 /// Largest request body accepted.
@@ -87,6 +88,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/leases", post(acquire))
         .route("/v1/leases/{id}/renew", post(renew))
         .route("/v1/leases/{id}/release", post(release))
+        .route("/v1/leases/{id}/gate", post(gate))
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
         .route(
@@ -382,6 +384,22 @@ async fn release(
         limit(&app, &who, None)?;
         let req: ReleaseRequest = body(b).await?;
         ask(&app, |r| Command::Release(id, req, who, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+async fn gate(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Agent, "step gate")?;
+        limit(&app, &who, None)?;
+        let req: GateRequest = body(b).await?;
+        ask(&app, |r| Command::Gate(id, req, who, r)).await
     }
     .await;
     answer(&app, r)

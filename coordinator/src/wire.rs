@@ -295,6 +295,14 @@ pub struct ReleaseRequest {
     pub verification: Option<Verification>,
 }
 
+/// `POST /v1/leases/{id}/gate`: the holder has reached a step that waits for an approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    /// The step, e.g. `10%` (1 to 32 printable ASCII characters).
+    pub step: String,
+}
+
 /// How risky a host's metric verification found the new version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -2,7 +2,7 @@
 //! the protocol's types) and, when they parse, handled by the coordinator's core against a
 //! fleet in the middle of a rollout.
 //!
-//! The first byte picks the endpoint (heartbeat, lease, release, rollback); the rest is the
+//! The first byte picks the endpoint (heartbeat, lease, release, step gate, rollback); the rest is the
 //! body. Nothing may panic, no request may take more than `max_parallel` leases, and the
 //! status page must still serialize.
 #![no_main]
@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use drover_coordinator::auth::{Caller, Role};
 use drover_coordinator::core::{Core, Desired, EnvDesired, Snapshot};
 use drover_coordinator::wire::{
-    AcquireRequest, Heartbeat, Outcome, Policy, Purpose, ReleaseRequest, RollbackRequest,
-    ServiceReport,
+    AcquireRequest, GateRequest, Heartbeat, Outcome, Policy, Purpose, ReleaseRequest,
+    RollbackRequest, ServiceReport,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -112,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
     let (mut c, lease) = fleet();
     let agent = caller("fleet", Role::Agent, None);
     let bound = caller("web-2", Role::Agent, Some("web-2"));
-    match which % 4 {
+    match which % 5 {
         0 => {
             let Ok(hb) = serde_json::from_slice::<Heartbeat>(body) else {
                 return;
@@ -134,6 +134,15 @@ fuzz_target!(|data: &[u8]| {
             let _ = c.release(&lease, &req, now);
             // A second release of the same lease changes nothing.
             assert!(c.release(&lease, &req, now).is_err());
+        }
+        3 => {
+            let Ok(req) = serde_json::from_slice::<GateRequest>(body) else {
+                return;
+            };
+            let first = c.step_gate(&lease, &req.step, now).map(|_| ());
+            // Asking again answers alike (a wait stays a wait).
+            let again = c.step_gate(&lease, &req.step, now).map(|_| ());
+            assert_eq!(first.map_err(|e| e.status), again.map_err(|e| e.status));
         }
         _ => {
             let body = if body.iter().all(u8::is_ascii_whitespace) {

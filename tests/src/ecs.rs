@@ -61,6 +61,8 @@ pub struct Call {
     pub action: String,
     /// The request body.
     pub body: String,
+    /// When it came.
+    pub at: std::time::Instant,
 }
 
 impl Call {
@@ -224,6 +226,7 @@ fn serve(
         calls.lock().unwrap().push(Call {
             action: action.clone(),
             body: text,
+            at: std::time::Instant::now(),
         });
         let throttled = {
             let mut t = throttle.lock().unwrap();
@@ -460,6 +463,14 @@ impl Ecs {
 
     /// The weight pairs of every ModifyListener call, as (blue, green).
     pub fn weight_calls(&self) -> Vec<(u32, u32)> {
+        self.timed_weight_calls()
+            .into_iter()
+            .map(|(w, _)| w)
+            .collect()
+    }
+
+    /// [`Ecs::weight_calls`] with when each came.
+    pub fn timed_weight_calls(&self) -> Vec<((u32, u32), std::time::Instant)> {
         let (b, g) = (
             self.arns["blue"].as_str().unwrap(),
             self.arns["green"].as_str().unwrap(),
@@ -470,7 +481,7 @@ impl Ecs {
             .map(|c| {
                 let w = c.weights();
                 let of = |arn: &str| w.iter().filter(|(a, _)| a == arn).map(|(_, x)| *x).sum();
-                (of(b), of(g))
+                ((of(b), of(g)), c.at)
             })
             .collect()
     }

@@ -537,3 +537,195 @@ fn a_fleet_rollback_of_ecs_redeploys_the_old_version_or_puts_traffic_back_in_one
         agent.stdout
     );
 }
+
+/// The cluster agent running against a coordinator; prod's approvers are release-managers.
+/// Returns the coordinator and the agent (killed when dropped), with 1.0.0 live.
+fn gated(e: &Ecs) -> (drover_tests::coordinator::Coordinator, Killed) {
+    let c = drover_tests::coordinator::Coordinator::start(e.dir.path(), "");
+    std::fs::write(
+        &e.config,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&e.config).unwrap(),
+            c.agent_config()
+        ),
+    )
+    .unwrap();
+    pin_gated(e, "1.0.0");
+    let log = std::fs::File::create(e.dir.path().join("agent.log")).unwrap();
+    let agent = Killed(
+        e.agent_cmd(&["run"])
+            .stderr(log)
+            .spawn()
+            .expect("agent starts"),
+    );
+    rollout_state(&c, "1.0.0", "SUCCESS");
+    (c, agent)
+}
+
+/// Pins `version` in prod, whose approvals are release-managers'.
+fn pin_gated(e: &Ecs, version: &str) {
+    e.repo.write(
+        "environments/prod.yaml",
+        &format!("environment: prod\napproval: {{ approvers: [release-managers], timeout: 1h }}\nservices:\n  {SERVICE}: {{ version: {version} }}\n"),
+    );
+    e.repo.commit(&format!("{SERVICE} {version}"));
+}
+
+/// Waits for the newest rollout of `version` to be in state `want`; returns it.
+fn rollout_state(c: &drover_tests::coordinator::Coordinator, version: &str, want: &str) -> Value {
+    wait_for(
+        &format!("{SERVICE} {version} to be {want}"),
+        Duration::from_secs(90),
+        || {
+            c.status()["rollouts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|r| r["service"] == SERVICE && r["version"] == version)
+                .filter(|r| r["state"] == want)
+                .cloned()
+        },
+    )
+}
+
+#[test]
+fn a_canary_bakes_each_step_its_own_time_and_waits_for_an_approval_at_10_percent() {
+    let e = Ecs::new(
+        "  strategy: canary\n  steps: [{ weight: 10, wait: 1s, approval: true }, { weight: 50, wait: 3s }, 100]\n",
+    );
+    e.pin("2.0.0");
+    let plan = e.agent(&["plan"], &[]);
+    assert!(
+        plan.stdout
+            .contains("green 10, then bake 1s, then wait for an approval")
+            && plan.stdout.contains("green 50, then bake 3s\n"),
+        "{}",
+        plan.stdout
+    );
+    let (c, _agent) = gated(&e);
+    e.proxy.clear();
+    pin_gated(&e, "2.0.0");
+    let r = rollout_state(&c, "2.0.0", "APPROVAL_REQUIRED");
+    assert!(
+        r["reason"].as_str().unwrap().contains("waiting at 10%"),
+        "{r}"
+    );
+    assert!(
+        r["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("an approval at 10% (release-managers): drover approve prod web 2.0.0"),
+        "{r}"
+    );
+    // Traffic stays where it is while nobody answers.
+    assert_eq!(e.weights(), (90, 10));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(e.weights(), (90, 10));
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10)]);
+    // An approver of another group may not; alice may.
+    let out = c.cli("bob", &["approve", "prod", SERVICE, "2.0.0"]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    let approved = Instant::now();
+    let out = c.cli("alice", &["approve", "prod", SERVICE, "2.0.0"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    rollout_state(&c, "2.0.0", "SUCCESS");
+    assert_eq!(e.weights(), (0, 100));
+    let calls = e.timed_weight_calls();
+    let steps: Vec<(u32, u32)> = calls.iter().map(|(w, _)| *w).collect();
+    assert_eq!(steps, [(100, 0), (90, 10), (50, 50), (0, 100)]);
+    // The 10 % step held until the approval; the 50 % step baked its own 3 s.
+    assert!(calls[2].1 >= approved, "50% came after the approval");
+    let bake = calls[3].1 - calls[2].1;
+    assert!(bake >= Duration::from_secs(3), "50% baked {bake:?}");
+    let hist = c.history();
+    assert!(
+        hist.iter()
+            .any(|h| h["action"] == "approve" && h["detail"] == "approved at 10% by alice"),
+        "{hist:?}"
+    );
+    assert!(
+        hist.iter()
+            .any(|h| h["action"] == "denied" && h["actor"] == "bob")
+    );
+}
+
+#[test]
+fn a_step_rejected_while_waiting_puts_traffic_back_in_one_call() {
+    let e = Ecs::new("  steps: [{ weight: 10, approval: true }, 100]\n");
+    let (c, _agent) = gated(&e);
+    pin_gated(&e, "2.0.0");
+    rollout_state(&c, "2.0.0", "APPROVAL_REQUIRED");
+    assert_eq!(e.weights(), (90, 10));
+    e.proxy.clear();
+    let out = c.cli("alice", &["reject", "prod", SERVICE, "2.0.0"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    wait_for("traffic back on blue", Duration::from_secs(30), || {
+        (e.weights() == (100, 0)).then_some(())
+    });
+    assert_eq!(
+        e.weight_calls(),
+        [(100, 0)],
+        "one weight call puts the traffic back"
+    );
+    rollout_state(&c, "2.0.0", "ABORTED");
+    let hist = c.history();
+    assert!(
+        hist.iter().any(|h| h["action"] == "transition"
+            && h["detail"]
+                .as_str()
+                .unwrap()
+                .contains("FAILED: rejected at 10% by alice")),
+        "{hist:?}"
+    );
+    wait_for("the green service to go", Duration::from_secs(30), || {
+        (service_names(&e.inspect(None)) == [format!("{SERVICE}-blue")]).then_some(())
+    });
+    let agent = e.agent(&["status", "--json"], &[]);
+    assert!(
+        agent.stdout.contains("rejected at 10% by alice"),
+        "{}",
+        agent.stdout
+    );
+}
+
+#[test]
+fn a_target_that_turns_unhealthy_mid_bake_rolls_back_at_once() {
+    // A 10-minute bake at 10 %, no coordinator.
+    let e = Ecs::new("  steps: [{ weight: 10, wait: 10m }, 100]\n");
+    e.pin("2.0.0");
+    let (stdout, stderr) = (e.dir.path().join("once.out"), e.dir.path().join("once.err"));
+    let mut agent = e
+        .agent_cmd(&["once"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("agent starts");
+    wait_for("2.0.0 at 10%", Duration::from_secs(60), || {
+        (e.weights() == (90, 10)).then_some(())
+    });
+    // The new side's targets go (its tasks die): the bake notices before its 10 minutes.
+    e.break_version("2.0.0");
+    let status = wait_for("the agent to end", Duration::from_secs(120), || {
+        agent.try_wait().unwrap()
+    });
+    let out = drover_tests::host::Out {
+        code: status.code().unwrap_or(-1),
+        stdout: std::fs::read_to_string(&stdout).unwrap(),
+        stderr: std::fs::read_to_string(&stderr).unwrap(),
+    };
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("failed and was rolled back"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.all()
+            .contains("at 10% only 0/2 targets of web-green are healthy"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(e.weights(), (100, 0));
+}

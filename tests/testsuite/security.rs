@@ -128,13 +128,23 @@ fn a_host_token_cannot_act_as_another_host() {
         r#"{"outcome":"failure","message":"spoofed"}"#,
     );
     assert_eq!(s, 403);
+    // Nor stop it at a step gate.
+    let (s, _) = c.http(
+        "POST",
+        &format!("/v1/leases/{id}/gate"),
+        Some(&web1),
+        r#"{"step":"10%"}"#,
+        true,
+    );
+    assert_eq!(s, 403);
     let r = c.rollout("test", "1.0").unwrap();
+    assert_eq!(r["state"], "RUNNING", "{r}");
     assert_eq!(r["failed"], serde_json::json!([]), "{r}");
     assert_eq!(r["leases"], 1, "{r}");
     // Every refusal is audited, and no viewer ever sees the lease id.
     let history = c.history();
     let denied: Vec<&Value> = history.iter().filter(|e| e["action"] == "denied").collect();
-    assert_eq!(denied.len(), 4, "{denied:?}");
+    assert_eq!(denied.len(), 5, "{denied:?}");
     assert!(denied.iter().all(|e| e["actor"] == "web-01"), "{denied:?}");
     let out = c.cli("watcher", &["history", "--json", "--limit", "10000"]);
     assert!(!out.stdout.contains(&id), "a viewer sees the lease id");

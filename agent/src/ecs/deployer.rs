@@ -324,11 +324,16 @@ impl EcsDeployer {
         ];
         for p in &e.steps {
             out.push(format!(
-                "{listener} {}, then bake {}{}",
+                "{listener} {}, then bake {}{}{}",
                 w(*p),
-                e.step_wait,
+                e.wait_at(*p),
                 if desired.verify.is_some() {
                     " and verify metrics"
+                } else {
+                    ""
+                },
+                if e.approval_at(*p) {
+                    ", then wait for an approval (drover approve; traffic stays)"
                 } else {
                     ""
                 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::aws::AwsError;
 use super::record::settle;
 use super::{EcsDeployer, EcsFlight, EcsPhase, EcsRecord, EcsRelease, service_name, split, tg};
+use crate::coordinator::GateError;
 use crate::engine::{self, End, Engine, Machine, Next, Reconciled, StepError, Transient};
 use crate::verify::{self, Prometheus};
 
@@ -18,13 +19,16 @@ pub enum EcsError {
     /// The new side is not healthy (or not cleanly provisioned) in time.
     #[error("{0}")]
     Unhealthy(String),
+    /// A step waits for an approval no coordinator can give.
+    #[error("{0}")]
+    NoApprover(String),
 }
 
 impl Transient for EcsError {
     fn is_transient(&self) -> bool {
         match self {
             EcsError::Aws(e) => e.is_transient(),
-            EcsError::Unhealthy(_) => false,
+            EcsError::Unhealthy(_) | EcsError::NoApprover(_) => false,
         }
     }
 }
@@ -188,7 +192,7 @@ impl EcsDeployer {
             }
             EcsPhase::TrafficShift(p) => self.aws.set_weights(e, split(d.live, p)).await?,
             EcsPhase::Monitoring(p) => {
-                let until = Instant::now() + e.step_wait.0;
+                let until = Instant::now() + e.wait_at(p).0;
                 loop {
                     let healthy = self.aws.healthy_targets(tg(e, new)).await?;
                     if healthy < e.desired_count {
@@ -236,6 +240,9 @@ impl EcsDeployer {
                         return Err(StepError::Verify(verdict.summary));
                     }
                 }
+                if e.approval_at(p) {
+                    self.await_approval(st, d, p).await?;
+                }
             }
             EcsPhase::StableGreen => {
                 st.current = Some(EcsRelease {
@@ -262,6 +269,84 @@ impl EcsDeployer {
         Ok(())
     }
 }
+
+impl EcsDeployer {
+    /// Waits at step `p` (`approval: true`, baked and verified) until the coordinator says go
+    /// on. Traffic stays where it is; the new side's targets are still checked between asks;
+    /// a rejection, a timed-out approval or a failed rollout rolls back.
+    async fn await_approval(
+        &self,
+        st: &EcsRecord,
+        d: &EcsFlight,
+        p: u8,
+    ) -> Result<(), StepError<EcsError>> {
+        let t = &d.target;
+        let e = &t.ecs;
+        let new = d.live.other();
+        let step = format!("{p}%");
+        let (Some(gate), Some(lease)) = (&self.engine.gate, &st.lease) else {
+            return Err(StepError::Machine(EcsError::NoApprover(format!(
+                "step {step} waits for an approval (ecs.steps: approval: true), and this deploy holds no coordinator lease to ask under: give the agent a `coordinator:` that is reachable"
+            ))));
+        };
+        let mut told = false;
+        loop {
+            let pause = match gate.at_step(&lease.id, &step).await {
+                Ok(()) => {
+                    if told {
+                        self.engine.event(
+                            &t.service,
+                            &t.version,
+                            "approved",
+                            Some(format!("at {step}")),
+                        );
+                    }
+                    tracing::info!(step = %step, "step approved; going on");
+                    return Ok(());
+                }
+                Err(GateError::Rejected { message, .. }) => {
+                    return Err(StepError::Aborted(message));
+                }
+                Err(err @ GateError::Wait { .. }) => {
+                    if !told {
+                        told = true;
+                        tracing::info!(step = %step, why = %err, "waiting for an approval; traffic stays where it is");
+                        self.engine.event(
+                            &t.service,
+                            &t.version,
+                            "waiting_for_approval",
+                            Some(format!("at {step}: {err}")),
+                        );
+                        self.engine.notify.status(&format!(
+                            "{} {}: waiting for an approval at {step}",
+                            t.service, t.version
+                        ));
+                    }
+                    err.retry_after().unwrap_or(GATE_RETRY)
+                }
+                Err(err) => {
+                    // Unreachable, or refusing for now: the approval timeout is the
+                    // coordinator's; traffic stays split until it answers.
+                    tracing::warn!(step = %step, error = %err, "cannot ask the coordinator about the step; retrying");
+                    GATE_RETRY
+                }
+            };
+            let healthy = self.aws.healthy_targets(tg(e, new)).await?;
+            if healthy < e.desired_count {
+                return Err(unhealthy(format!(
+                    "at {p}%, waiting for an approval, only {healthy}/{} targets of {} are healthy",
+                    e.desired_count,
+                    service_name(&t.service, new)
+                )));
+            }
+            self.aborted(&t.service)?;
+            tokio::time::sleep(pause.clamp(self.poll, GATE_RETRY)).await;
+        }
+    }
+}
+
+/// How often a deploy waiting at a step asks again, at most.
+const GATE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn unhealthy(why: String) -> StepError<EcsError> {
     StepError::Machine(EcsError::Unhealthy(why))

@@ -193,6 +193,8 @@ impl Core {
             after,
             freeze_lifted: None,
             first_batch: None,
+            step_gate: None,
+            step_decisions: BTreeMap::new(),
         });
         // It moves on (or waits) once the whole commit is followed: `apply_desired` then
         // advances every PENDING rollout under this commit's freeze windows and order.
@@ -428,6 +430,8 @@ impl Core {
             approval_deadline_ms: None,
             freeze_lifted: None,
             first_batch: None,
+            step_gate: None,
+            step_decisions: BTreeMap::new(),
             created_at_ms: now,
             updated_at_ms: now,
             ..r.clone()
@@ -562,6 +566,8 @@ impl Core {
             after: BTreeMap::new(),
             freeze_lifted: None,
             first_batch: None,
+            step_gate: None,
+            step_decisions: BTreeMap::new(),
         });
         // Asked for by a person on call: no approval, whatever the policy.
         self.set_state(id, RolloutState::Running, None, &who.name, now);

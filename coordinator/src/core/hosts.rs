@@ -522,10 +522,10 @@ impl Core {
             RolloutState::Pending => self.held_back(r, now),
             RolloutState::ApprovalRequired => Some(format!(
                 "an approval{} ({}): drover approve {} {} {}",
-                if r.at_batch_gate() {
-                    " after its first batch"
-                } else {
-                    ""
+                match &r.step_gate {
+                    Some(s) => format!(" at {s}"),
+                    None if r.at_batch_gate() => " after its first batch".into(),
+                    None => String::new(),
                 },
                 r.approvers(),
                 r.environment,

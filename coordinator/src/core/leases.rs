@@ -426,3 +426,106 @@ impl Core {
         self.progress(id, now);
     }
 }
+
+/// The longest step name a lease holder may give a gate (`10%`, `step 3 at 25%`).
+const MAX_STEP: usize = 32;
+
+impl Core {
+    /// `POST /v1/leases/{id}/gate`: the holder of lease `id` has reached `step` (an ECS traffic
+    /// step with `approval: true`; traffic stays where it is) and asks whether to go on. `Ok`:
+    /// go on (approved, or a rollback, which never waits); `409 wait`: not yet — the first
+    /// call moves the rollout RUNNING → APPROVAL_REQUIRED with the environment's approvers
+    /// and approval timeout; `422 rejected`: the rollout failed (rejected, timed out) or was
+    /// stopped, so the holder puts traffic back.
+    pub fn step_gate(&mut self, id: &str, step: &str, now: u64) -> Result<RolloutView, ApiError> {
+        if step.is_empty()
+            || step.len() > MAX_STEP
+            || !step.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        {
+            return Err(ApiError::bad_request(format!(
+                "step: 1 to {MAX_STEP} printable ASCII characters (e.g. \"10%\")"
+            )));
+        }
+        let Some(lease) = self.leases.get(id).or_else(|| self.expired.get(id)) else {
+            return Err(ApiError::lease_lost(format!(
+                "lease {id} is unknown or already released"
+            )));
+        };
+        let rid = lease.rollout;
+        let revert = lease.purpose == Purpose::Revert;
+        let Some(r) = self.rollouts.get(&rid) else {
+            return Err(ApiError::lease_lost(format!(
+                "the rollout of lease {id} is gone"
+            )));
+        };
+        let k = r.key();
+        // A rollback (or a revert) is never held by a person.
+        if revert || r.kind != crate::wire::RolloutKind::Deploy {
+            return Ok(self.view_of(rid, now));
+        }
+        if let Some(d) = r.step_decisions.get(step) {
+            return if d.approved {
+                Ok(self.view_of(rid, now))
+            } else {
+                Err(ApiError::rejected(
+                    "rejected",
+                    format!("{k} was rejected at {step} by {}: put traffic back", d.by),
+                ))
+            };
+        }
+        let ask = |r: &super::Rollout| {
+            ApiError::wait(
+                "approval_required",
+                2000,
+                format!(
+                    "{k} waits at {step} for an approval ({}): drover approve {} {} {}",
+                    r.approvers(),
+                    r.environment,
+                    r.service,
+                    r.version
+                ),
+            )
+        };
+        match r.state {
+            RolloutState::Running => {
+                let why = format!(
+                    "waiting at {step} (ecs steps: approval): approve to go on, or reject to put traffic back ({})",
+                    r.approvers()
+                );
+                let e = ask(r);
+                let deadline = now.saturating_add(r.policy.approval_timeout_ms);
+                let r = self.rollouts.get_mut(&rid).expect("exists");
+                r.step_gate = Some(step.to_string());
+                r.approval_deadline_ms = Some(deadline);
+                self.set_state(
+                    rid,
+                    RolloutState::ApprovalRequired,
+                    Some(why),
+                    "coordinator",
+                    now,
+                );
+                Err(e)
+            }
+            RolloutState::ApprovalRequired => Err(ask(r)),
+            RolloutState::Verifying | RolloutState::Success => Ok(self.view_of(rid, now)),
+            RolloutState::Paused => Err(ApiError::wait(
+                "paused",
+                2000,
+                format!(
+                    "{k} is paused ({}): traffic stays where it is",
+                    r.reason.as_deref().unwrap_or("by an operator")
+                ),
+            )),
+            s => Err(ApiError::rejected(
+                "failed",
+                format!(
+                    "{k} is {s}{}: put traffic back",
+                    r.reason
+                        .as_deref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                ),
+            )),
+        }
+    }
+}

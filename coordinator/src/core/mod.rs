@@ -86,6 +86,13 @@ pub struct Rollout {
     /// The decision at the gate after its first batch (`approval.after_first_batch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_batch: Option<Decision>,
+    /// The step (e.g. `10%`) at which the lease holder waits for an approval (an ECS step
+    /// with `approval: true`), while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_gate: Option<String>,
+    /// The decisions at step gates, by step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub step_decisions: BTreeMap<String, Decision>,
 }
 
 fn deploy_kind() -> RolloutKind {
@@ -635,6 +642,10 @@ impl Core {
         }
         r.state = to;
         r.updated_at_ms = now;
+        if to != RolloutState::ApprovalRequired {
+            // A step gate lasts while the rollout waits at it.
+            r.step_gate = None;
+        }
         if reason.is_some() {
             r.reason = reason.clone();
         }
@@ -757,7 +768,11 @@ impl Core {
         for id in timed_out {
             let r = &self.rollouts[&id];
             let t = r.policy.approval_timeout_ms / 1000;
-            if r.at_batch_gate() {
+            if let Some(step) = &r.step_gate {
+                // Traffic is split: nobody said go on, so it goes back.
+                let why = format!("the approval at {step} timed out after {t}s");
+                self.fail(id, why, now);
+            } else if r.at_batch_gate() {
                 // The first batch runs the new version: nobody said go on, so it goes back.
                 self.fail(
                     id,

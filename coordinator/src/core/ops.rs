@@ -7,8 +7,8 @@ use crate::auth::{Caller, Role};
 use crate::wire::{Decision, RolloutState, RolloutView};
 
 impl Core {
-    /// Approve (or reject) a rollout waiting for approval, before its start or after its
-    /// first batch.
+    /// Approve (or reject) a rollout waiting for approval: before its start, after its first
+    /// batch, or at a traffic step its lease holder waits at.
     pub fn decide(
         &mut self,
         env: &str,
@@ -43,25 +43,32 @@ impl Core {
             self.denied(now, &who.name, &k, &why);
             return Err(ApiError::forbidden(why));
         }
-        let batch_gate = r.at_batch_gate();
+        // Which gate: a step the lease holder waits at, the one after the first batch, or
+        // the one before the start.
+        let step = r.step_gate.clone();
+        let mid = match &step {
+            Some(s) => Some(format!(" at {s}")),
+            None => r
+                .at_batch_gate()
+                .then(|| " after the first batch".to_string()),
+        };
         let decision = Decision {
             approved: approve,
             by: who.name.clone(),
             at_ms: now,
         };
         let r = self.rollouts.get_mut(&id).expect("exists");
-        if batch_gate {
-            r.first_batch = Some(decision);
-        } else {
-            r.decision = Some(decision);
+        match &step {
+            Some(s) => {
+                r.step_decisions.insert(s.clone(), decision);
+                r.step_gate = None;
+            }
+            None if mid.is_some() => r.first_batch = Some(decision),
+            None => r.decision = Some(decision),
         }
         r.approval_deadline_ms = None;
         let verb = if approve { "approve" } else { "reject" };
-        let gate = if batch_gate {
-            " after the first batch"
-        } else {
-            ""
-        };
+        let gate = mid.clone().unwrap_or_default();
         self.audit(
             now,
             &who.name,
@@ -71,18 +78,13 @@ impl Core {
         );
         // The decision records who and when; the state's reason stays short.
         if approve {
-            let reason =
-                batch_gate.then(|| format!("approved after the first batch by {}", who.name));
+            let reason = mid.map(|g| format!("approved{g} by {}", who.name));
             self.set_state(id, RolloutState::Approved, None, &who.name, now);
             self.set_state(id, RolloutState::Running, reason, &who.name, now);
             self.progress(id, now);
-        } else if batch_gate {
-            // The first batch runs the rejected version: it goes back.
-            self.fail(
-                id,
-                format!("rejected after the first batch by {}", who.name),
-                now,
-            );
+        } else if let Some(g) = mid {
+            // Hosts (or traffic) already run the rejected version: it goes back.
+            self.fail(id, format!("rejected{g} by {}", who.name), now);
         } else {
             self.set_state(
                 id,

@@ -87,10 +87,12 @@ pub struct Ecs {
     /// `blue_green` (default) or `canary`.
     #[serde(default)]
     pub strategy: Strategy,
-    /// Percent of traffic on the new version at each step, ending at 100. Default
-    /// [10, 50, 100] (blue_green), [10, 25, 50, 100] (canary).
-    pub steps: Option<Vec<u8>>,
-    /// Bake time (and analysis) at each step. Default 5m.
+    /// The traffic steps, ending at 100: a percentage of traffic on the new version (`10`), or
+    /// `{ weight: 10, wait: 5m, approval: true }` for a step with its own bake time or an
+    /// approval before it goes on. Default [10, 50, 100] (blue_green), [10, 25, 50, 100]
+    /// (canary).
+    pub steps: Option<Vec<Spanned<EcsStep>>>,
+    /// Bake time (and analysis) at each step that gives no `wait`. Default 5m.
     #[serde(default = "default_step_wait")]
     pub step_wait: Dur,
     /// Wait before the old side is scaled down. Default 30s.
@@ -117,6 +119,62 @@ fn default_drain() -> Dur {
 fn default_ecs_health_timeout() -> Dur {
     Dur::secs(300)
 }
+
+/// One entry of `ecs.steps`: `10`, or `{ weight: 10, wait: 5m, approval: true }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EcsStep {
+    /// Percent of traffic on the new version.
+    pub weight: i64,
+    /// Bake time at this step; default `ecs.step_wait`.
+    pub wait: Option<Dur>,
+    /// Whether the step, once baked and verified, waits for an approval (`drover approve`,
+    /// by the environment's `approval.approvers`) before traffic moves on. Traffic stays
+    /// where it is meanwhile; a rejection, or no answer within `approval.timeout`, puts it
+    /// all back on the old side.
+    pub approval: bool,
+}
+
+impl<'de> Deserialize<'de> for EcsStep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            weight: i64,
+            wait: Option<Dur>,
+            #[serde(default)]
+            approval: bool,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EcsStep;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a percentage (10), or { weight: 10, wait: 5m, approval: true }")
+            }
+            fn visit_i64<E: serde::de::Error>(self, weight: i64) -> Result<EcsStep, E> {
+                Ok(EcsStep {
+                    weight,
+                    wait: None,
+                    approval: false,
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, weight: u64) -> Result<EcsStep, E> {
+                self.visit_i64(i64::try_from(weight).unwrap_or(i64::MAX))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EcsStep, A::Error> {
+                let f = Full::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EcsStep {
+                    weight: f.weight,
+                    wait: f.wait,
+                    approval: f.approval,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The longest bake `ecs.steps[].wait` may give.
+pub const MAX_STEP_WAIT_S: u64 = 86_400;
 
 /// `target_groups: { blue: ARN, green: ARN }`.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -1038,15 +1096,41 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
                 )),
                 Some(e) => check_ecs(e, at, problems),
             }
-            for (present, field) in [
-                (s.artifact.is_some(), "artifact"),
-                (s.install.is_some(), "install"),
-                (s.run.is_some(), "run"),
+            // What the ECS agent would silently ignore is refused: a health check or smoke
+            // test written here would look like protection that never runs.
+            for (present, field, instead) in [
+                (s.artifact.is_some(), "artifact", "the image is `ecs.image`"),
+                (
+                    s.install.is_some(),
+                    "install",
+                    "ECS runs the task definition",
+                ),
+                (s.run.is_some(), "run", "ECS runs the task definition"),
+                (
+                    s.health.is_some(),
+                    "health",
+                    "the new side must have `ecs.desired_count` healthy targets in its target group (the ALB's health check), and `verify:` judges its metrics",
+                ),
+                (
+                    !s.smoke.is_empty(),
+                    "smoke",
+                    "use `verify:` to judge the new side at each traffic step",
+                ),
+                (
+                    s.hooks.before_stop.is_some() || s.hooks.after_install.is_some(),
+                    "hooks",
+                    "nothing runs on a host; put a migration in the image's entrypoint or its own service",
+                ),
+                (
+                    !s.redact.is_empty(),
+                    "redact",
+                    "it filters hook, smoke and health output, which ECS services have none of",
+                ),
             ] {
                 if present {
                     problems.push(Problem::new(
                         at.clone(),
-                        format!("service `{name}` is kind: ecs; `{field}:` is only for kind: vm"),
+                        format!("service `{name}` is kind: ecs; `{field}:` is only for kind: vm and would be ignored: {instead}"),
                     ));
                 }
             }
@@ -1179,17 +1263,7 @@ fn check_ecs(e: &Ecs, at: &Mark, problems: &mut Vec<Problem>) {
         ));
     }
     if let Some(steps) = &e.steps {
-        let increasing = steps.windows(2).all(|w| w[0] < w[1]);
-        let valid = !steps.is_empty()
-            && steps.iter().all(|p| (1..=100).contains(p))
-            && steps.last() == Some(&100)
-            && increasing;
-        if !valid {
-            problems.push(Problem::new(
-                at.clone(),
-                format!("ecs.steps {steps:?}: give increasing percentages from 1 to 100, ending with 100 (e.g. [10, 50, 100])"),
-            ));
-        }
+        check_steps(steps, at, problems);
     }
     if e.launch_type == LaunchType::Fargate
         && e.network.as_ref().is_none_or(|n| n.subnets.is_empty())
@@ -1197,6 +1271,49 @@ fn check_ecs(e: &Ecs, at: &Mark, problems: &mut Vec<Problem>) {
         problems.push(Problem::new(
             at.clone(),
             "ecs.launch_type FARGATE needs `network: { subnets: [...], security_groups: [...] }`",
+        ));
+    }
+}
+
+/// `ecs.steps`: percentages from 1 to 100, increasing, ending with 100; bounded waits.
+fn check_steps(steps: &[Spanned<EcsStep>], at: &Mark, problems: &mut Vec<Problem>) {
+    const HOW: &str =
+        "give increasing percentages from 1 to 100, ending with 100 (e.g. [10, 50, 100])";
+    let Some(last) = steps.last() else {
+        problems.push(Problem::new(
+            at.clone(),
+            format!("ecs.steps is empty: {HOW}"),
+        ));
+        return;
+    };
+    let mut before = 0;
+    for (i, s) in steps.iter().enumerate() {
+        let w = s.value.weight;
+        if !(1..=100).contains(&w) {
+            problems.push(Problem::new(
+                s.mark.clone(),
+                format!("ecs.steps[{i}]: weight {w} is not a percentage from 1 to 100: {HOW}"),
+            ));
+        } else if w <= before {
+            problems.push(Problem::new(
+                s.mark.clone(),
+                format!("ecs.steps[{i}]: weight {w} does not increase on the step before ({before}): {HOW}"),
+            ));
+        }
+        before = before.max(w);
+        if let Some(wait) = s.value.wait
+            && wait.0.as_secs() > MAX_STEP_WAIT_S
+        {
+            problems.push(Problem::new(
+                s.mark.clone(),
+                format!("ecs.steps[{i}]: wait {wait} is longer than a day; bake for at most 24h (use `approval: true` to hold a step for a person)"),
+            ));
+        }
+    }
+    if last.value.weight != 100 {
+        problems.push(Problem::new(
+            last.mark.clone(),
+            format!("ecs.steps ends at {}, not 100: {HOW}", last.value.weight),
         ));
     }
 }

@@ -190,8 +190,14 @@ pub struct ResolvedEcs {
     pub tg_green: String,
     /// Traffic steps, percent, ending at 100.
     pub steps: Vec<u8>,
-    /// Bake time per step.
+    /// Bake time per step (unless `waits` gives the step's own).
     pub step_wait: Dur,
+    /// Bake times of the steps that give their own (`steps: [{ weight: 10, wait: 10m }]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub waits: BTreeMap<u8, Dur>,
+    /// The steps that wait for an approval once baked and verified.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<u8>,
     /// Wait before the old side goes.
     pub drain: Dur,
     /// Time for the new side to become healthy.
@@ -202,6 +208,18 @@ pub struct ResolvedEcs {
     pub container_port: u16,
     /// awsvpc network.
     pub network: Option<super::Network>,
+}
+
+impl ResolvedEcs {
+    /// The bake time at step `weight`.
+    pub fn wait_at(&self, weight: u8) -> Dur {
+        self.waits.get(&weight).copied().unwrap_or(self.step_wait)
+    }
+
+    /// Whether step `weight` waits for an approval once baked.
+    pub fn approval_at(&self, weight: u8) -> bool {
+        self.approvals.contains(&weight)
+    }
 }
 
 /// How to run the service.
@@ -487,10 +505,30 @@ fn render_ecs(
     names: &BTreeMap<String, String>,
 ) -> Option<ResolvedEcsService> {
     let e = spec.ecs.as_ref()?;
-    let steps = e.steps.clone().unwrap_or_else(|| match e.strategy {
-        super::Strategy::BlueGreen => vec![10, 50, 100],
-        super::Strategy::Canary => vec![10, 25, 50, 100],
-    });
+    // Valid steps are percentages (`load` refused the others).
+    let given: Vec<(u8, super::EcsStep)> = e
+        .steps
+        .iter()
+        .flatten()
+        .filter_map(|s| Some((u8::try_from(s.value.weight).ok()?, s.value)))
+        .collect();
+    let steps = if given.is_empty() {
+        match e.strategy {
+            super::Strategy::BlueGreen => vec![10, 50, 100],
+            super::Strategy::Canary => vec![10, 25, 50, 100],
+        }
+    } else {
+        given.iter().map(|(w, _)| *w).collect()
+    };
+    let waits = given
+        .iter()
+        .filter_map(|(w, s)| Some((*w, s.wait?)))
+        .collect();
+    let approvals = given
+        .iter()
+        .filter(|(_, s)| s.approval)
+        .map(|(w, _)| *w)
+        .collect();
     Some(ResolvedEcsService {
         service: spec.service.value.as_str().to_string(),
         environment: host.environment.to_string(),
@@ -507,6 +545,8 @@ fn render_ecs(
             tg_green: r.one(&e.target_groups.green),
             steps,
             step_wait: e.step_wait,
+            waits,
+            approvals,
             drain: e.drain,
             health_timeout: e.health_timeout,
             launch_type: e.launch_type,

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use schemars::{JsonSchema, Schema, SchemaGenerator, generate::SchemaSettings, json_schema};
 
 use super::leaf::{Account, Digest, Dur, Name, Pattern, RelPath, Version};
-use super::{Environment, Hook, ServiceSpec, Template};
+use super::{EcsStep, Environment, Hook, ServiceSpec, Template};
 use crate::freeze::{Cron, Stamp, Zone};
 use crate::yaml::Spanned;
 
@@ -204,6 +204,44 @@ impl JsonSchema for Hook {
                             "description": "Killed (with its process group) after this long. Default 60s.",
                             "default": "1m",
                             "allOf": [dur],
+                        }
+                    }
+                }
+            ]
+        })
+    }
+}
+
+impl JsonSchema for EcsStep {
+    fn schema_name() -> Cow<'static, str> {
+        "EcsStep".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let dur = generator.subschema_for::<Dur>();
+        let weight = json_schema!({
+            "description": "Percent of traffic on the new version.",
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100,
+        });
+        json_schema!({
+            "description": "A traffic step: a percentage (10), or `{ weight: 10, wait: 5m, approval: true }`.",
+            "oneOf": [
+                weight.clone(),
+                {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["weight"],
+                    "properties": {
+                        "weight": weight,
+                        "wait": {
+                            "description": "Bake time at this step (at most 24h). Default `ecs.step_wait`.",
+                            "allOf": [dur],
+                        },
+                        "approval": {
+                            "description": "Whether the step, once baked and verified, waits for an approval (`drover approve`) before traffic moves on; a rejection or no answer within `approval.timeout` puts traffic back on the old side. Default false.",
+                            "type": "boolean",
+                            "default": false,
                         }
                     }
                 }

@@ -431,3 +431,96 @@ fn freeze_windows_are_read_and_bad_ones_refused_at_their_line() {
         assert!(e.contains(says), "{entry}: {e}");
     }
 }
+
+const WEB: &str = "service: web\nkind: ecs\necs:\n  cluster: c\n  task_family: web\n  container: web\n  image: \"r/web:{version}\"\n  desired_count: 4\n  listener_arn: l\n  target_groups: { blue: b, green: g }\n  container_port: 8080\n  launch_type: EC2\n";
+
+fn ecs(extra: &str) -> Result<Repo, Problems> {
+    load(
+        &[
+            ("services/web.yaml".to_string(), format!("{WEB}{extra}")),
+            (
+                "environments/prod.yaml".to_string(),
+                "environment: prod\nservices:\n  web: { version: 1.0 }\n".to_string(),
+            ),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn ecs_steps_take_a_wait_and_an_approval_and_bad_ones_are_refused_at_their_line() {
+    let repo = ecs(
+        "  step_wait: 1m\n  steps:\n    - { weight: 10, wait: 5m, approval: true }\n    - { weight: 50, wait: 10m }\n    - 100\n",
+    )
+    .unwrap();
+    let host = Host {
+        name: "ecs-agent",
+        environment: "prod",
+        labels: &BTreeMap::new(),
+        vars: &BTreeMap::new(),
+        manager: ServiceManager::Process,
+        kind: Kind::Ecs,
+    };
+    let plan = resolve(&repo, &host).unwrap();
+    let e = &plan.ecs[0].ecs;
+    assert_eq!(e.steps, [10, 50, 100]);
+    assert_eq!(e.wait_at(10), Dur::secs(300));
+    assert_eq!(e.wait_at(50), Dur::secs(600));
+    assert_eq!(e.wait_at(100), Dur::secs(60), "the default bake");
+    assert!(e.approval_at(10) && !e.approval_at(50) && !e.approval_at(100));
+    // The record keeps its old form for plain steps.
+    let plain = ecs("  steps: [20, 100]\n").unwrap();
+    let json = serde_json::to_value(&resolve(&plain, &host).unwrap().ecs[0].ecs).unwrap();
+    assert!(json.get("waits").is_none() && json.get("approvals").is_none());
+
+    for (steps, line, says) in [
+        ("[10, 50]", 13, "ends at 50, not 100"),
+        (
+            "[50, 10, 100]",
+            13,
+            "weight 10 does not increase on the step before (50)",
+        ),
+        ("[0, 100]", 13, "weight 0 is not a percentage from 1 to 100"),
+        ("[10, 101]", 13, "weight 101 is not a percentage"),
+        ("[-5, 100]", 13, "weight -5 is not a percentage"),
+        ("[]", 1, "ecs.steps is empty"),
+        ("[{ weight: 10, wait: 2d }, 100]", 13, "longer than a day"),
+        ("[{ weight: 10, approve: true }, 100]", 13, "approve"),
+        ("[{ wait: 5m }, 100]", 13, "weight"),
+        ("[ten, 100]", 13, "a percentage (10), or { weight: 10"),
+        (
+            "[{ weight: 10, approval: maybe }, 100]",
+            13,
+            "true or false",
+        ),
+    ] {
+        let e = ecs(&format!("  steps: {steps}\n")).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("services/web.yaml:{line}:")),
+            "{steps}: {e}"
+        );
+        assert!(e.contains(says), "{steps}: {e}");
+    }
+}
+
+#[test]
+fn ecs_services_refuse_what_only_a_vm_uses() {
+    for (extra, field) in [
+        ("health: { url: \"http://x/health\" }\n", "health"),
+        ("smoke:\n  - command: [bin/smoke]\n", "smoke"),
+        ("hooks: { before_stop: bin/drain }\n", "hooks"),
+        ("redact: [\"secret=\\\\S+\"]\n", "redact"),
+        (
+            "artifact: { url: \"https://a/web-{version}.tar.gz\" }\n",
+            "artifact",
+        ),
+    ] {
+        let e = ecs(extra).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "kind: ecs; `{field}:` is only for kind: vm and would be ignored"
+            )),
+            "{field}: {e}"
+        );
+    }
+}

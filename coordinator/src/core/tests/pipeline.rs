@@ -1,4 +1,4 @@
-//! Freeze windows and the gate after the first batch.
+//! Freeze windows, the gate after the first batch, and gates at ECS traffic steps.
 
 use drover_desired::freeze::{Stamp, Window};
 
@@ -345,4 +345,151 @@ fn a_fleet_that_fits_in_the_first_batch_needs_no_gate() {
         heartbeat(&mut c, h, "prod", "1.0", "1.0", T0 + 3);
     }
     assert_eq!(state(&c, "prod", "1.0"), RolloutState::Success);
+}
+
+/// hello 1.0 live on `ecs`, the cluster agent holding a lease on 2.0 (approvers: release-managers).
+fn at_a_step() -> (Core, String) {
+    let mut c = core();
+    let mut p = policy(1, 0);
+    p.approvers = vec!["release-managers".into()];
+    push(&mut c, "prod", "1.0", &p, T0);
+    heartbeat(&mut c, "ecs", "prod", "1.0", "1.0", T0);
+    push(&mut c, "prod", "2.0", &p, T0 + 1);
+    let g = acquire(&mut c, "ecs", "prod", "2.0", T0 + 2).unwrap();
+    (c, g.lease.id)
+}
+
+#[test]
+fn a_step_gate_holds_the_lease_holder_until_approved_once_per_step() {
+    let (mut c, id) = at_a_step();
+    let e = c.step_gate(&id, "10%", T0 + 3).unwrap_err();
+    assert_eq!(
+        (e.status, e.body.reason.as_deref()),
+        (409, Some("approval_required"))
+    );
+    assert!(
+        e.body.message.contains(
+            "waits at 10% for an approval (release-managers): drover approve prod hello 2.0"
+        ),
+        "{}",
+        e.body.message
+    );
+    let r = rollout(&c, "prod", "2.0");
+    assert_eq!(r.state, RolloutState::ApprovalRequired);
+    assert_eq!(r.step_gate.as_deref(), Some("10%"));
+    let view = c.status(T0 + 4).rollouts;
+    let two = view.iter().find(|r| r.version == "2.0").unwrap();
+    assert!(
+        two.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.starts_with("an approval at 10% (release-managers)")),
+        "{two:?}"
+    );
+    // Asking again changes nothing; the lease stays renewable.
+    assert_eq!(c.step_gate(&id, "10%", T0 + 5).unwrap_err().status, 409);
+    c.renew(&id, T0 + 5).unwrap();
+    // Not an approver of prod: refused.
+    let bob = person("bob", Role::Approver, &["others"]);
+    assert_eq!(
+        c.decide("prod", "hello", "2.0", true, &bob, T0 + 6)
+            .unwrap_err()
+            .status,
+        403
+    );
+    let alice = person("alice", Role::Approver, &["release-managers"]);
+    let v = c
+        .decide("prod", "hello", "2.0", true, &alice, T0 + 7)
+        .unwrap();
+    assert_eq!(v.state, RolloutState::Running);
+    assert_eq!(v.reason.as_deref(), Some("approved at 10% by alice"));
+    // The step is passed; the next step with an approval stops again.
+    assert!(c.step_gate(&id, "10%", T0 + 8).is_ok());
+    assert_eq!(c.step_gate(&id, "50%", T0 + 9).unwrap_err().status, 409);
+    let r = rollout(&c, "prod", "2.0");
+    assert!(r.step_decisions["10%"].approved);
+    assert_eq!(r.step_gate.as_deref(), Some("50%"));
+    c.decide("prod", "hello", "2.0", true, &alice, T0 + 10)
+        .unwrap();
+    assert!(c.step_gate(&id, "50%", T0 + 11).is_ok());
+    c.release(&id, &ok(Outcome::Success), T0 + 12).unwrap();
+    heartbeat(&mut c, "ecs", "prod", "2.0", "2.0", T0 + 13);
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Success);
+    let approvals: Vec<_> = audit(&c.changes)
+        .into_iter()
+        .filter(|(_, a, _)| a == "approve")
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(
+        approvals,
+        ["approved at 10% by alice", "approved at 50% by alice"]
+    );
+    assert!(c.illegal.is_empty(), "{:?}", c.illegal);
+}
+
+#[test]
+fn a_rejected_or_unanswered_step_fails_the_rollout_and_the_holder_puts_traffic_back() {
+    let (mut c, id) = at_a_step();
+    c.step_gate(&id, "10%", T0 + 3).unwrap_err();
+    let alice = person("alice", Role::Approver, &["release-managers"]);
+    let v = c
+        .decide("prod", "hello", "2.0", false, &alice, T0 + 4)
+        .unwrap();
+    assert_eq!(v.state, RolloutState::RollingBack);
+    assert_eq!(v.reason.as_deref(), Some("rejected at 10% by alice"));
+    let e = c.step_gate(&id, "10%", T0 + 5).unwrap_err();
+    assert_eq!(
+        (e.status, e.body.reason.as_deref()),
+        (422, Some("rejected"))
+    );
+    // The holder rolled back: its release ends the rollback.
+    c.release(&id, &ok(Outcome::Failure), T0 + 6).unwrap();
+    heartbeat(&mut c, "ecs", "prod", "2.0", "1.0", T0 + 7);
+    c.tick(T0 + 7 + SWEEP_MS);
+    assert!(rollout(&c, "prod", "2.0").state.is_terminal());
+
+    // Unanswered within the timeout (60 s here): it fails too.
+    let (mut c, id) = at_a_step();
+    c.step_gate(&id, "10%", T0 + 3).unwrap_err();
+    // The holder keeps its lease alive while it waits.
+    for t in (T0 + 1_000..T0 + 3 + 60_000).step_by(1_000) {
+        c.renew(&id, t).unwrap();
+        c.tick(t);
+    }
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::ApprovalRequired);
+    c.tick(T0 + 3 + 60_000);
+    let r = rollout(&c, "prod", "2.0");
+    assert_eq!(r.state, RolloutState::RollingBack);
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("the approval at 10% timed out after 60s")
+    );
+    assert_eq!(r.step_gate, None);
+    let e = c.step_gate(&id, "10%", T0 + 3 + 60_001).unwrap_err();
+    assert_eq!((e.status, e.body.reason.as_deref()), (422, Some("failed")));
+    assert!(c.illegal.is_empty(), "{:?}", c.illegal);
+}
+
+#[test]
+fn rollbacks_pass_their_steps_and_bad_gate_requests_change_nothing() {
+    let (mut c, id) = at_a_step();
+    for bad in ["", &"x".repeat(33), "10%\n", "ten\u{e9}"] {
+        let e = c.step_gate(&id, bad, T0 + 3).unwrap_err();
+        assert_eq!(e.status, 400, "{bad:?}");
+    }
+    assert_eq!(c.step_gate("nope", "10%", T0 + 3).unwrap_err().status, 410);
+    assert_eq!(state(&c, "prod", "2.0"), RolloutState::Running);
+    // Paused by an operator: the holder waits where it is.
+    let ops = person("ops", Role::Operator, &[]);
+    c.operate("prod", "hello", "pause", &ops, T0 + 4).unwrap();
+    let e = c.step_gate(&id, "10%", T0 + 5).unwrap_err();
+    assert_eq!((e.status, e.body.reason.as_deref()), (409, Some("paused")));
+    // A git revert to 1.0 is a rollback: its steps never wait for a person.
+    let p = rollout(&c, "prod", "2.0").policy.clone();
+    c.release(&id, &ok(Outcome::Success), T0 + 6).unwrap();
+    heartbeat(&mut c, "ecs", "prod", "2.0", "2.0", T0 + 7);
+    push(&mut c, "prod", "1.0", &p, T0 + 8);
+    assert_eq!(rollout(&c, "prod", "1.0").kind, RolloutKind::Rollback);
+    let g = acquire(&mut c, "ecs", "prod", "1.0", T0 + 9).unwrap();
+    assert!(c.step_gate(&g.lease.id, "10%", T0 + 10).is_ok());
+    assert_eq!(rollout(&c, "prod", "1.0").state, RolloutState::Running);
 }
