@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod git_watch;
 pub mod health;
 pub mod hooks;
+pub mod job;
 pub mod metrics;
 pub mod notify;
 pub mod progress;

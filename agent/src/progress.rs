@@ -79,6 +79,11 @@ pub fn outcome_name(o: &Reconciled) -> &'static str {
         Reconciled::SkippedFailed { .. } => "skipped_failed",
         Reconciled::Waiting { .. } => "waiting",
         Reconciled::Broken { .. } => "broken",
+        Reconciled::Ran {
+            elsewhere: None, ..
+        } => "ran",
+        Reconciled::Ran { .. } => "ran_elsewhere",
+        Reconciled::Failed { .. } => "job_failed",
     }
 }
 

@@ -26,6 +26,22 @@ pub struct HostStatus {
     pub services: BTreeMap<String, Entry<ServiceStatus>>,
     /// ECS services, for an agent in ECS mode.
     pub ecs: Option<BTreeMap<String, Entry<EcsStatus>>>,
+    /// Jobs (`kind: job`) this host ran or heard of.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub jobs: BTreeMap<String, Entry<JobStatus>>,
+}
+
+/// A job as this host knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobStatus {
+    /// The last version done: here (with its output's last lines) or elsewhere.
+    pub done: Option<crate::job::JobDone>,
+    /// The last version that failed here.
+    pub failed: Option<crate::job::JobFailure>,
+    /// A run under way (or interrupted): version and phase.
+    pub running: Option<(String, crate::job::JobPhase)>,
+    /// The last error.
+    pub last_error: Option<String>,
 }
 
 /// A service's status, or why its state file could not be read.
@@ -179,6 +195,31 @@ impl HostStatus {
                 s.last_error.as_deref().unwrap_or("")
             ));
         }
+        for (name, entry) in &self.jobs {
+            let j = match entry {
+                Entry::Read(j) => j,
+                Entry::Unreadable { error } => {
+                    out.push_str(&format!("{name:<16} {error}\n"));
+                    continue;
+                }
+            };
+            let state = match (&j.running, &j.failed, &j.done) {
+                (Some((v, p)), _, _) => format!("job {v} {}", p.name()),
+                (None, Some(f), _) => format!("job {} failed", f.version),
+                (None, None, Some(d)) if d.elsewhere.is_some() => {
+                    format!("job {} done elsewhere", d.version)
+                }
+                (None, None, Some(d)) => format!("job {} ran here", d.version),
+                _ => "job".into(),
+            };
+            out.push_str(&format!(
+                "{name:<16} {:<14} {:<14} {:<22} {}\n",
+                j.done.as_ref().map_or("-", |d| d.version.as_str()),
+                "-",
+                state,
+                j.last_error.as_deref().unwrap_or("")
+            ));
+        }
         out
     }
 }
@@ -219,6 +260,7 @@ pub(crate) mod tests {
                 ),
             ]),
             ecs: None,
+            jobs: BTreeMap::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, mpsc};
 
 use drover_desired::git::{Mirror, RepoConfig, Snapshot};
-use drover_desired::spec::{self, Repo, Rollbacks};
+use drover_desired::spec::{self, Kind, Repo, Rollbacks};
 use tokio::sync::watch;
 
 use crate::actor::{Command, now_ms};
@@ -83,6 +83,12 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
                     services,
                     after,
                     freeze: env.freeze_windows(),
+                    jobs: env
+                        .services
+                        .keys()
+                        .filter(|s| repo.services.get(*s).is_some_and(|d| d.kind == Kind::Job))
+                        .cloned()
+                        .collect(),
                 },
             )
         })

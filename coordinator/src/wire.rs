@@ -234,6 +234,9 @@ pub struct RolloutView {
     pub created_at_ms: u64,
     /// Last change.
     pub updated_at_ms: u64,
+    /// A job (`kind: job`): one host runs it once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub job: bool,
 }
 
 fn deploy() -> RolloutKind {

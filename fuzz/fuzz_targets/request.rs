@@ -51,6 +51,7 @@ fn desired(version: &str, n: u64) -> Desired {
                 services: BTreeMap::from([("hello".to_string(), version.to_string())]),
                 after: BTreeMap::new(),
                 freeze: vec![],
+                jobs: Default::default(),
             },
         )]),
     }

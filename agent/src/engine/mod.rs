@@ -462,7 +462,14 @@ pub async fn conclude<M: Machine>(
     if let Some(l) = rec.lease() {
         let message = flight.error().filter(|s| !s.is_empty());
         l.end(
-            matches!(outcome, Reconciled::Deployed { .. }),
+            matches!(
+                outcome,
+                Reconciled::Deployed { .. }
+                    | Reconciled::Ran {
+                        elsewhere: None,
+                        ..
+                    }
+            ),
             matches!(outcome, Reconciled::RolledBack { .. }),
             message.map(str::to_string),
         );

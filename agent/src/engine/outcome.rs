@@ -69,6 +69,14 @@ pub enum Reconciled {
     },
     /// The deploy failed and so did its rollback.
     Broken { version: String, error: String },
+    /// A job (`kind: job`) is done: it ran here (`elsewhere` absent), or on another host.
+    Ran {
+        version: String,
+        /// What the coordinator said about where it ran.
+        elsewhere: Option<String>,
+    },
+    /// A job's command failed here; it is not run again until a retry or a new version.
+    Failed { version: String, error: String },
 }
 
 impl Reconciled {
@@ -76,7 +84,10 @@ impl Reconciled {
     pub fn converged(&self) -> bool {
         matches!(
             self,
-            Reconciled::UpToDate { .. } | Reconciled::Started { .. } | Reconciled::Deployed { .. }
+            Reconciled::UpToDate { .. }
+                | Reconciled::Started { .. }
+                | Reconciled::Deployed { .. }
+                | Reconciled::Ran { .. }
         )
     }
 
@@ -120,6 +131,17 @@ impl Reconciled {
             Reconciled::Broken { version, error } => {
                 format!("{version} failed and the rollback failed too; operator needed: {error}")
             }
+            Reconciled::Ran {
+                version,
+                elsewhere: None,
+            } => format!("job {version} ran here"),
+            Reconciled::Ran {
+                version,
+                elsewhere: Some(m),
+            } => format!("job {version} is done: {m}"),
+            Reconciled::Failed { version, error } => format!(
+                "job {version} failed: {error}; it is not run again until drover retry or a new version"
+            ),
         }
     }
 }
@@ -132,6 +154,10 @@ impl Reconciled {
             Reconciled::Abandoned { error, .. } => Some(("abandoned", Some(error.clone()))),
             Reconciled::RolledBack { error, .. } => Some(("rolled_back", Some(error.clone()))),
             Reconciled::Broken { error, .. } => Some(("broken", Some(error.clone()))),
+            Reconciled::Ran {
+                elsewhere: None, ..
+            } => Some(("ran", None)),
+            Reconciled::Failed { error, .. } => Some(("job_failed", Some(error.clone()))),
             _ => None,
         }
     }

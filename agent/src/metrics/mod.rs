@@ -185,7 +185,12 @@ fn outcome_label(outcome: &Reconciled) -> Option<&'static str> {
         Reconciled::RolledBack { .. } => "rolled_back",
         Reconciled::Abandoned { .. } => "abandoned",
         Reconciled::Broken { .. } => "broken",
-        Reconciled::UpToDate { .. }
+        Reconciled::Ran {
+            elsewhere: None, ..
+        } => "ran",
+        Reconciled::Failed { .. } => "job_failed",
+        Reconciled::Ran { .. }
+        | Reconciled::UpToDate { .. }
         | Reconciled::Started { .. }
         | Reconciled::SkippedFailed { .. }
         | Reconciled::Waiting { .. } => return None,

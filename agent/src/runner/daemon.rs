@@ -90,11 +90,12 @@ impl Agent {
         let spawn = |tasks: &mut JoinSet<_>, slot: &mut Slot, job: &Job, ctx: &Option<Ctx>| {
             slot.busy = true;
             slot.dirty = false;
-            let (d, e) = (self.deployer.clone(), self.ecs.clone());
+            let (d, e, once) = (self.deployer.clone(), self.ecs.clone(), self.once.clone());
             let (job, ctx) = (job.clone(), ctx.clone());
             tasks.spawn(async move {
                 let r = match &job {
                     Job::Vm(s) => d.reconcile(s, ctx.as_ref()).await,
+                    Job::Once(j) => once.reconcile(j, ctx.as_ref()).await,
                     Job::Ecs(s) => {
                         let e = e.expect("ECS jobs only in ECS mode");
                         e.reconcile(s, ctx.as_ref()).await
@@ -315,7 +316,9 @@ impl Slot {
         }
         match &result {
             Ok(Reconciled::UpToDate { .. }) => tracing::debug!(service = name, "{line}"),
-            Ok(Reconciled::Deployed { .. } | Reconciled::Started { .. }) => {
+            Ok(
+                Reconciled::Deployed { .. } | Reconciled::Started { .. } | Reconciled::Ran { .. },
+            ) => {
                 tracing::info!(service = name, "{line}")
             }
             Ok(Reconciled::Waiting { .. }) => tracing::info!(service = name, "{line}"),
@@ -326,7 +329,9 @@ impl Slot {
             ) => {
                 tracing::warn!(service = name, "{line}")
             }
-            Ok(Reconciled::Broken { .. }) | Err(_) => tracing::error!(service = name, "{line}"),
+            Ok(Reconciled::Broken { .. } | Reconciled::Failed { .. }) | Err(_) => {
+                tracing::error!(service = name, "{line}")
+            }
         }
         self.last = Some(line);
     }

@@ -21,12 +21,13 @@ use crate::ecs::aws::Aws;
 use crate::engine::{DeployError, Engine, Reconciled};
 use crate::git_watch::{self, Mirror, Snapshot};
 use crate::health::Checker;
+use crate::job::JobRunner;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::release::Layout;
 use crate::report::{self, Entry, HostStatus};
 use crate::service::{Manager, Process, Systemd};
-use crate::spec::{self, Host, HostPlan, Kind, ResolvedEcsService, ResolvedService};
+use crate::spec::{self, Host, HostPlan, Kind, ResolvedEcsService, ResolvedJob, ResolvedService};
 use crate::state::StateStore;
 use crate::vm::{Peers, VmDeployer, VmRecord};
 use crate::yaml::Problems;
@@ -44,6 +45,8 @@ pub struct Agent {
     mirror: Arc<Mirror>,
     notify: Notifier,
     ecs: Option<EcsDeployer>,
+    /// Runs this host's jobs (`kind: job`).
+    once: JobRunner,
 }
 
 impl Agent {
@@ -127,10 +130,12 @@ impl Agent {
             )),
             _ => None,
         };
+        let once = JobRunner::new(deployer.clone());
         Ok(Agent {
             config,
             store,
             engine,
+            once,
             deployer,
             mirror,
             notify,
@@ -178,7 +183,13 @@ impl Agent {
                 .cloned()
                 .map(Job::Ecs)
                 .collect(),
-            _ => plan.services.iter().cloned().map(Job::Vm).collect(),
+            _ => plan
+                .services
+                .iter()
+                .cloned()
+                .map(Job::Vm)
+                .chain(plan.jobs.iter().cloned().map(Job::Once))
+                .collect(),
         }
     }
 
@@ -242,6 +253,9 @@ impl Agent {
     async fn forget_failure(&self, service: &str, version: &str) {
         let forgot = match &self.ecs {
             Some(e) => e.forget_failure(service, version),
+            None if self.once.record(service).is_some() => {
+                self.once.forget_failure(service, version)
+            }
             None => self.deployer.forget_failure(service, version).await,
         };
         match forgot {
@@ -289,11 +303,38 @@ impl Agent {
             }
             reports
         } else {
+            let mut reports = Vec::new();
+            // Jobs: done (here or elsewhere) is as good as running; nothing runs to be checked.
+            for job in jobs {
+                let Job::Once(j) = job else { continue };
+                let rec = self.once.record(&j.service.service);
+                reports.push(ServiceReport {
+                    service: j.service.service.clone(),
+                    desired: Some(j.service.version.clone()),
+                    actual: rec
+                        .as_ref()
+                        .and_then(|r| r.done.as_ref())
+                        .map(|d| d.version.clone()),
+                    healthy: true,
+                    phase: rec
+                        .as_ref()
+                        .and_then(|r| r.deployment.as_ref())
+                        .map(|d| d.phase.name().to_string()),
+                    failed: rec
+                        .as_ref()
+                        .and_then(|r| r.failed.as_ref())
+                        .map(|f| f.version.clone()),
+                    last_error: rec.and_then(|r| r.last_error),
+                });
+            }
             let mut names: Vec<String> = self.store.records::<VmRecord>().unwrap_or_default();
-            names.extend(jobs.iter().map(|j| j.name().to_string()));
+            names.extend(
+                jobs.iter()
+                    .filter(|j| !matches!(j, Job::Once(_)))
+                    .map(|j| j.name().to_string()),
+            );
             names.sort();
             names.dedup();
-            let mut reports = Vec::new();
             for name in names {
                 let desired = jobs
                     .iter()
@@ -425,9 +466,11 @@ impl Agent {
         let mut tasks = JoinSet::new();
         for job in jobs.clone() {
             let (d, e, ctx) = (self.deployer.clone(), self.ecs.clone(), ctx.clone());
+            let once = self.once.clone();
             tasks.spawn(async move {
                 let r = match &job {
                     Job::Vm(s) => d.reconcile(s, Some(&ctx)).await,
+                    Job::Once(j) => once.reconcile(j, Some(&ctx)).await,
                     Job::Ecs(s) => {
                         let e = e.expect("ECS jobs only in ECS mode");
                         e.reconcile(s, Some(&ctx)).await
@@ -483,6 +526,8 @@ enum Job {
     Vm(ResolvedService),
     /// An ECS service of this agent's cluster.
     Ecs(ResolvedEcsService),
+    /// A `kind: job` this host may run (once, if the coordinator's lease picks it).
+    Once(ResolvedJob),
 }
 
 impl Job {
@@ -490,6 +535,7 @@ impl Job {
         match self {
             Job::Vm(s) => &s.service,
             Job::Ecs(s) => &s.service,
+            Job::Once(j) => &j.service.service,
         }
     }
 
@@ -497,6 +543,7 @@ impl Job {
         match self {
             Job::Vm(s) => &s.version,
             Job::Ecs(s) => &s.version,
+            Job::Once(j) => &j.service.version,
         }
     }
 }

@@ -56,10 +56,37 @@ impl Agent {
             };
             out.push_str(&format!("  {}: {line}\n", svc.service));
         }
+        for j in &plan.jobs {
+            let t = &j.service;
+            let rec = self
+                .once
+                .record(&t.service)
+                .unwrap_or_else(|| crate::job::JobRecord::new(&t.service));
+            let line = match crate::job::decide(&rec, &t.version) {
+                crate::job::JobNeed::Recover => {
+                    "settle an interrupted run (a run cut off while its command ran fails; it is not run again by itself)".to_string()
+                }
+                crate::job::JobNeed::Done => format!("job {} — done", t.version),
+                crate::job::JobNeed::SkipFailed { reason } => format!(
+                    "job {} failed here; not run again until drover retry or a new version ({reason})",
+                    t.version
+                ),
+                crate::job::JobNeed::Run => format!(
+                    "job {}: ask the coordinator for its one lease; if granted, fetch {} (sha256 {}), stage releases/{}, run {:?} (timeout {}); else another host runs it",
+                    t.version,
+                    t.artifact_url,
+                    t.sha256,
+                    t.version,
+                    t.run.command,
+                    j.timeout
+                ),
+            };
+            out.push_str(&format!("  {}: {line}\n", t.service));
+        }
         for (name, why) in &plan.skipped {
             out.push_str(&format!("  {name}: not on this host ({why})\n"));
         }
-        if plan.services.is_empty() && plan.skipped.is_empty() {
+        if plan.services.is_empty() && plan.jobs.is_empty() && plan.skipped.is_empty() {
             out.push_str("  no services for this host\n");
         }
         Ok(out)

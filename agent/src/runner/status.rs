@@ -80,12 +80,34 @@ impl Reader {
                 })
                 .collect()
         });
+        let jobs = self
+            .store
+            .records::<crate::job::JobRecord>()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| {
+                let entry = match self.store.load::<crate::job::JobRecord>(&n) {
+                    Ok(Some(r)) => Entry::Read(report::JobStatus {
+                        done: r.done,
+                        failed: r.failed,
+                        running: r.deployment.map(|d| (d.target.version, d.phase)),
+                        last_error: r.last_error,
+                    }),
+                    Ok(None) => return None,
+                    Err(e) => Entry::Unreadable {
+                        error: e.to_string(),
+                    },
+                };
+                Some((n, entry))
+            })
+            .collect();
         HostStatus {
             host: self.host.clone(),
             environment: self.environment.clone(),
             repo: self.store.repo_status(),
             services,
             ecs,
+            jobs,
         }
     }
 }

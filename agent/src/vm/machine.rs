@@ -220,6 +220,64 @@ impl VmDeployer {
         ]
     }
 
+    /// Downloads `t`'s artifact into the cache (once) and checks its digest.
+    pub(crate) async fn fetch(&self, t: &ResolvedService) -> Result<(), VmError> {
+        self.fetcher.fetch(&t.artifact_url, &t.sha256).await?;
+        Ok(())
+    }
+
+    /// Stages `t`'s cached artifact as release `dir` under its root, unless it already is.
+    pub(crate) async fn stage(&self, t: &ResolvedService, dir: &str) -> Result<(), VmError> {
+        let layout = Layout::new(&t.root);
+        if layout.is_staged(dir, &t.sha256) {
+            tracing::debug!(dir = %dir, "already staged");
+            return Ok(());
+        }
+        let archive = self.fetcher.cached_path(&t.sha256);
+        let opts = Stage {
+            unpack: self.unpack,
+            ids: self.manager.ids(t)?,
+        };
+        if matches!(self.manager, Manager::Process(_)) && opts.ids.is_root() {
+            tracing::warn!("this service runs as root: set `run.user` (or the agent's `run_as`)");
+        }
+        let (dir, t, env) = (dir.to_string(), t.clone(), self.env.clone());
+        tokio::task::spawn_blocking(move || layout.stage(&dir, &archive, &t, &env, &opts))
+            .await
+            .expect("stage task does not panic")?;
+        Ok(())
+    }
+
+    /// Runs `t`'s `run.command` once in release `dir` (a job), as `run.user`, with `run.env`
+    /// and the `DROVER_*` variables; killed with its process group after `timeout`. Returns
+    /// its output, redacted; a non-zero exit, a kill or a timeout is an error.
+    pub(crate) async fn run_once(
+        &self,
+        t: &ResolvedService,
+        dir: &str,
+        timeout: std::time::Duration,
+    ) -> Result<String, VmError> {
+        let layout = Layout::new(&t.root);
+        let release = layout.release(dir);
+        let redact = self.redactor(&layout, &[dir], t);
+        let mut env: Vec<(&str, String)> = t
+            .run
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        env.extend([
+            ("DROVER_SERVICE", t.service.clone()),
+            ("DROVER_VERSION", t.version.clone()),
+            ("DROVER_ENVIRONMENT", t.environment.clone()),
+            ("DROVER_HOST", self.engine.host.clone()),
+            ("DROVER_ROOT", t.root.display().to_string()),
+            ("DROVER_RELEASE_DIR", release.display().to_string()),
+        ]);
+        let exec = self.exec(t, &release, &env, &redact)?;
+        Ok(hooks::run("run", &t.run.command, &exec, timeout).await?)
+    }
+
     /// The I/O of every phase but the lease (the engine's) and verify.
     async fn io(&self, phase: VmPhase, d: &VmFlight) -> Result<(), VmError> {
         let t = &d.target;
@@ -230,32 +288,8 @@ impl VmDeployer {
             .collect();
         let release = layout.release(&d.dir);
         match phase {
-            VmPhase::Fetch => {
-                self.fetcher.fetch(&t.artifact_url, &t.sha256).await?;
-            }
-            VmPhase::Stage => {
-                if layout.is_staged(&d.dir, &t.sha256) {
-                    tracing::debug!(dir = %d.dir, "already staged");
-                } else {
-                    let archive = self.fetcher.cached_path(&t.sha256);
-                    let opts = Stage {
-                        unpack: self.unpack,
-                        ids: self.manager.ids(t)?,
-                    };
-                    if matches!(self.manager, Manager::Process(_)) && opts.ids.is_root() {
-                        tracing::warn!(
-                            "this service runs as root: set `run.user` (or the agent's `run_as`)"
-                        );
-                    }
-                    let (layout, dir, t, env) =
-                        (layout.clone(), d.dir.clone(), t.clone(), self.env.clone());
-                    tokio::task::spawn_blocking(move || {
-                        layout.stage(&dir, &archive, &t, &env, &opts)
-                    })
-                    .await
-                    .expect("stage task does not panic")?;
-                }
-            }
+            VmPhase::Fetch => self.fetch(t).await?,
+            VmPhase::Stage => self.stage(t, &d.dir).await?,
             VmPhase::Stop => {
                 if let Some(from) = &d.from {
                     if let Some(h) = &t.before_stop {

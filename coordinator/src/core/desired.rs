@@ -157,6 +157,11 @@ impl Core {
             }
             return;
         }
+        let job = e.jobs.contains(service);
+        if job && self.succeeded_before(env, service, version) {
+            // A job runs once per version: going back to one that ran runs nothing.
+            return;
+        }
         self.supersede(
             env,
             service,
@@ -195,6 +200,7 @@ impl Core {
             first_batch: None,
             step_gate: None,
             step_decisions: BTreeMap::new(),
+            job,
         });
         // It moves on (or waits) once the whole commit is followed: `apply_desired` then
         // advances every PENDING rollout under this commit's freeze windows and order.
@@ -472,6 +478,16 @@ impl Core {
         if let Some(v) = to {
             check_names(&[("version", v, 128)])?;
         }
+        let is_job = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.environments.get(env))
+            .is_some_and(|e| e.jobs.contains(service));
+        if is_job {
+            return Err(ApiError::conflict(format!(
+                "{env}/{service} is a job: what it ran cannot be rolled back; to run another version, pin it in Git (each version runs once)"
+            )));
+        }
         let current = self.wanted(env, service).map(str::to_string);
         let good = |r: &Rollout| r.of(env, service) && r.state == RolloutState::Success;
         let target = match to {
@@ -568,6 +584,7 @@ impl Core {
             first_batch: None,
             step_gate: None,
             step_decisions: BTreeMap::new(),
+            job: false,
         });
         // Asked for by a person on call: no approval, whatever the policy.
         self.set_state(id, RolloutState::Running, None, &who.name, now);

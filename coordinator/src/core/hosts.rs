@@ -366,6 +366,10 @@ impl Core {
         let Some(r) = self.rollouts.get(&id) else {
             return;
         };
+        if r.job {
+            // A job moves on with its host's release only (`release`).
+            return;
+        }
         let held = self.leases_of(id);
         match r.state {
             RolloutState::Running => {
@@ -472,6 +476,17 @@ impl Core {
             return None;
         }
         let secs = waited / 1000;
+        if r.job && r.state == RolloutState::Running {
+            let on = self
+                .leases
+                .values()
+                .chain(self.expired.values())
+                .find(|l| l.rollout == r.id);
+            return Some(match on {
+                Some(l) => format!("{} to finish the job, for {secs}s", l.host),
+                None => format!("a host of {} to run the job, for {secs}s", r.environment),
+            });
+        }
         match r.state {
             RolloutState::Verifying => {
                 let v = self.verification(r, now);

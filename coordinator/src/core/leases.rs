@@ -78,6 +78,11 @@ impl Core {
                     ));
                 };
                 let r = &self.rollouts[&id];
+                if r.job
+                    && let Some(busy) = self.job_taken(r, &req.host, &k)
+                {
+                    return Err(busy);
+                }
                 match r.state {
                     RolloutState::Running | RolloutState::Verifying | RolloutState::Success => {}
                     RolloutState::Pending | RolloutState::Approved => {
@@ -193,7 +198,12 @@ impl Core {
             );
         }
         let r = &self.rollouts[&id];
-        let max = r.policy.max_parallel as usize;
+        // A job runs on one host.
+        let max = if r.job {
+            1
+        } else {
+            r.policy.max_parallel as usize
+        };
         if r.gate_ahead() && r.succeeded.len() + self.leases_of(id) >= max {
             // The first batch is the first `max_parallel` hosts: no more start before the
             // approval after it.
@@ -347,7 +357,28 @@ impl Core {
                 format!("risk {}: {}", v.risk, cap(&v.summary, 1024)),
             );
         }
+        let job = self.rollouts[&rid].job;
         match (lease.purpose, req.outcome) {
+            (Purpose::Deploy, outcome)
+                if job && matches!(state, RolloutState::Running | RolloutState::Verifying) =>
+            {
+                // A job ends with its one host's outcome; nothing is reverted (a command
+                // that ran cannot be undone by running an older one).
+                if outcome == Outcome::Success {
+                    self.set_state(rid, RolloutState::Verifying, None, "coordinator", now);
+                    let why = format!("the job ran on {}", lease.host);
+                    self.set_state(rid, RolloutState::Success, Some(why), "coordinator", now);
+                } else {
+                    let why = format!(
+                        "the job failed on {}: {}; drover retry {} {} runs it again",
+                        lease.host,
+                        cap(req.message.as_deref().unwrap_or("no message"), 256),
+                        lease.environment,
+                        lease.service
+                    );
+                    self.set_state(rid, RolloutState::Failed, Some(why), "coordinator", now);
+                }
+            }
             (Purpose::Deploy, Outcome::Failure) if failures > max => {
                 if matches!(state, RolloutState::Running | RolloutState::Verifying) {
                     self.fail(
@@ -400,6 +431,39 @@ impl Core {
         }
         self.progress(rid, now);
         Ok(self.view_of(rid, now))
+    }
+
+    /// Why `host` may not run job rollout `r` now: it ran (`422 rejected`, reason `done`), or
+    /// another host runs it, or one whose lease expired may still (`409 wait`, `job_running`).
+    fn job_taken(&self, r: &super::Rollout, host: &str, k: &str) -> Option<ApiError> {
+        if r.state == RolloutState::Success {
+            let by: Vec<&str> = r.succeeded.iter().map(String::as_str).collect();
+            return Some(ApiError::rejected(
+                "done",
+                format!(
+                    "{k} ran on {} (kind: job): it runs once per version, so nothing is left to do here",
+                    by.join(", ")
+                ),
+            ));
+        }
+        let held = self
+            .leases
+            .values()
+            .find(|l| l.rollout == r.id && l.host != host);
+        let lost = self.expired.values().find(|l| l.rollout == r.id);
+        let (l, note) = match (held, lost) {
+            (Some(l), _) => (l, ""),
+            (None, Some(l)) => (
+                l,
+                "; its lease expired unrenewed and its outcome is awaited: if that host is gone, drover abort, then drover retry runs it on another host",
+            ),
+            (None, None) => return None,
+        };
+        Some(ApiError::wait(
+            "job_running",
+            5000,
+            format!("{k} runs on {} (kind: job: one host runs it){note}", l.host),
+        ))
     }
 
     /// RUNNING/VERIFYING → FAILED → ROLLING_BACK; or, for a superseded rollout (one still

@@ -93,6 +93,10 @@ pub struct Rollout {
     /// The decisions at step gates, by step.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub step_decisions: BTreeMap<String, Decision>,
+    /// A job (`kind: job`): one host runs it, once; it succeeds or fails with that host's
+    /// release, and nothing is reverted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub job: bool,
 }
 
 fn deploy_kind() -> RolloutKind {
@@ -187,6 +191,9 @@ pub struct EnvDesired {
     /// Its freeze windows (`freeze:`): while one is open, no new deploy starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<Window>,
+    /// The pinned services that are jobs (`kind: job`): run once, on one host.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub jobs: BTreeSet<String>,
 }
 
 impl EnvDesired {
@@ -722,6 +729,7 @@ impl Core {
             waiting_for: self.waiting_for(r, now),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            job: r.job,
         }
     }
 
@@ -818,7 +826,25 @@ impl Core {
         let over = old.len().saturating_sub(EXPIRED_KEPT);
         for (i, (at, id)) in old.into_iter().enumerate() {
             if i < over || now.saturating_sub(at) > EXPIRED_KEPT_MS {
-                self.expired.remove(&id);
+                if let Some(l) = self.expired.remove(&id)
+                    && self.rollouts.get(&l.rollout).is_some_and(|r| {
+                        r.job && matches!(r.state, RolloutState::Running | RolloutState::Verifying)
+                    })
+                {
+                    // No outcome will come any more; running it elsewhere is for a person
+                    // to decide (it may have run).
+                    let why = format!(
+                        "no outcome came from {} after its lease expired: the job may or may not have run; drover retry {} {} runs it again",
+                        l.host, l.environment, l.service
+                    );
+                    self.set_state(
+                        l.rollout,
+                        RolloutState::Failed,
+                        Some(why),
+                        "coordinator",
+                        now,
+                    );
+                }
                 self.changes.push(Change::LeaseGone(id));
             } else {
                 break;

@@ -5,6 +5,7 @@ use crate::wire::{
     ReleaseRequest,
 };
 
+mod jobs;
 mod pipeline;
 mod props;
 
@@ -59,6 +60,7 @@ fn push(c: &mut Core, env: &str, version: &str, p: &Policy, now: u64) -> String 
         services: BTreeMap::new(),
         after: BTreeMap::new(),
         freeze: vec![],
+        jobs: Default::default(),
     });
     e.policy = p.clone();
     e.services.insert("hello".into(), version.into());
@@ -1305,6 +1307,7 @@ fn push_ordered(c: &mut Core, migrate: &str, hello: &str, now: u64) {
                 ]),
                 after: BTreeMap::from([("hello".to_string(), vec!["migrate".to_string()])]),
                 freeze: vec![],
+                jobs: Default::default(),
             },
         )]),
     };

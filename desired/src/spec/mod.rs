@@ -22,7 +22,7 @@ pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
     ResolvedSmoke, resolve,
 };
-pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedMetric, ResolvedVerify};
+pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedJob, ResolvedMetric, ResolvedVerify};
 pub use template::{BUILTINS, Template, Vars, env_names, render_str};
 
 /// A service definition, `services/<service>.yaml`.
@@ -32,7 +32,8 @@ pub use template::{BUILTINS, Template, Vars, env_names, render_str};
 pub struct ServiceSpec {
     /// The service's name; must match the file name.
     pub service: Spanned<Name>,
-    /// `vm` (default): deployed by the agent on each host; `ecs`: by the cluster's ECS agent.
+    /// `vm` (default): deployed by the agent on each host; `ecs`: by the cluster's ECS agent;
+    /// `job`: `run.command` run once per (environment, version) on one matching host.
     #[serde(default)]
     pub kind: Kind,
     /// Label selector over the agents' `labels`; absent = every host of the environment.
@@ -61,7 +62,15 @@ pub struct ServiceSpec {
     /// are always removed.
     #[serde(default)]
     pub redact: Vec<Pattern>,
+    /// How long a job's command may run before it (and its process group) is killed and the
+    /// job fails (kind: job). Default 30m, at most 24h.
+    pub timeout: Option<Dur>,
 }
+
+/// A job's default `timeout`.
+pub const DEFAULT_JOB_TIMEOUT_S: u64 = 1800;
+/// The longest `timeout` a job may give.
+pub const MAX_JOB_TIMEOUT_S: u64 = 86_400;
 
 /// `ecs:` — an ECS service deployed by the cluster's agent through weighted target groups.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -364,6 +373,9 @@ pub enum Kind {
     Vm,
     /// An ECS service, deployed by the agent of its cluster.
     Ecs,
+    /// A one-off command from an artifact (e.g. a database migration), run once per
+    /// (environment, version) on one matching host under a lease of one.
+    Job,
 }
 
 /// `artifact:` — the release archive.
@@ -1068,6 +1080,13 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
     let name = s.service.value.as_str();
     let at = &s.service.mark;
     match s.kind {
+        Kind::Vm | Kind::Ecs if s.timeout.is_some() => problems.push(Problem::new(
+            at.clone(),
+            format!("service `{name}`: `timeout:` is only for kind: job (a vm service has `run.stop_timeout`, health and hook timeouts)"),
+        )),
+        _ => {}
+    }
+    match s.kind {
         Kind::Vm => {
             if s.ecs.is_some() {
                 problems.push(Problem::new(
@@ -1088,6 +1107,7 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
                 }
             }
         }
+        Kind::Job => check_job(s, problems),
         Kind::Ecs => {
             match &s.ecs {
                 None => problems.push(Problem::new(
@@ -1275,6 +1295,52 @@ fn check_ecs(e: &Ecs, at: &Mark, problems: &mut Vec<Problem>) {
     }
 }
 
+/// A `kind: job`: an artifact, an install root and `run.command`, nothing that only a running
+/// service uses; a bounded timeout.
+fn check_job(s: &ServiceSpec, problems: &mut Vec<Problem>) {
+    let name = s.service.value.as_str();
+    let at = &s.service.mark;
+    let command = s.run.as_ref().and_then(|r| r.command.as_ref());
+    for (missing, field) in [
+        (s.artifact.is_none(), "artifact"),
+        (s.install.is_none(), "install"),
+        (command.is_none_or(|c| c.is_empty()), "run.command"),
+    ] {
+        if missing {
+            problems.push(Problem::new(
+                at.clone(),
+                format!("service `{name}` (kind: job) needs `{field}:` (the command the job runs, from its release)"),
+            ));
+        }
+    }
+    for (present, field) in [
+        (s.ecs.is_some(), "ecs"),
+        (s.health.is_some(), "health"),
+        (!s.smoke.is_empty(), "smoke"),
+        (
+            s.hooks.before_stop.is_some() || s.hooks.after_install.is_some(),
+            "hooks",
+        ),
+        (s.verify.is_some(), "verify"),
+        (s.run.as_ref().is_some_and(|r| r.unit.is_some()), "run.unit"),
+    ] {
+        if present {
+            problems.push(Problem::new(
+                at.clone(),
+                format!("service `{name}` is kind: job; `{field}:` does not apply to a command that runs once and exits (its exit status is its check)"),
+            ));
+        }
+    }
+    if let Some(t) = s.timeout
+        && !(1..=MAX_JOB_TIMEOUT_S).contains(&t.0.as_secs())
+    {
+        problems.push(Problem::new(
+            at.clone(),
+            format!("service `{name}`: timeout {t} is out of range: from 1s to 24h"),
+        ));
+    }
+}
+
 /// `ecs.steps`: percentages from 1 to 100, increasing, ending with 100; bounded waits.
 fn check_steps(steps: &[Spanned<EcsStep>], at: &Mark, problems: &mut Vec<Problem>) {
     const HOW: &str =
@@ -1378,10 +1444,11 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
             continue;
         };
         match (spec.kind, &pin.value.sha256) {
-            (Kind::Vm, None) => problems.push(Problem::new(
+            (Kind::Vm | Kind::Job, None) => problems.push(Problem::new(
                 pin.mark.clone(),
                 format!(
-                    "service `{service}` is kind: vm, so its pin needs `sha256:` (the artifact's digest, from `sha256sum`)"
+                    "service `{service}` is kind: {}, so its pin needs `sha256:` (the artifact's digest, from `sha256sum`)",
+                    if spec.kind == Kind::Job { "job" } else { "vm" }
                 ),
             )),
             (Kind::Ecs, Some(_)) => problems.push(Problem::new(

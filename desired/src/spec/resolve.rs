@@ -51,6 +51,8 @@ pub struct HostPlan {
     pub services: Vec<ResolvedService>,
     /// The ECS services of the environment (for an agent in ECS mode).
     pub ecs: Vec<ResolvedEcsService>,
+    /// The jobs (`kind: job`) this host may run, rendered; the coordinator picks one host.
+    pub jobs: Vec<ResolvedJob>,
     /// Services pinned in the environment that do not target this host (name, reason).
     pub skipped: Vec<(String, String)>,
 }
@@ -102,6 +104,17 @@ pub struct ResolvedService {
     /// Patterns redacted from hook, smoke and health output.
     #[serde(default)]
     pub redact: Vec<Pattern>,
+}
+
+/// A job (`kind: job`) rendered for one host and one version: its artifact, release layout
+/// and `run.command` (in `service`), and how long the command may run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedJob {
+    /// Artifact, install root and command, as for a service.
+    pub service: ResolvedService,
+    /// The command is killed, and the job fails, after this long.
+    pub timeout: Dur,
 }
 
 /// Metric analysis, rendered for the host (queries keep `{version}`, filled in per side).
@@ -305,12 +318,18 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
     let mut problems = Vec::new();
     let mut services = Vec::new();
     let mut ecs = Vec::new();
+    let mut jobs = Vec::new();
     let mut skipped = Vec::new();
     for (name, pin) in &env.services {
         let Some(spec) = repo.services.get(name) else {
             continue; // reported by load()
         };
-        if spec.kind != host.kind {
+        // Jobs run on VM hosts.
+        let kind = match spec.kind {
+            Kind::Job => Kind::Vm,
+            k => k,
+        };
+        if kind != host.kind {
             continue;
         }
         let over = env.verify.get(name).map(|o| &o.value);
@@ -338,8 +357,25 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
         };
         let names = template_names(host, name, version);
         let mut r = Renderer::new(&names, &mut problems);
-        if let Some(s) = render_service(spec, over, &mut r, host, sha256, &names) {
-            services.push(s);
+        let job = spec.kind == Kind::Job;
+        // A job runs its command itself, whatever the host's service manager.
+        let manager = if job {
+            ServiceManager::Process
+        } else {
+            host.manager
+        };
+        if let Some(s) = render_service(spec, over, &mut r, host, manager, sha256, &names) {
+            if job {
+                let timeout = spec
+                    .timeout
+                    .unwrap_or(Dur::secs(super::DEFAULT_JOB_TIMEOUT_S));
+                jobs.push(ResolvedJob {
+                    service: s,
+                    timeout,
+                });
+            } else {
+                services.push(s);
+            }
         }
     }
     if problems.is_empty() {
@@ -347,6 +383,7 @@ pub fn resolve(repo: &Repo, host: &Host) -> Result<HostPlan, Problems> {
             policy,
             services,
             ecs,
+            jobs,
             skipped,
         })
     } else {
@@ -407,6 +444,7 @@ fn render_service(
     over: Option<&VerifyOverride>,
     r: &mut Renderer,
     host: &Host,
+    manager: ServiceManager,
     sha256: Digest,
     names: &BTreeMap<String, String>,
 ) -> Option<ResolvedService> {
@@ -425,7 +463,7 @@ fn render_service(
     }
     let unit = run.unit.as_ref().map(|u| r.one(u));
     let command = run.command.as_deref().map(|c| r.all(c)).unwrap_or_default();
-    match host.manager {
+    match manager {
         ServiceManager::Systemd if unit.is_none() => r.problems.push(Problem::new(
             at.clone(),
             "this host uses service_manager: systemd, so `run.unit:` is required",

@@ -524,3 +524,116 @@ fn ecs_services_refuse_what_only_a_vm_uses() {
         );
     }
 }
+
+const MIGRATE: &str = "service: migrate\nkind: job\ntargets: { role: db }\nartifact: { url: \"https://a/migrate-{version}.tar.gz\" }\ninstall: { root: /srv/migrate }\nrun: { command: [bin/migrate, --yes] }\n";
+
+fn with_job(job: &str, pin: &str) -> Result<Repo, Problems> {
+    load(
+        &[
+            ("services/hello.yaml".to_string(), HELLO.to_string()),
+            ("services/migrate.yaml".to_string(), job.to_string()),
+            (
+                "environments/prod.yaml".to_string(),
+                format!(
+                    "environment: prod\nservices:\n  migrate: {pin}\n  hello: {{ version: 1.0, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b, after: [migrate] }}\n"
+                ),
+            ),
+        ],
+        None,
+    )
+}
+
+const PIN: &str =
+    "{ version: \"5\", sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }";
+
+#[test]
+fn a_job_resolves_for_matching_hosts_only_and_refuses_what_does_not_apply() {
+    let repo = with_job(&format!("{MIGRATE}timeout: 10m\n"), PIN).unwrap();
+    let labels = BTreeMap::from([("role".to_string(), "db".to_string())]);
+    let vars = BTreeMap::from([("port".to_string(), "8080".to_string())]);
+    // A systemd host runs the job's command itself: no `run.unit` needed.
+    let host = Host {
+        name: "db-01",
+        environment: "prod",
+        labels: &labels,
+        vars: &vars,
+        manager: ServiceManager::Systemd,
+        kind: Kind::Vm,
+    };
+    let plan = resolve(&repo, &host).unwrap();
+    assert_eq!(plan.jobs.len(), 1);
+    assert!(plan.services.is_empty(), "hello targets role: web");
+    let j = &plan.jobs[0];
+    assert_eq!(j.service.run.command, ["bin/migrate", "--yes"]);
+    assert_eq!(j.timeout, Dur::secs(600));
+    let web = BTreeMap::from([("role".to_string(), "web".to_string())]);
+    let other = Host {
+        labels: &web,
+        manager: ServiceManager::Process,
+        ..host.clone()
+    };
+    let plan = resolve(&repo, &other).unwrap();
+    assert!(plan.jobs.is_empty() && plan.services.len() == 1);
+    assert!(plan.skipped.iter().any(|(n, _)| n == "migrate"));
+    // The default timeout.
+    let repo = with_job(MIGRATE, PIN).unwrap();
+    let plan = resolve(&repo, &host).unwrap();
+    assert_eq!(plan.jobs[0].timeout, Dur::secs(1800));
+
+    for (extra, says) in [
+        (
+            "health: { url: \"http://x/\" }\n",
+            "`health:` does not apply",
+        ),
+        ("smoke: [{ command: [bin/x] }]\n", "`smoke:` does not apply"),
+        (
+            "hooks: { before_stop: bin/drain }\n",
+            "`hooks:` does not apply",
+        ),
+        ("timeout: 2d\n", "timeout 48h is out of range"),
+        ("timeout: 0s\n", "is out of range"),
+    ] {
+        let e = with_job(&format!("{MIGRATE}{extra}"), PIN)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("services/migrate.yaml:1:"), "{extra}: {e}");
+        assert!(e.contains(says), "{extra}: {e}");
+    }
+    let e = with_job(
+        &MIGRATE.replace(
+            "run: { command: [bin/migrate, --yes] }\n",
+            "run: { unit: m.service }\n",
+        ),
+        PIN,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("needs `run.command:`") && e.contains("`run.unit:` does not apply"),
+        "{e}"
+    );
+    let e = with_job(MIGRATE, "{ version: \"5\" }")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is kind: job, so its pin needs `sha256:`"),
+        "{e}"
+    );
+    // `timeout` is a job's.
+    let e = load(
+        &[
+            (
+                "services/hello.yaml".to_string(),
+                format!("{HELLO}timeout: 1m\n"),
+            ),
+            (
+                "environments/prod.yaml".to_string(),
+                "environment: prod\nservices: {}\n".to_string(),
+            ),
+        ],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`timeout:` is only for kind: job"), "{e}");
+}

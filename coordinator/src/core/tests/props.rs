@@ -179,6 +179,7 @@ impl<'a> World<'a> {
                     services,
                     after: BTreeMap::new(),
                     freeze: vec![],
+                    jobs: Default::default(),
                 },
             )]),
         };
