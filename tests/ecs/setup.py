@@ -48,6 +48,21 @@ ecs.create_service(
     cluster=cluster, serviceName=f"{service}-blue", taskDefinition=td, desiredCount=count, launchType="FARGATE",
     loadBalancers=[{"targetGroupArn": tgs["blue"], "containerName": service, "containerPort": 8080}],
     networkConfiguration={"awsvpcConfiguration": {"subnets": subnets, "securityGroups": [sg], "assignPublicIp": "DISABLED"}},
+    # What an ECS user sets on a service besides its image, which a deploy must keep.
+    deploymentConfiguration={"maximumPercent": 150, "minimumHealthyPercent": 100},
+    healthCheckGracePeriodSeconds=45, propagateTags="SERVICE",
+    tags=[{"key": "team", "value": "payments"}, {"key": "cost-centre", "value": "42"}],
+)
+# Autoscaling of the live service: a target (2..8 tasks) and a target-tracking policy.
+scaling = boto3.client("application-autoscaling", **kw)
+resource = f"service/{cluster.split('/')[-1]}/{service}-blue"
+scaling.register_scalable_target(ServiceNamespace="ecs", ResourceId=resource,
+                                 ScalableDimension="ecs:service:DesiredCount", MinCapacity=2, MaxCapacity=8)
+scaling.put_scaling_policy(
+    PolicyName="cpu60", ServiceNamespace="ecs", ResourceId=resource, ScalableDimension="ecs:service:DesiredCount",
+    PolicyType="TargetTrackingScaling",
+    TargetTrackingScalingPolicyConfiguration={"TargetValue": 60.0, "PredefinedMetricSpecification": {
+        "PredefinedMetricType": "ECSServiceAverageCPUUtilization"}, "ScaleInCooldown": 120, "ScaleOutCooldown": 30},
 )
 print(json.dumps({"cluster": cluster, "listener": listener, "blue": tgs["blue"], "green": tgs["green"],
                   "subnets": subnets, "sg": sg, "other_listener": other_listener, "other_tg": other_tg}))

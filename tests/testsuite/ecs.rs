@@ -74,6 +74,32 @@ fn blue_green_shifts_10_50_100_and_deletes_blue() {
     assert_eq!(e.weights(), (0, 100));
     // Blue is gone; green runs revision 2, which differs from revision 1 only in the image.
     assert_eq!(service_names(&state), [green_name()], "{state}");
+    // Green has blue's settings, tags and autoscaling; blue's scalable target went with it.
+    // (moto keeps neither deploymentConfiguration nor healthCheckGracePeriodSeconds, which
+    // drover carries the same way as propagateTags.)
+    let green = &state["services"][green_name()];
+    assert_eq!(green["propagate_tags"], "SERVICE", "{green}");
+    assert_eq!(
+        green["tags"],
+        serde_json::json!({"team": "payments", "cost-centre": "42"}),
+        "{green}"
+    );
+    assert_eq!(
+        green["scaling"],
+        serde_json::json!([{"min": 2, "max": 8}]),
+        "{green}"
+    );
+    assert_eq!(
+        green["policies"],
+        serde_json::json!([{"name": "cpu60", "type": "TargetTrackingScaling", "target": 60.0}]),
+        "{green}"
+    );
+    let cluster = e.arns["cluster"].as_str().unwrap();
+    assert_eq!(
+        state["scaling_targets"],
+        serde_json::json!([format!("service/{cluster}/{}", green_name())]),
+        "{state}"
+    );
     let revs = state["revisions"].as_array().unwrap();
     assert_eq!(revs.len(), 2, "{state}");
     assert_eq!(without_image(&revs[0]), without_image(&revs[1]));
@@ -89,6 +115,15 @@ fn blue_green_shifts_10_50_100_and_deletes_blue() {
     assert_eq!(e.weight_calls(), [(0, 100), (10, 90), (50, 50), (100, 0)]);
     let state = e.inspect(None);
     assert_eq!(service_names(&state), [format!("{SERVICE}-blue")]);
+    // And back: the settings and autoscaling follow the live side.
+    let blue = &state["services"][format!("{SERVICE}-blue")];
+    assert_eq!(blue["tags"]["team"], "payments", "{blue}");
+    assert_eq!(blue["policies"][0]["name"], "cpu60", "{blue}");
+    assert_eq!(
+        state["scaling_targets"],
+        serde_json::json!([format!("service/{cluster}/{SERVICE}-blue")]),
+        "{state}"
+    );
     let status = e.agent(&["status", "--json"], &[]);
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["ecs"]["web"]["current"]["version"], "3.0.0");
@@ -728,4 +763,123 @@ fn a_target_that_turns_unhealthy_mid_bake_rolls_back_at_once() {
         out.all()
     );
     assert_eq!(e.weights(), (100, 0));
+}
+
+#[test]
+fn a_canary_at_10_percent_runs_about_a_tenth_of_the_tasks() {
+    let e = Ecs::new(
+        "  strategy: canary\n  desired_count: 10\n  steps: [{ weight: 10, wait: 3s }, { weight: 50, wait: 1s }, 100]\n",
+    );
+    e.pin("2.0.0");
+    let plan = e.agent(&["plan"], &[]);
+    assert!(
+        plan.stdout
+            .contains("ecs:CreateService web-green (desired 1,")
+            && plan
+                .stdout
+                .contains("ecs:UpdateService web-green desired 5, wait healthy; "),
+        "{}",
+        plan.stdout
+    );
+    let (stdout, stderr) = (e.dir.path().join("once.out"), e.dir.path().join("once.err"));
+    let mut agent = e
+        .agent_cmd(&["once"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("agent starts");
+    wait_for("the canary at 10%", Duration::from_secs(60), || {
+        (e.weights() == (90, 10)).then_some(())
+    });
+    // At 10 % the canary runs one task of ten, not a second full fleet.
+    let state = e.inspect(None);
+    assert_eq!(state["services"][green_name()]["desired"], 1, "{state}");
+    let status = wait_for("the agent to end", Duration::from_secs(120), || {
+        agent.try_wait().unwrap()
+    });
+    let out = std::fs::read_to_string(&stdout).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{out}{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (50, 50), (0, 100)]);
+    // It grew with its traffic: 5 tasks before 50 %, 10 before 100 %.
+    let grown: Vec<u64> = e
+        .proxy
+        .calls_of("UpdateService")
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(&c.body).ok())
+        .filter(|b| b["service"] == green_name())
+        .filter_map(|b| b["desiredCount"].as_u64())
+        .collect();
+    assert_eq!(grown, [5, 10]);
+    let state = e.inspect(None);
+    assert_eq!(state["services"][green_name()]["desired"], 10, "{state}");
+}
+
+#[test]
+fn drover_agent_rollback_in_ecs_mode_goes_back_to_the_previous_version() {
+    let e = Ecs::new("");
+    // Nothing deployed by this agent yet: a clear refusal, nothing touched.
+    let out = e.agent(&["rollback", SERVICE], &[]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("this agent has deployed nothing of it"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(e.agent(&["once"], &[]).code, 0);
+    let out = e.agent(&["rollback", SERVICE], &[]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("no previous version on record"),
+        "{}",
+        out.all()
+    );
+    e.pin("2.0.0");
+    assert_eq!(e.agent(&["once"], &[]).code, 0);
+    assert_eq!(e.weights(), (0, 100));
+    // Back to 1.0.0 by a blue-green onto blue.
+    e.proxy.clear();
+    let out = e.agent(&["rollback", SERVICE], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains(
+            "2.0.0 failed and was rolled back to 1.0.0: rolled back by operator to 1.0.0"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(e.weight_calls(), [(0, 100), (10, 90), (50, 50), (100, 0)]);
+    let state = e.inspect(None);
+    assert_eq!(
+        service_names(&state),
+        [format!("{SERVICE}-blue")],
+        "{state}"
+    );
+    // Blue runs a third revision: the live one with 1.0.0's image.
+    let revs = state["revisions"].as_array().unwrap();
+    assert_eq!(revs.len(), 3, "{state}");
+    assert_eq!(revs[2]["containerDefinitions"][0]["image"], image("1.0.0"));
+    let td = state["services"][format!("{SERVICE}-blue")]["task_definition"]
+        .as_str()
+        .unwrap();
+    assert!(td.ends_with(":3"), "{state}");
+    // Git still asks for 2.0.0: it is not deployed again until the pin changes.
+    let out = e.agent(&["once"], &[]);
+    assert!(
+        out.stdout.contains("2.0.0 failed here before"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(e.weights(), (100, 0));
+    let status = e.agent(&["status", "--json"], &[]);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["ecs"][SERVICE]["current"]["version"], "1.0.0");
+    // A new pin is deployed again.
+    e.pin("3.0.0");
+    assert_eq!(e.agent(&["once"], &[]).code, 0);
+    assert_eq!(e.weights(), (0, 100));
 }

@@ -1,12 +1,14 @@
-//! The AWS calls of ECS mode (aws-sdk-ecs, aws-sdk-elasticloadbalancingv2), each with an error
-//! that names the operation and the resource. Every call is counted (`calls`).
+//! The AWS calls of ECS mode (aws-sdk-ecs, aws-sdk-elasticloadbalancingv2,
+//! aws-sdk-applicationautoscaling), each with an error that names the operation and the
+//! resource. Every call is counted (`calls`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
 use aws_sdk_ecs::types::{
     AssignPublicIp, AwsVpcConfiguration, LaunchType as EcsLaunchType, LoadBalancer,
-    NetworkConfiguration, TaskDefinition,
+    NetworkConfiguration, Service, ServiceField, TaskDefinition,
 };
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, ForwardActionConfig, TargetGroupTuple, TargetHealthStateEnum,
@@ -76,11 +78,18 @@ pub struct ServiceInfo {
     pub running: i32,
 }
 
-/// ECS and ELBv2 clients.
+/// What the live side's service is run with beyond what drover owns (task definition, target
+/// group, desired count): deployment configuration, placement, capacity providers, tags and the
+/// like. A new side is created with them, so a deploy does not lose them.
+#[derive(Clone, Debug, Default)]
+pub struct Carried(Option<Service>);
+
+/// ECS, ELBv2 and Application Auto Scaling clients.
 #[derive(Clone, Debug)]
 pub struct Aws {
     ecs: aws_sdk_ecs::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
+    scaling: aws_sdk_applicationautoscaling::Client,
     calls: Arc<AtomicU64>,
 }
 
@@ -95,6 +104,7 @@ impl Aws {
         Aws {
             ecs: aws_sdk_ecs::Client::new(&conf),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
+            scaling: aws_sdk_applicationautoscaling::Client::new(&conf),
             calls: Arc::default(),
         }
     }
@@ -443,6 +453,8 @@ impl Aws {
         name: &str,
         colour: Colour,
         td: &str,
+        count: u32,
+        carried: &Carried,
     ) -> Result<(), AwsError> {
         let exists = self.service(&e.cluster, name).await?.is_some();
         self.count();
@@ -452,7 +464,7 @@ impl Aws {
                 .cluster(e.cluster.as_str())
                 .service(name)
                 .task_definition(td)
-                .desired_count(e.desired_count as i32)
+                .desired_count(count as i32)
                 .send()
                 .await
                 .map_err(call_err("ecs:UpdateService"))?;
@@ -468,18 +480,38 @@ impl Aws {
             .cluster(e.cluster.as_str())
             .service_name(name)
             .task_definition(td)
-            .desired_count(e.desired_count as i32)
+            .desired_count(count as i32)
             .load_balancers(
                 LoadBalancer::builder()
                     .target_group_arn(tg.as_str())
                     .container_name(e.container.as_str())
                     .container_port(i32::from(e.container_port))
                     .build(),
-            )
-            .launch_type(match e.launch_type {
+            );
+        let live = carried.0.as_ref();
+        let providers = live.map(|l| l.capacity_provider_strategy().to_vec());
+        if providers.as_ref().is_some_and(|p| !p.is_empty()) {
+            // A capacity provider strategy stands in for the launch type.
+            req = req.set_capacity_provider_strategy(providers);
+        } else {
+            req = req.launch_type(match e.launch_type {
                 LaunchType::Fargate => EcsLaunchType::Fargate,
                 LaunchType::Ec2 => EcsLaunchType::Ec2,
             });
+        }
+        if let Some(l) = live {
+            let tags = l.tags().to_vec();
+            req = req
+                .set_deployment_configuration(l.deployment_configuration().cloned())
+                .set_health_check_grace_period_seconds(l.health_check_grace_period_seconds())
+                .set_placement_constraints(Some(l.placement_constraints().to_vec()))
+                .set_placement_strategy(Some(l.placement_strategy().to_vec()))
+                .set_propagate_tags(l.propagate_tags().cloned())
+                .enable_ecs_managed_tags(l.enable_ecs_managed_tags())
+                .enable_execute_command(l.enable_execute_command())
+                .set_platform_version(l.platform_version().map(str::to_string))
+                .set_tags((!tags.is_empty()).then_some(tags));
+        }
         if let Some(n) = &e.network {
             let vpc = AwsVpcConfiguration::builder()
                 .set_subnets(Some(n.subnets.clone()))
@@ -499,6 +531,135 @@ impl Aws {
         }
         req.send().await.map_err(call_err("ecs:CreateService"))?;
         Ok(())
+    }
+
+    /// Sets service `name`'s desired count.
+    pub async fn scale(&self, cluster: &str, name: &str, count: u32) -> Result<(), AwsError> {
+        self.count();
+        self.ecs
+            .update_service()
+            .cluster(cluster)
+            .service(name)
+            .desired_count(i32::try_from(count).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(call_err("ecs:UpdateService"))?;
+        Ok(())
+    }
+
+    /// The settings of service `live` (none if it does not exist) a new side is created with.
+    pub async fn carried(&self, cluster: &str, live: &str) -> Result<Carried, AwsError> {
+        self.count();
+        let out = self
+            .ecs
+            .describe_services()
+            .cluster(cluster)
+            .services(live)
+            .include(ServiceField::Tags)
+            .send()
+            .await
+            .map_err(call_err("ecs:DescribeServices"))?;
+        Ok(Carried(
+            out.services()
+                .iter()
+                .find(|s| s.status() != Some("INACTIVE"))
+                .cloned(),
+        ))
+    }
+
+    /// Gives service `to` the Application Auto Scaling target (min, max, role, suspension)
+    /// and scaling policies of service `from`, if `from` has one; idempotent (registering and
+    /// putting are upserts). Returns how many policies were carried, or `None` without a
+    /// target to carry.
+    pub async fn carry_scaling(
+        &self,
+        cluster: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<usize>, AwsError> {
+        let (src, dst) = (scaling_id(cluster, from), scaling_id(cluster, to));
+        self.count();
+        let targets = self
+            .scaling
+            .describe_scalable_targets()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_ids(&src)
+            .send()
+            .await
+            .map_err(call_err("application-autoscaling:DescribeScalableTargets"))?;
+        let Some(t) = targets.scalable_targets().first() else {
+            return Ok(None);
+        };
+        self.count();
+        let policies = self
+            .scaling
+            .describe_scaling_policies()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_id(&src)
+            .send()
+            .await
+            .map_err(call_err("application-autoscaling:DescribeScalingPolicies"))?;
+        self.count();
+        self.scaling
+            .register_scalable_target()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_id(&dst)
+            .min_capacity(t.min_capacity())
+            .max_capacity(t.max_capacity())
+            .set_role_arn((!t.role_arn().is_empty()).then(|| t.role_arn().to_string()))
+            .set_suspended_state(t.suspended_state().cloned())
+            .send()
+            .await
+            .map_err(call_err("application-autoscaling:RegisterScalableTarget"))?;
+        for p in policies.scaling_policies() {
+            self.count();
+            self.scaling
+                .put_scaling_policy()
+                .service_namespace(ServiceNamespace::Ecs)
+                .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+                .resource_id(&dst)
+                .policy_name(p.policy_name())
+                .policy_type(p.policy_type().clone())
+                .set_step_scaling_policy_configuration(
+                    p.step_scaling_policy_configuration().cloned(),
+                )
+                .set_target_tracking_scaling_policy_configuration(
+                    p.target_tracking_scaling_policy_configuration().cloned(),
+                )
+                .set_predictive_scaling_policy_configuration(
+                    p.predictive_scaling_policy_configuration().cloned(),
+                )
+                .send()
+                .await
+                .map_err(call_err("application-autoscaling:PutScalingPolicy"))?;
+        }
+        Ok(Some(policies.scaling_policies().len()))
+    }
+
+    /// Removes service `name`'s scalable target (and with it its policies); no-op without one.
+    pub async fn drop_scaling(&self, cluster: &str, name: &str) -> Result<(), AwsError> {
+        self.count();
+        match self
+            .scaling
+            .deregister_scalable_target()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_id(scaling_id(cluster, name))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_object_not_found_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(call_err("application-autoscaling:DeregisterScalableTarget")(e)),
+        }
     }
 
     /// Scales a service to zero and deletes it (no-op if it does not exist).
@@ -543,4 +704,11 @@ fn missing_or(e: AwsError, what: &'static str, id: &str) -> AwsError {
     } else {
         e
     }
+}
+
+/// The Application Auto Scaling resource id of ECS service `name` in `cluster` (a name or an
+/// ARN): `service/<cluster name>/<service>`.
+fn scaling_id(cluster: &str, name: &str) -> String {
+    let cluster = cluster.rsplit_once(":cluster/").map_or(cluster, |(_, n)| n);
+    format!("service/{cluster}/{name}")
 }

@@ -244,6 +244,86 @@ impl EcsDeployer {
         engine::drive(self, &mut st, d, EcsPhase::StableBlue, ctx, None).await
     }
 
+    /// `drover-agent rollback SERVICE`: a blue-green back to the version live before the
+    /// last deploy (its image on a copy of the live task definition), by operator request —
+    /// no lease, no Git. The version rolled back from is marked failed here, so it is not
+    /// deployed again until the desired version (or its definition) changes.
+    pub async fn rollback(&self, service: &str) -> Result<Reconciled, DeployError> {
+        let name = format!("ecs-{service}");
+        let _lock = self.engine.lock(&name, service).await?;
+        let mut st = self.load(service)?;
+        self.engine.flush(&mut st).await?;
+        let no = |reason: &str| DeployError::NoRollback {
+            service: service.to_string(),
+            reason: reason.to_string(),
+        };
+        if st.deployment.is_some() {
+            return Err(no("a deploy is in flight; let the agent finish it first"));
+        }
+        let current = st
+            .current
+            .clone()
+            .ok_or_else(|| no("this agent has deployed nothing of it"))?;
+        let previous = st
+            .previous
+            .clone()
+            .ok_or_else(|| no("there is no previous version on record"))?;
+        let spec = st.deployed.clone().ok_or_else(|| {
+            no("no record of the last deploy's definition (an older agent deployed it); deploy once first")
+        })?;
+        let mut target = (*spec).clone();
+        target.version = previous.version.clone();
+        target.ecs.image = previous.image.clone();
+        let weights = self
+            .aws
+            .weights(&target.ecs)
+            .await
+            .map_err(|e| no(&e.to_string()))?;
+        let live = weights.all_on().ok_or_else(|| {
+            no("traffic is split between the sides; let the agent finish or undo that first")
+        })?;
+        let why = format!("rolled back by operator to {}", previous.version);
+        self.engine
+            .event(service, &current.version, "rollback", Some(why.clone()));
+        let d = EcsFlight {
+            target,
+            phase: EcsPhase::CreatingGreen,
+            live,
+            task_definition: None,
+            error: None,
+            from: Some(current.version.clone()),
+            started_at: fsutil::now_rfc3339(),
+            calls_before: self.aws.calls(),
+        };
+        let outcome = engine::drive(self, &mut st, d, EcsPhase::CreatingGreen, None, None).await?;
+        Ok(match outcome {
+            Reconciled::Deployed { .. } => {
+                st.failed = Some(failure(&spec, &why));
+                self.engine.save(&mut st)?;
+                Reconciled::RolledBack {
+                    version: current.version,
+                    to: Some(previous.version),
+                    error: why,
+                }
+            }
+            // The way back failed, and traffic stayed on the current version (which is not
+            // marked failed: it runs; nor is the previous one, which Git may ask for).
+            Reconciled::RolledBack { error, .. } => {
+                st.failed = None;
+                self.engine.save(&mut st)?;
+                Reconciled::Abandoned {
+                    version: current.version,
+                    error: format!(
+                        "the rollback to {} failed and traffic stays where it was: {error}",
+                        previous.version
+                    ),
+                    retry: false,
+                }
+            }
+            other => other,
+        })
+    }
+
     /// (image, task definition) of the live service, if it exists.
     async fn live_image(
         &self,
@@ -310,21 +390,28 @@ impl EcsDeployer {
                 e.task_family, e.container, e.image
             ),
             format!(
-                "ecs:CreateService or ecs:UpdateService {new_name} (desired {}, target group {})",
-                e.desired_count,
+                "ecs:CreateService {new_name} (desired {}, target group {}, the live side's settings and tags)",
+                e.first_tasks(),
                 tg(e, new)
             ),
             format!("{listener} {} (attach {} at 0)", w(0), new.name()),
             format!(
                 "wait ≤ {}: {} tasks running and healthy targets in {}",
                 e.health_timeout,
-                e.desired_count,
+                e.first_tasks(),
                 tg(e, new)
             ),
         ];
+        let mut tasks = e.first_tasks();
         for p in &e.steps {
+            let scale = if e.tasks_at(*p) > tasks {
+                tasks = e.tasks_at(*p);
+                format!("ecs:UpdateService {new_name} desired {tasks}, wait healthy; ")
+            } else {
+                String::new()
+            };
             out.push(format!(
-                "{listener} {}, then bake {}{}{}",
+                "{scale}{listener} {}, then bake {}{}{}",
                 w(*p),
                 e.wait_at(*p),
                 if desired.verify.is_some() {
@@ -339,7 +426,7 @@ impl EcsDeployer {
                 }
             ));
         }
-        out.push(format!("wait {} (drain); ecs:UpdateService {live_name} desired 0; ecs:DeleteService {live_name}", e.drain));
+        out.push(format!("autoscaling of {live_name} (if any) to {new_name}; wait {} (drain); ecs:UpdateService {live_name} desired 0; ecs:DeleteService {live_name}", e.drain));
         out.push(format!(
             "on failure: {listener} {} (one call), then remove {new_name}",
             w(0)

@@ -164,41 +164,44 @@ impl EcsDeployer {
                     }
                     tokio::time::sleep(self.poll).await;
                 }
-                self.aws.ensure_service(e, &new_name, new, &td).await?;
+                // The live side's settings (deployment configuration, placement, tags…) go
+                // to the new side; its autoscaling follows once all traffic is on it.
+                let carried = self.aws.carried(&e.cluster, &live_name).await?;
+                self.aws
+                    .ensure_service(e, &new_name, new, &td, e.first_tasks(), &carried)
+                    .await?;
                 // The new side is attached with no traffic before it gets any.
                 self.aws.set_weights(e, split(d.live, 0)).await?;
             }
             EcsPhase::HealthCheck => {
-                let deadline = Instant::now() + e.health_timeout.0;
-                loop {
-                    let svc = self.aws.service(&e.cluster, &new_name).await?;
-                    let running = svc.as_ref().map_or(0, |s| s.running);
-                    let healthy = self.aws.healthy_targets(tg(e, new)).await?;
-                    if running >= e.desired_count as i32 && healthy >= e.desired_count {
-                        break;
-                    }
-                    self.aborted(&t.service)?;
-                    if Instant::now() >= deadline {
-                        return Err(unhealthy(format!(
-                            "{new_name} not healthy within {}: {running}/{} tasks running, {healthy}/{} healthy targets in {}",
-                            e.health_timeout,
-                            e.desired_count,
-                            e.desired_count,
-                            tg(e, new)
-                        )));
-                    }
-                    tokio::time::sleep(self.poll).await;
-                }
+                self.wait_healthy(&t.service, e, new, e.first_tasks())
+                    .await?
             }
-            EcsPhase::TrafficShift(p) => self.aws.set_weights(e, split(d.live, p)).await?,
+            EcsPhase::TrafficShift(p) => {
+                // A canary grows with its traffic: more tasks, healthy, before more traffic.
+                let before = e
+                    .steps
+                    .iter()
+                    .copied()
+                    .filter(|s| *s < p)
+                    .max()
+                    .map_or(e.first_tasks(), |s| e.tasks_at(s));
+                let want = e.tasks_at(p);
+                if want > before {
+                    tracing::info!(tasks = want, percent = p, service = %new_name, "scaling the canary with its traffic");
+                    self.aws.scale(&e.cluster, &new_name, want).await?;
+                    self.wait_healthy(&t.service, e, new, want).await?;
+                }
+                self.aws.set_weights(e, split(d.live, p)).await?
+            }
             EcsPhase::Monitoring(p) => {
                 let until = Instant::now() + e.wait_at(p).0;
                 loop {
                     let healthy = self.aws.healthy_targets(tg(e, new)).await?;
-                    if healthy < e.desired_count {
+                    if healthy < e.tasks_at(p) {
                         return Err(unhealthy(format!(
                             "at {p}% only {healthy}/{} targets of {new_name} are healthy",
-                            e.desired_count
+                            e.tasks_at(p)
                         )));
                     }
                     if Instant::now() >= until {
@@ -245,16 +248,33 @@ impl EcsDeployer {
                 }
             }
             EcsPhase::StableGreen => {
-                st.current = Some(EcsRelease {
+                let rel = EcsRelease {
                     version: t.version.clone(),
                     image: e.image.clone(),
                     task_definition: d.task_definition.clone().unwrap_or_default(),
                     colour: new,
-                });
+                };
+                // Recorded once: a retried phase must not make the new release its own
+                // previous one.
+                if st.current.as_ref() != Some(&rel) {
+                    st.previous = st.current.take();
+                    st.current = Some(rel);
+                    st.deployed = Some(Box::new(t.clone()));
+                }
             }
             EcsPhase::DeletingBlue => {
+                // Autoscaling moves to the side that now serves (before the old side and
+                // its scalable target go; both calls are upserts, so a retry is safe).
+                if let Some(n) = self
+                    .aws
+                    .carry_scaling(&e.cluster, &live_name, &new_name)
+                    .await?
+                {
+                    tracing::info!(policies = n, service = %new_name, "autoscaling carried to the new side");
+                }
                 tokio::time::sleep(e.drain.0).await;
                 self.aws.remove_service(&e.cluster, &live_name).await?;
+                self.aws.drop_scaling(&e.cluster, &live_name).await?;
             }
             EcsPhase::Complete => {}
             EcsPhase::RollingBack => {
@@ -263,6 +283,9 @@ impl EcsDeployer {
                 // … then the new side goes.
                 if let Err(err) = self.aws.remove_service(&e.cluster, &new_name).await {
                     tracing::warn!(error = %err, service = %new_name, "removing the new side failed; it has no traffic");
+                }
+                if let Err(err) = self.aws.drop_scaling(&e.cluster, &new_name).await {
+                    tracing::warn!(error = %err, service = %new_name, "removing the new side's scalable target failed");
                 }
             }
         }
@@ -332,15 +355,47 @@ impl EcsDeployer {
                 }
             };
             let healthy = self.aws.healthy_targets(tg(e, new)).await?;
-            if healthy < e.desired_count {
+            if healthy < e.tasks_at(p) {
                 return Err(unhealthy(format!(
                     "at {p}%, waiting for an approval, only {healthy}/{} targets of {} are healthy",
-                    e.desired_count,
+                    e.tasks_at(p),
                     service_name(&t.service, new)
                 )));
             }
             self.aborted(&t.service)?;
             tokio::time::sleep(pause.clamp(self.poll, GATE_RETRY)).await;
+        }
+    }
+}
+
+impl EcsDeployer {
+    /// Waits (up to `health_timeout`) until side `new` of `service` runs `want` tasks with as
+    /// many healthy targets; stops early if the coordinator stopped the deploy.
+    async fn wait_healthy(
+        &self,
+        service: &str,
+        e: &crate::spec::ResolvedEcs,
+        new: super::Colour,
+        want: u32,
+    ) -> Result<(), StepError<EcsError>> {
+        let name = service_name(service, new);
+        let deadline = Instant::now() + e.health_timeout.0;
+        loop {
+            let svc = self.aws.service(&e.cluster, &name).await?;
+            let running = svc.as_ref().map_or(0, |s| s.running);
+            let healthy = self.aws.healthy_targets(tg(e, new)).await?;
+            if running >= want as i32 && healthy >= want {
+                return Ok(());
+            }
+            self.aborted(service)?;
+            if Instant::now() >= deadline {
+                return Err(unhealthy(format!(
+                    "{name} not healthy within {}: {running}/{want} tasks running, {healthy}/{want} healthy targets in {}",
+                    e.health_timeout,
+                    tg(e, new)
+                )));
+            }
+            tokio::time::sleep(self.poll).await;
         }
     }
 }

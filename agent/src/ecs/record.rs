@@ -73,6 +73,12 @@ pub struct EcsRecord {
     pub service: String,
     /// The version live behind the listener, as last seen.
     pub current: Option<EcsRelease>,
+    /// The version live before the last deploy: what `drover-agent rollback` goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<EcsRelease>,
+    /// The definition the last deploy deployed, for a rollback that needs no Git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<Box<ResolvedEcsService>>,
     /// The last version that failed here; not retried until it or its definition changes.
     pub failed: Option<EcsFailure>,
     /// A deploy in flight (written before each phase).
@@ -95,6 +101,8 @@ impl EcsRecord {
             format: FORMAT,
             service: service.into(),
             current: None,
+            previous: None,
+            deployed: None,
             failed: None,
             deployment: None,
             last_error: None,

@@ -495,7 +495,10 @@ impl Agent {
 
     /// Rolls `service` back to its previous release.
     pub async fn rollback(&self, service: &str) -> anyhow::Result<Reconciled> {
-        Ok(self.deployer.rollback(service).await?)
+        Ok(match &self.ecs {
+            Some(e) => e.rollback(service).await?,
+            None => self.deployer.rollback(service).await?,
+        })
     }
 
     /// The local state of every service, and the repo status.

@@ -211,6 +211,10 @@ pub struct ResolvedEcs {
     /// The steps that wait for an approval once baked and verified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<u8>,
+    /// Blue-green (the new side at full size from the start) or canary (scaled with its
+    /// traffic).
+    #[serde(default)]
+    pub strategy: super::Strategy,
     /// Wait before the old side goes.
     pub drain: Dur,
     /// Time for the new side to become healthy.
@@ -232,6 +236,26 @@ impl ResolvedEcs {
     /// Whether step `weight` waits for an approval once baked.
     pub fn approval_at(&self, weight: u8) -> bool {
         self.approvals.contains(&weight)
+    }
+
+    /// The new side's tasks while it takes `weight` % of the traffic: all of `desired_count`
+    /// for blue-green; for a canary its share, rounded up, at least one (so a canary at 10 %
+    /// does not double the capacity).
+    pub fn tasks_at(&self, weight: u8) -> u32 {
+        match self.strategy {
+            super::Strategy::BlueGreen => self.desired_count,
+            super::Strategy::Canary => {
+                let share = (u64::from(self.desired_count) * u64::from(weight)).div_ceil(100);
+                u32::try_from(share)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, self.desired_count.max(1))
+            }
+        }
+    }
+
+    /// The new side's tasks when it is created (before any traffic): those of the first step.
+    pub fn first_tasks(&self) -> u32 {
+        self.tasks_at(self.steps.first().copied().unwrap_or(100))
     }
 }
 
@@ -585,6 +609,7 @@ fn render_ecs(
             step_wait: e.step_wait,
             waits,
             approvals,
+            strategy: e.strategy,
             drain: e.drain,
             health_timeout: e.health_timeout,
             launch_type: e.launch_type,

@@ -468,6 +468,22 @@ fn ecs_steps_take_a_wait_and_an_approval_and_bad_ones_are_refused_at_their_line(
     assert_eq!(e.wait_at(50), Dur::secs(600));
     assert_eq!(e.wait_at(100), Dur::secs(60), "the default bake");
     assert!(e.approval_at(10) && !e.approval_at(50) && !e.approval_at(100));
+    // Blue-green: the new side is full size from the start; a canary grows with its traffic.
+    assert_eq!((e.first_tasks(), e.tasks_at(10)), (4, 4));
+    let ten = ecs("  strategy: canary\n").unwrap();
+    let mut c = resolve(&ten, &host).unwrap().ecs[0].ecs.clone();
+    c.desired_count = 10;
+    assert_eq!(c.steps, [10, 25, 50, 100]);
+    let tasks: Vec<u32> = c.steps.iter().map(|p| c.tasks_at(*p)).collect();
+    assert_eq!(tasks, [1, 3, 5, 10]);
+    assert_eq!(c.first_tasks(), 1);
+    let small = ecs("  strategy: canary\n  steps: [1, 100]\n").unwrap();
+    let c = &resolve(&small, &host).unwrap().ecs[0].ecs;
+    assert_eq!(
+        (c.tasks_at(1), c.tasks_at(100)),
+        (1, 4),
+        "never fewer than one task"
+    );
     // The record keeps its old form for plain steps.
     let plain = ecs("  steps: [20, 100]\n").unwrap();
     let json = serde_json::to_value(&resolve(&plain, &host).unwrap().ecs[0].ecs).unwrap();
