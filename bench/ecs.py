@@ -83,7 +83,7 @@ ecs:
         pin("1.0.0")
         cfg = work / "agent.yaml"
         cfg.write_text(f"host: bench\nenvironment: prod\nrepo: {{ url: \"{repo}\" }}\nstate_dir: {work}/state\n"
-                       f"mode: ecs\necs: {{ cluster: {arns['cluster']}, region: us-east-1 }}\n")
+                       f"mode: ecs\necs: {{ cluster: {arns['cluster']}, region: us-east-1, poll_interval: 200ms }}\n")
         env = dict(os.environ, AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                    AWS_EC2_METADATA_DISABLED="true", DROVER_LOG="info")
 

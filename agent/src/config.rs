@@ -96,6 +96,18 @@ struct RunAsInput {
 struct EcsInput {
     cluster: String,
     region: String,
+    /// How often ECS and the ALB are polled while waiting (tasks, target health); waits for
+    /// tasks back off from it up to eight times it. Target health during a bake is checked
+    /// at this interval.
+    #[serde(default = "default_ecs_poll")]
+    poll_interval: Spanned<Dur>,
+}
+
+fn default_ecs_poll() -> Spanned<Dur> {
+    Spanned {
+        mark: Mark::file_start(""),
+        value: Dur::secs(2),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +248,8 @@ pub struct EcsConfig {
     pub cluster: String,
     /// AWS region.
     pub region: String,
+    /// The polling interval of waits (`ecs.poll_interval`, 100ms to 60s; default 2s).
+    pub poll: std::time::Duration,
 }
 
 /// The agent's Prometheus endpoint (`metrics:`).
@@ -517,9 +531,24 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         }
         MetricsConfig { listen, token }
     });
-    let ecs = i.ecs.map(|e| EcsConfig {
-        cluster: e.cluster,
-        region: e.region,
+    let ecs = i.ecs.map(|e| {
+        let poll = e.poll_interval.value.0;
+        if !(std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60))
+            .contains(&poll)
+        {
+            problems.push(Problem::new(
+                e.poll_interval.mark.clone(),
+                format!(
+                    "ecs.poll_interval {} is out of range: from 100ms to 60s (default 2s)",
+                    e.poll_interval.value
+                ),
+            ));
+        }
+        EcsConfig {
+            cluster: e.cluster,
+            region: e.region,
+            poll,
+        }
     });
     match (i.mode, &ecs) {
         (Mode::Ecs, None) => problems.push(Problem::new(

@@ -324,7 +324,7 @@ impl Ecs {
         std::fs::write(
             &config,
             format!(
-                "host: ecs-agent\nenvironment: prod\nrepo: {{ url: \"{}\", poll_interval: 1s }}\nstate_dir: {}\nmode: ecs\necs: {{ cluster: {}, region: us-east-1 }}\n",
+                "host: ecs-agent\nenvironment: prod\nrepo: {{ url: \"{}\", poll_interval: 1s }}\nstate_dir: {}\nmode: ecs\necs: {{ cluster: {}, region: us-east-1, poll_interval: 200ms }}\n",
                 repo.dir.display(),
                 dir.path().join("state").display(),
                 arns["cluster"].as_str().unwrap()

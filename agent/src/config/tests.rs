@@ -160,3 +160,26 @@ fn metrics_settings_that_would_expose_or_break_the_endpoint_are_refused() {
     assert_eq!(m.token.as_deref(), Some("s3cret-token"));
     assert!(!format!("{m:?}").contains("s3cret"));
 }
+
+#[test]
+fn ecs_polling_defaults_to_two_seconds_and_is_bounded() {
+    let ecs = |line: &str| {
+        load(&[(
+            "/etc/drover/agent.yaml",
+            &format!("{BASE}mode: ecs\necs: {{ cluster: c, region: us-east-1{line} }}\n"),
+        )])
+    };
+    let c = ecs("").unwrap();
+    assert_eq!(c.ecs.unwrap().poll, std::time::Duration::from_secs(2));
+    let c = ecs(", poll_interval: 500ms").unwrap();
+    assert_eq!(c.ecs.unwrap().poll, std::time::Duration::from_millis(500));
+    for bad in [", poll_interval: 10ms", ", poll_interval: 5m"] {
+        let e = ecs(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.yaml:9:")
+                && e.contains("ecs.poll_interval")
+                && e.contains("from 100ms to 60s"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -36,9 +36,15 @@ impl EcsDeployer {
             engine,
             aws,
             http,
-            poll: Duration::from_millis(200),
+            poll: Duration::from_secs(2),
             aborts: Arc::default(),
         }
+    }
+
+    /// Polls ECS and the ALB every `poll` while waiting (waits for tasks back off from it).
+    pub fn with_poll(mut self, poll: Duration) -> EcsDeployer {
+        self.poll = poll;
+        self
     }
 
     /// Stops the deploy of `service` in flight, if one is, unless it deploys `keep`: traffic

@@ -150,6 +150,7 @@ impl EcsDeployer {
                 // and its healthy targets must be gone before new tasks count as healthy.
                 self.aws.remove_service(&e.cluster, &new_name).await?;
                 let deadline = Instant::now() + e.health_timeout.0;
+                let mut pause = Backoff::new(self.poll);
                 loop {
                     let left = self.aws.healthy_targets(tg(e, new)).await?;
                     if left == 0 {
@@ -162,7 +163,7 @@ impl EcsDeployer {
                             e.health_timeout
                         )));
                     }
-                    tokio::time::sleep(self.poll).await;
+                    tokio::time::sleep(pause.next()).await;
                 }
                 // The live side's settings (deployment configuration, placement, tags…) go
                 // to the new side; its autoscaling follows once all traffic is on it.
@@ -380,6 +381,7 @@ impl EcsDeployer {
     ) -> Result<(), StepError<EcsError>> {
         let name = service_name(service, new);
         let deadline = Instant::now() + e.health_timeout.0;
+        let mut pause = Backoff::new(self.poll);
         loop {
             let svc = self.aws.service(&e.cluster, &name).await?;
             let running = svc.as_ref().map_or(0, |s| s.running);
@@ -395,8 +397,36 @@ impl EcsDeployer {
                     tg(e, new)
                 )));
             }
-            tokio::time::sleep(self.poll).await;
+            tokio::time::sleep(
+                pause
+                    .next()
+                    .min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
         }
+    }
+}
+
+/// Waits that grow from the polling interval by half each time, up to eight times it: tasks
+/// take tens of seconds to start, and polling them every 200 ms only spends API calls.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    next: std::time::Duration,
+    max: std::time::Duration,
+}
+
+impl Backoff {
+    fn new(poll: std::time::Duration) -> Backoff {
+        Backoff {
+            next: poll,
+            max: poll * 8,
+        }
+    }
+
+    fn next(&mut self) -> std::time::Duration {
+        let now = self.next;
+        self.next = (self.next * 3 / 2).min(self.max);
+        now
     }
 }
 
@@ -410,5 +440,19 @@ fn unhealthy(why: String) -> StepError<EcsError> {
 impl From<AwsError> for StepError<EcsError> {
     fn from(e: AwsError) -> StepError<EcsError> {
         StepError::Machine(EcsError::Aws(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Backoff;
+
+    #[test]
+    fn waits_back_off_by_half_up_to_eight_times_the_interval() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        let waits: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(waits, [2000, 3000, 4500, 6750, 10125, 15187, 16000, 16000]);
     }
 }

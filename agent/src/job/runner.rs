@@ -7,6 +7,7 @@ use crate::engine::{self, DeployError, End, Engine, Machine, Next, Reconciled, S
 use crate::fsutil;
 use crate::release::Layout;
 use crate::spec::ResolvedJob;
+use crate::state::StateError;
 use crate::vm::{VmDeployer, VmError};
 
 /// Runs this host's jobs: the job [`Machine`].
@@ -21,13 +22,20 @@ impl JobRunner {
         JobRunner { vm }
     }
 
+    /// Loads a job's record; a damaged one is set aside and a fresh one started (the
+    /// coordinator still knows whether the job ran: a host never runs it twice on its word).
     fn load(&self, service: &str) -> Result<JobRecord, DeployError> {
-        Ok(self
-            .vm
-            .engine()
-            .store
-            .load(service)?
-            .unwrap_or_else(|| JobRecord::new(service)))
+        let e = self.vm.engine();
+        match e.store.load(service) {
+            Ok(r) => Ok(r.unwrap_or_else(|| JobRecord::new(service))),
+            Err(StateError::Corrupt { path, cause }) => {
+                let aside = e.store.quarantine::<JobRecord>(service)?;
+                tracing::warn!(state = %path.display(), %cause, kept_as = %aside.display(), "job record was damaged; starting a new one");
+                e.event(service, "", "state_rebuilt", Some(cause));
+                Ok(JobRecord::new(service))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// The record of `service`, if this host has one.

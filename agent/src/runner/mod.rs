@@ -123,11 +123,10 @@ impl Agent {
             &config.repo.branch,
         ));
         let ecs = match &config.ecs {
-            Some(c) if config.mode == Mode::Ecs => Some(EcsDeployer::new(
-                engine.clone(),
-                Aws::new(&c.region).await,
-                http_for_ecs,
-            )),
+            Some(c) if config.mode == Mode::Ecs => Some(
+                EcsDeployer::new(engine.clone(), Aws::new(&c.region).await, http_for_ecs)
+                    .with_poll(c.poll),
+            ),
             _ => None,
         };
         let once = JobRunner::new(deployer.clone());
