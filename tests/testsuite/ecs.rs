@@ -491,38 +491,9 @@ fn a_failed_analysis_at_the_first_step_puts_traffic_back_in_one_call() {
 #[test]
 fn a_fleet_rollback_of_ecs_redeploys_the_old_version_or_puts_traffic_back_in_one_call() {
     let e = Ecs::new("");
-    let c = drover_tests::coordinator::Coordinator::start(e.dir.path(), "");
-    std::fs::write(
-        &e.config,
-        format!(
-            "{}{}",
-            std::fs::read_to_string(&e.config).unwrap(),
-            c.agent_config()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(e.dir.path().join("agent.log")).unwrap();
-    let _agent = Killed(
-        e.agent_cmd(&["run"])
-            .stderr(log)
-            .spawn()
-            .expect("agent starts"),
-    );
+    let (c, _agent) = with_coordinator(&e, Ecs::pin);
     let state = |version: &str, want: &str| {
-        wait_for(
-            &format!("{SERVICE} {version} to be {want}"),
-            Duration::from_secs(60),
-            || {
-                c.status()["rollouts"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .rev()
-                    .find(|r| r["service"] == SERVICE && r["version"] == version)
-                    .filter(|r| r["state"] == want)
-                    .map(|_| ())
-            },
-        )
+        rollout_state(&c, version, want);
     };
     state("1.0.0", "SUCCESS");
     e.pin("2.0.0");
@@ -573,9 +544,12 @@ fn a_fleet_rollback_of_ecs_redeploys_the_old_version_or_puts_traffic_back_in_one
     );
 }
 
-/// The cluster agent running against a coordinator; prod's approvers are release-managers.
-/// Returns the coordinator and the agent (killed when dropped), with 1.0.0 live.
-fn gated(e: &Ecs) -> (drover_tests::coordinator::Coordinator, Killed) {
+/// The cluster agent running against a coordinator, with 1.0.0 pinned by `pin` and live.
+/// Returns the coordinator and the agent (killed when dropped).
+fn with_coordinator(
+    e: &Ecs,
+    pin: fn(&Ecs, &str),
+) -> (drover_tests::coordinator::Coordinator, Killed) {
     let c = drover_tests::coordinator::Coordinator::start(e.dir.path(), "");
     std::fs::write(
         &e.config,
@@ -586,7 +560,7 @@ fn gated(e: &Ecs) -> (drover_tests::coordinator::Coordinator, Killed) {
         ),
     )
     .unwrap();
-    pin_gated(e, "1.0.0");
+    pin(e, "1.0.0");
     let log = std::fs::File::create(e.dir.path().join("agent.log")).unwrap();
     let agent = Killed(
         e.agent_cmd(&["run"])
@@ -596,6 +570,11 @@ fn gated(e: &Ecs) -> (drover_tests::coordinator::Coordinator, Killed) {
     );
     rollout_state(&c, "1.0.0", "SUCCESS");
     (c, agent)
+}
+
+/// [`with_coordinator`] with prod's approvals given to release-managers.
+fn gated(e: &Ecs) -> (drover_tests::coordinator::Coordinator, Killed) {
+    with_coordinator(e, pin_gated)
 }
 
 /// Pins `version` in prod, whose approvals are release-managers'.
@@ -730,26 +709,13 @@ fn a_target_that_turns_unhealthy_mid_bake_rolls_back_at_once() {
     // A 10-minute bake at 10 %, no coordinator.
     let e = Ecs::new("  steps: [{ weight: 10, wait: 10m }, 100]\n");
     e.pin("2.0.0");
-    let (stdout, stderr) = (e.dir.path().join("once.out"), e.dir.path().join("once.err"));
-    let mut agent = e
-        .agent_cmd(&["once"])
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("agent starts");
+    let agent = Once::start(&e);
     wait_for("2.0.0 at 10%", Duration::from_secs(60), || {
         (e.weights() == (90, 10)).then_some(())
     });
     // The new side's targets go (its tasks die): the bake notices before its 10 minutes.
     e.break_version("2.0.0");
-    let status = wait_for("the agent to end", Duration::from_secs(120), || {
-        agent.try_wait().unwrap()
-    });
-    let out = drover_tests::host::Out {
-        code: status.code().unwrap_or(-1),
-        stdout: std::fs::read_to_string(&stdout).unwrap(),
-        stderr: std::fs::read_to_string(&stderr).unwrap(),
-    };
+    let out = agent.finish();
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(
         out.stdout.contains("failed and was rolled back"),
@@ -781,40 +747,45 @@ fn a_canary_at_10_percent_runs_about_a_tenth_of_the_tasks() {
         "{}",
         plan.stdout
     );
-    let (stdout, stderr) = (e.dir.path().join("once.out"), e.dir.path().join("once.err"));
-    let mut agent = e
-        .agent_cmd(&["once"])
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("agent starts");
-    wait_for("the canary at 10%", Duration::from_secs(60), || {
-        (e.weights() == (90, 10)).then_some(())
-    });
-    // At 10 % the canary runs one task of ten, not a second full fleet.
-    let state = e.inspect(None);
-    assert_eq!(state["services"][green_name()]["desired"], 1, "{state}");
-    let status = wait_for("the agent to end", Duration::from_secs(120), || {
-        agent.try_wait().unwrap()
-    });
-    let out = std::fs::read_to_string(&stdout).unwrap();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{out}{}",
-        std::fs::read_to_string(&stderr).unwrap()
-    );
+    e.proxy.clear();
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
     assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (50, 50), (0, 100)]);
-    // It grew with its traffic: 5 tasks before 50 %, 10 before 100 %.
-    let grown: Vec<u64> = e
+    // In the order the calls came: the canary is created with one task of ten and takes its
+    // 10 % so; it grows to 5 before 50 % and to 10 before 100 %.
+    let calls: Vec<String> = e
         .proxy
-        .calls_of("UpdateService")
+        .calls()
         .iter()
-        .filter_map(|c| serde_json::from_str::<Value>(&c.body).ok())
-        .filter(|b| b["service"] == green_name())
-        .filter_map(|b| b["desiredCount"].as_u64())
+        .filter_map(|c| {
+            let green =
+                |b: &Value| b["serviceName"] == green_name() || b["service"] == green_name();
+            match c.action.as_str() {
+                "CreateService" | "UpdateService" => serde_json::from_str::<Value>(&c.body)
+                    .ok()
+                    .filter(green)
+                    .map(|b| format!("{} {}", c.action, b["desiredCount"])),
+                "ModifyListener" => Some(format!(
+                    "weights {:?}",
+                    c.weights().iter().map(|(_, w)| *w).collect::<Vec<_>>()
+                )),
+                _ => None,
+            }
+        })
         .collect();
-    assert_eq!(grown, [5, 10]);
+    assert_eq!(
+        calls,
+        [
+            "CreateService 1",
+            "weights [100, 0]",
+            "weights [90, 10]",
+            "UpdateService 5",
+            "weights [50, 50]",
+            "UpdateService 10",
+            "weights [0, 100]",
+        ],
+        "{calls:?}"
+    );
     let state = e.inspect(None);
     assert_eq!(state["services"][green_name()]["desired"], 10, "{state}");
 }
@@ -882,4 +853,49 @@ fn drover_agent_rollback_in_ecs_mode_goes_back_to_the_previous_version() {
     e.pin("3.0.0");
     assert_eq!(e.agent(&["once"], &[]).code, 0);
     assert_eq!(e.weights(), (0, 100));
+}
+
+/// `drover-agent once` running in the background, its output in files (a pipe nobody reads
+/// could fill up and stop it).
+struct Once {
+    child: std::process::Child,
+    stdout: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
+
+impl Once {
+    fn start(e: &Ecs) -> Once {
+        let (stdout, stderr) = (e.dir.path().join("once.out"), e.dir.path().join("once.err"));
+        let child = e
+            .agent_cmd(&["once"])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("agent starts");
+        Once {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits (up to two minutes) for it to end; its exit code and output.
+    fn finish(mut self) -> drover_tests::host::Out {
+        let status = wait_for("the agent to end", Duration::from_secs(120), || {
+            self.child.try_wait().unwrap()
+        });
+        drover_tests::host::Out {
+            code: status.code().unwrap_or(-1),
+            stdout: std::fs::read_to_string(&self.stdout).unwrap(),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap(),
+        }
+    }
+}
+
+impl Drop for Once {
+    fn drop(&mut self) {
+        // A test that failed early does not leave an agent deploying behind it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
