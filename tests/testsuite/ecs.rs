@@ -173,7 +173,8 @@ fn a_green_that_never_gets_healthy_is_rolled_back_in_one_call() {
 
 #[test]
 fn a_failure_at_50_percent_puts_all_traffic_back_on_blue() {
-    let e = Ecs::new("  step_wait: 3s\n");
+    // A long bake at 50 %, so that a loaded machine still sees it (the failure ends it early).
+    let e = Ecs::new("  steps: [{ weight: 10, wait: 1s }, { weight: 50, wait: 60s }, 100]\n");
     e.pin("2.0.0");
     let agent = {
         let mut cmd = e.agent_cmd(&["once"]);
@@ -898,4 +899,66 @@ impl Drop for Once {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn autoscaling_left_on_an_old_side_reaches_the_live_side_before_the_old_side_goes() {
+    // As after a deploy whose clean-up could not carry autoscaling: green is live (all
+    // traffic) without a scalable target, blue is left at weight 0 holding target and policy.
+    let e = Ecs::new("");
+    let script = format!(
+        r#"
+import boto3
+kw = dict(endpoint_url="{url}", region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+ecs = boto3.client("ecs", **kw)
+td = ecs.describe_services(cluster="{cluster}", services=["{svc}-blue"])["services"][0]["taskDefinition"]
+ecs.create_service(cluster="{cluster}", serviceName="{svc}-green", taskDefinition=td, desiredCount=2, launchType="FARGATE",
+    loadBalancers=[{{"targetGroupArn": "{green}", "containerName": "{svc}", "containerPort": 8080}}],
+    networkConfiguration={{"awsvpcConfiguration": {{"subnets": {subnets}, "securityGroups": ["{sg}"]}}}})
+"#,
+        url = e.moto.url(),
+        cluster = e.arns["cluster"].as_str().unwrap(),
+        svc = SERVICE,
+        green = e.arns["green"].as_str().unwrap(),
+        subnets = e.arns["subnets"],
+        sg = e.arns["sg"].as_str().unwrap(),
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.inspect(Some((0, 100)));
+    wait_for("green's targets", Duration::from_secs(30), || {
+        (e.inspect(None)["services"][green_name()]["status"] == "ACTIVE").then_some(())
+    });
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("autoscaling of a leftover side moved to the live side"),
+        "{}",
+        out.stderr
+    );
+    // 2.0.0 went to blue (the side not live), and blue ends with the policy.
+    assert_eq!(e.weights(), (100, 0));
+    let state = e.inspect(None);
+    let blue = &state["services"][format!("{SERVICE}-blue")];
+    assert_eq!(
+        blue["scaling"],
+        serde_json::json!([{"min": 2, "max": 8}]),
+        "{state}"
+    );
+    assert_eq!(blue["policies"][0]["name"], "cpu60", "{state}");
+    let cluster = e.arns["cluster"].as_str().unwrap();
+    assert_eq!(
+        state["scaling_targets"],
+        serde_json::json!([format!("service/{cluster}/{SERVICE}-blue")]),
+        "{state}"
+    );
 }

@@ -639,8 +639,28 @@ impl Aws {
         Ok(Some(policies.scaling_policies().len()))
     }
 
+    /// Whether service `name` has an Application Auto Scaling target.
+    pub async fn has_scaling(&self, cluster: &str, name: &str) -> Result<bool, AwsError> {
+        self.count();
+        let out = self
+            .scaling
+            .describe_scalable_targets()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_ids(scaling_id(cluster, name))
+            .send()
+            .await
+            .map_err(call_err("application-autoscaling:DescribeScalableTargets"))?;
+        Ok(!out.scalable_targets().is_empty())
+    }
+
     /// Removes service `name`'s scalable target (and with it its policies); no-op without one.
     pub async fn drop_scaling(&self, cluster: &str, name: &str) -> Result<(), AwsError> {
+        // Asked first: what a missing target answers differs between implementations
+        // (ObjectNotFoundException, or a ValidationException).
+        if !self.has_scaling(cluster, name).await? {
+            return Ok(());
+        }
         self.count();
         match self
             .scaling

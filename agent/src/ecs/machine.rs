@@ -148,7 +148,21 @@ impl EcsDeployer {
                     .ok_or_else(|| unhealthy("no task definition recorded".into()))?;
                 // The new side starts fresh: a service left on it (a removal that failed) goes,
                 // and its healthy targets must be gone before new tasks count as healthy.
-                self.aws.remove_service(&e.cluster, &new_name).await?;
+                if self.aws.service(&e.cluster, &new_name).await?.is_some() {
+                    // An old side left at weight 0 may still hold the autoscaling that never
+                    // reached the live side: it moves there first (never over the live side's
+                    // own), so removing the leftover loses no policy.
+                    if !self.aws.has_scaling(&e.cluster, &live_name).await?
+                        && let Some(n) = self
+                            .aws
+                            .carry_scaling(&e.cluster, &new_name, &live_name)
+                            .await?
+                    {
+                        tracing::warn!(policies = n, from = %new_name, to = %live_name, "autoscaling of a leftover side moved to the live side");
+                    }
+                    self.aws.remove_service(&e.cluster, &new_name).await?;
+                    self.aws.drop_scaling(&e.cluster, &new_name).await?;
+                }
                 let deadline = Instant::now() + e.health_timeout.0;
                 let mut pause = Backoff::new(self.poll);
                 loop {
