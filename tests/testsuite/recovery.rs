@@ -154,3 +154,52 @@ fn a_damaged_state_file_is_rebuilt_from_the_releases_on_disk() {
         .collect();
     assert_eq!(kept.len(), 1, "the damaged file is kept");
 }
+
+#[test]
+fn a_deploy_resumed_after_a_kill_keeps_its_lease_alive() {
+    use std::time::Duration;
+    let f = Fleet::new();
+    // Leases expire 4 s after their last renewal; the resumed health check takes longer.
+    let c = drover_tests::coordinator::Coordinator::start(f.dir.path(), "lease_ttl: 4s\n");
+    let outage = f.dir.path().join("dependency-down");
+    f.repo.write(
+        "services/hello.yaml",
+        &drover_tests::host::SERVICE.replace("  timeout: 5s\n", "  timeout: 30s\n"),
+    );
+    f.pin(&f.hello("1.0.0", &[]));
+    let h = f.host_with("web-01", "test", &c.agent_config());
+    assert_eq!(h.once().code, 0);
+    f.pin(&f.hello("2.0.0", &[&format!("FAIL_IF_EXISTS={}", outage.display())]));
+    std::fs::write(&outage, "").unwrap();
+    // Killed with the new version started and its lease held, before the health check.
+    killed_at(&h, "check");
+    let fixed = {
+        let outage = outage.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(9));
+            std::fs::remove_file(&outage).unwrap();
+        })
+    };
+    let out = h.once();
+    fixed.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    // The restart resumed the deploy: a health check that waited for the outage to end.
+    assert!(
+        out.stdout.contains("hello 2.0.0: check ok"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(h.current().as_deref(), Some("2.0.0"));
+    let hist = c.history();
+    let expired: Vec<_> = hist
+        .iter()
+        .filter(|e| e["action"] == "lease_expired")
+        .collect();
+    assert!(
+        expired.is_empty(),
+        "the resumed deploy renewed its lease: {expired:?}"
+    );
+    assert!(hist.iter().any(|e| e["action"] == "lease_released"
+        && e["subject"] == "test/hello/2.0.0"
+        && e["detail"] == "success"));
+}

@@ -326,6 +326,9 @@ impl Engine {
     }
 }
 
+/// How often a resumed deploy renews the lease it holds.
+const RESUMED_RENEWAL: Duration = Duration::from_secs(1);
+
 /// Runs `flight` from `start` until it ends, under `keep` (a lease already held, for a revert)
 /// or the lease its lease phase asks for. Returns how it ended; errors only when the record
 /// cannot be written.
@@ -338,6 +341,17 @@ pub async fn drive<M: Machine>(
     mut keep: Option<KeepAlive>,
 ) -> Result<Reconciled, DeployError> {
     let e = m.engine();
+    if keep.is_none()
+        && let (Some(gate), Some(l)) = (&e.gate, rec.lease().clone())
+        && l.status == LeaseStatus::Held
+    {
+        // A deploy resumed after a restart keeps renewing the lease it holds (its TTL is not
+        // recorded: renewing every second suits any the coordinator may use).
+        keep = Some(gate.keep_alive(&coordinator::Held {
+            id: l.id,
+            ttl: RESUMED_RENEWAL * 3,
+        }));
+    }
     let t0 = Instant::now();
     let mut phase = start;
     let mut tries: u32 = 0;
