@@ -75,7 +75,22 @@ fn a_freeze_holds_new_rollouts_lets_rollbacks_through_and_ends() {
 
     // A git revert to 1.0.0 during the freeze is a rollback: it goes through.
     f.pin_env("prod", &long, &f.hello("1.0.0", &[]));
-    wait_all(&hosts, "1.0.0", Duration::from_secs(120));
+    let limit = std::time::Instant::now() + Duration::from_secs(120);
+    for h in &hosts {
+        while h.hello()["current"] != "1.0.0" || !h.hello()["deploying"].is_null() {
+            if std::time::Instant::now() > limit {
+                let logs: Vec<String> = _agents.iter().map(|a| a.log()).collect();
+                panic!(
+                    "{} does not run 1.0.0: {:#}\nrollouts: {:#}\nagent logs:\n{}",
+                    h.name,
+                    h.status(),
+                    c.status()["rollouts"],
+                    logs.join("\n----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
     assert_eq!(
         c.rollout("prod", "1.0.0").unwrap()["kind"].as_str(),
         Some("rollback")
