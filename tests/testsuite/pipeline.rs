@@ -44,6 +44,11 @@ fn a_freeze_holds_new_rollouts_lets_rollbacks_through_and_ends() {
     f.pin_env("prod", open, &f.hello("1.0.0", &[]));
     let (hosts, _agents) = start_hosts(&f, &c, &["p1", "p2"], "prod");
     wait_all(&hosts, "1.0.0", Duration::from_secs(120));
+    // 1.0.0 must have succeeded (its hosts reported it healthy) to be a version a revert goes
+    // back to without waiting: a commit before that supersedes it, and it never succeeded.
+    wait_for("1.0.0 to succeed", Duration::from_secs(60), || {
+        (c.state("prod", "1.0.0").as_deref() == Some("SUCCESS")).then_some(())
+    });
     f.pin_env("prod", open, &f.hello("2.0.0", &[]));
     wait_all(&hosts, "2.0.0", Duration::from_secs(120));
     wait_for("2.0.0 to succeed", Duration::from_secs(60), || {
