@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use drover_agent::spec::{Direction, Dur, OnMedium, ResolvedMetric, ResolvedVerify};
-use drover_agent::verify::{MetricError, MetricSource, analyze};
+use drover_agent::verify::{MetricError, MetricSource, Query, Side, analyze};
 
 /// 300 samples per query, a little different per version.
 struct InMemory;
@@ -15,11 +15,12 @@ impl MetricSource for InMemory {
     async fn range(
         &self,
         _metric: &str,
-        query: &str,
+        query: &Query,
         _start: SystemTime,
         _end: SystemTime,
         _step: Duration,
     ) -> Result<Vec<f64>, MetricError> {
+        let query = query.to_string();
         let shift = if query.contains("\"2.0\"") { 1.02 } else { 1.0 };
         let mut x: u64 = query.len() as u64 * 2_654_435_761;
         Ok((0..300)
@@ -48,6 +49,7 @@ fn main() {
         duration: Dur::secs(120),
         interval: Dur::secs(1),
         prometheus: "http://in-memory".into(),
+        cloudwatch: None,
         on_medium: OnMedium::Pause,
         fail_open: false,
         min_points: 6,
@@ -55,6 +57,7 @@ fn main() {
             .map(|i| ResolvedMetric {
                 name: format!("m{i}"),
                 query: format!(r#"metric_{i}{{version="{{version}}"}}"#),
+                cloudwatch: None,
                 by_version: true,
                 max: Some(1e9),
                 min: None,
@@ -69,7 +72,17 @@ fn main() {
         .build()
         .unwrap();
     let now = SystemTime::now();
-    let run = || rt.block_on(analyze(&InMemory, &v, "2.0", Some("1.0"), now, now, now));
+    let run = || {
+        rt.block_on(analyze(
+            &InMemory,
+            &v,
+            &Side::version("2.0"),
+            Some(&Side::version("1.0")),
+            now,
+            now,
+            now,
+        ))
+    };
     for _ in 0..20 {
         run();
     }

@@ -487,6 +487,84 @@ fn a_failed_analysis_at_the_first_step_puts_traffic_back_in_one_call() {
     );
 }
 
+/// Blue (1.0.0, no errors) and green (2.0.0, failing `green_5xx` of its requests) under the
+/// traffic the listener's weights give them, as an ALB reports it to CloudWatch (moto, fed by
+/// tests/ecs/alb_metrics.py); the canary is verified with the default CloudWatch metrics (5xx
+/// ratio and response time per target group, against the other colour). Returns the agent's
+/// `once` for 2.0.0.
+fn deploy_with_cloudwatch(green_5xx: &str) -> (Ecs, drover_tests::host::Out) {
+    let e = Ecs::new("  strategy: canary\n  steps: [10, 50, 100]\n");
+    // Half-second publishing, judged per second (a real ALB publishes per minute: the default
+    // interval is 60s).
+    e.write_service_with(
+        "  strategy: canary\n  steps: [10, 50, 100]\n",
+        "verify:\n  duration: 8s\n  interval: 1s\n  cloudwatch: {}\n",
+    );
+    let a = &e.arns;
+    let _feed = Killed(
+        std::process::Command::new("python3")
+            .arg(drover_tests::workspace().join("tests/ecs/alb_metrics.py"))
+            .args([
+                &e.moto.url(),
+                a["listener"].as_str().unwrap(),
+                a["blue"].as_str().unwrap(),
+                "0",
+                a["green"].as_str().unwrap(),
+                green_5xx,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(e.dir.path().join("alb_metrics.log")).expect("log"))
+            .spawn()
+            .expect("alb_metrics.py starts"),
+    );
+    let out = e.agent(&["once"], &[]);
+    assert_eq!(out.code, 0, "1.0.0 is already live: {}", out.all());
+    e.proxy.clear();
+    e.pin("2.0.0");
+    let out = e.agent(&["once"], &[]);
+    (e, out)
+}
+
+#[test]
+fn a_canary_judged_by_cloudwatch_goes_through_when_its_alb_metrics_match_the_baseline() {
+    let (e, out) = deploy_with_cloudwatch("0");
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (50, 50), (0, 100)]);
+    let events = std::fs::read_to_string(e.dir.path().join("state/events.jsonl")).unwrap();
+    for p in [10, 50, 100] {
+        assert!(
+            events.contains(&format!("at {p}%: risk low: 5xx_ratio: pass")),
+            "no low verdict at {p}%: {events}"
+        );
+    }
+    // Each analysis asks CloudWatch once per metric and side (through the agent's endpoint).
+    assert!(
+        e.proxy.calls_of("GetMetricData").len() >= 3 * 4,
+        "{:?}",
+        e.proxy.calls_of("GetMetricData").len()
+    );
+}
+
+#[test]
+fn a_canary_whose_cloudwatch_5xx_ratio_is_high_is_rolled_back() {
+    let (e, out) = deploy_with_cloudwatch("0.3");
+    assert_eq!(out.code, 1, "{}", out.all());
+    let events = std::fs::read_to_string(e.dir.path().join("state/events.jsonl")).unwrap();
+    assert!(
+        events.contains("at 10%: risk high: 5xx_ratio: fail"),
+        "{events}"
+    );
+    assert!(out.all().contains("5xx_ratio"), "{}", out.all());
+    // 10 % went to green, its 5xx ratio was judged against blue's, one call put all back.
+    assert_eq!(e.weight_calls(), [(100, 0), (90, 10), (100, 0)]);
+    assert_eq!(e.weights(), (100, 0));
+    let state = e.inspect(None);
+    assert!(
+        !service_names(&state).contains(&green_name()),
+        "green is removed: {state}"
+    );
+}
+
 /// `drover rollback` of an ECS service: after a completed deploy, a blue-green back to the
 /// old version; during a deploy, one weight call puts all traffic back on the old side.
 #[test]

@@ -249,3 +249,71 @@ fn a_medium_verdict_pauses_the_rollout_on_the_coordinator() {
             .starts_with("PAUSED → RUNNING: resumed by ops")
     }));
 }
+
+/// Publishes, to moto's CloudWatch until killed, what an app would report per version every
+/// half second: `Hello/Requests` (10) and `Hello/Errors` (10 × its ratio; none when 0, as
+/// CloudWatch gets no zero counts) with the dimension `Version`.
+fn publish(moto: &drover_tests::ecs::Moto, ratios: &[(&str, f64)]) -> drover_tests::Killed {
+    let script = format!(
+        r#"
+import time, boto3
+cw = boto3.client("cloudwatch", endpoint_url="{}", region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+while True:
+    data = []
+    for version, ratio in {:?}:
+        dims = [{{"Name": "Version", "Value": version}}]
+        data.append({{"MetricName": "Requests", "Dimensions": dims, "Value": 10}})
+        if ratio > 0:
+            data.append({{"MetricName": "Errors", "Dimensions": dims, "Value": round(10 * ratio)}})
+    cw.put_metric_data(Namespace="Hello", MetricData=data)
+    time.sleep(0.5)
+"#,
+        moto.url(),
+        ratios
+    );
+    drover_tests::Killed(
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs"),
+    )
+}
+
+/// A vm service verified from CloudWatch: its own metric, a ratio selected by `{version}`,
+/// with the old version (still published by the other hosts) as the baseline.
+#[test]
+fn a_vm_version_whose_cloudwatch_error_ratio_is_high_rolls_back() {
+    let f = Fleet::new();
+    let moto = drover_tests::ecs::Moto::start(f.dir.path());
+    f.repo.write(
+        "services/hello.yaml",
+        &format!(
+            "{SERVICE}verify:\n  duration: 6s\n  interval: 1s\n  cloudwatch: {{ region: us-east-1 }}\n  metrics:\n    - name: error_ratio\n      cloudwatch:\n        namespace: Hello\n        metric: Errors\n        stat: Sum\n        dimensions: {{ Version: \"{{version}}\" }}\n        divide_by: {{ metric: Requests }}\n      compare: baseline\n      tolerance_abs: 0.01\n"
+        ),
+    );
+    let h = f.host("h1");
+    let _feed = publish(&moto, &[("1.0.0", 0.0), ("2.0.0", 0.3)]);
+    let aws = [
+        ("AWS_ENDPOINT_URL", moto.url()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ];
+    let env: Vec<(&str, &str)> = aws.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    f.pin(&f.hello("1.0.0", &[]));
+    let out = h.once_with(&env);
+    // Judged against its own history before the switch, as far as there is one (kept).
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    f.pin(&f.hello("2.0.0", &[]));
+    let out = h.once_with(&env);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stdout.contains("error_ratio: fail"), "{}", out.stdout);
+    assert_eq!(h.version().as_deref(), Some("1.0.0"));
+    let v = verdict(&h);
+    assert_eq!(v["risk"], "high");
+    let m = &v["metrics"][0];
+    assert!((m["canary"].as_f64().unwrap() - 0.3).abs() < 1e-9, "{m}");
+    assert_eq!(m["baseline"].as_f64(), Some(0.0), "{m}");
+}

@@ -16,6 +16,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
 
 use super::{Colour, Weights};
 use crate::spec::{LaunchType, ResolvedEcs};
+use crate::verify::CloudWatch;
 
 /// Why an AWS call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,6 +91,7 @@ pub struct Aws {
     ecs: aws_sdk_ecs::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
     scaling: aws_sdk_applicationautoscaling::Client,
+    conf: aws_config::SdkConfig,
     calls: Arc<AtomicU64>,
 }
 
@@ -105,8 +107,23 @@ impl Aws {
             ecs: aws_sdk_ecs::Client::new(&conf),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
             scaling: aws_sdk_applicationautoscaling::Client::new(&conf),
+            conf,
             calls: Arc::default(),
         }
+    }
+
+    /// CloudWatch as a metric source, in `region` (default: this agent's), its calls counted
+    /// with the others.
+    pub fn cloudwatch(&self, region: Option<&str>) -> CloudWatch {
+        let conf = match region {
+            Some(r) if self.conf.region().map(|own| own.as_ref()) != Some(r) => self
+                .conf
+                .to_builder()
+                .region(aws_config::Region::new(r.to_string()))
+                .build(),
+            _ => self.conf.clone(),
+        };
+        CloudWatch::new(aws_sdk_cloudwatch::Client::new(&conf), self.calls.clone())
     }
 
     /// API calls made so far.

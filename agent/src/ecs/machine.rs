@@ -5,10 +5,13 @@ use std::time::Instant;
 
 use super::aws::AwsError;
 use super::record::settle;
-use super::{EcsDeployer, EcsFlight, EcsPhase, EcsRecord, EcsRelease, service_name, split, tg};
+use super::{
+    EcsDeployer, EcsFlight, EcsPhase, EcsRecord, EcsRelease, lb_dimension, service_name, split, tg,
+    tg_dimension,
+};
 use crate::coordinator::GateError;
 use crate::engine::{self, End, Engine, Machine, Next, Reconciled, StepError, Transient};
-use crate::verify::{self, Prometheus};
+use crate::verify::{self, Prometheus, Side};
 
 /// Why an ECS phase failed (the engine adds the errors every machine shares).
 #[derive(Debug, thiserror::Error)]
@@ -230,16 +233,30 @@ impl EcsDeployer {
                     .await;
                 }
                 if let Some(v) = &t.verify {
-                    let source = Prometheus::new(self.http.clone(), &v.prometheus);
-                    let old = st.current.as_ref().map(|c| c.version.clone());
-                    let verdict = verify::run(
-                        &source,
-                        v,
-                        &t.version,
-                        old.as_deref(),
-                        std::time::SystemTime::now(),
-                    )
-                    .await;
+                    // Each colour is a side: its version and its own target group, so the new
+                    // side is judged against the old one over the same window.
+                    let lb = lb_dimension(&e.listener_arn);
+                    let new_side = Side {
+                        version: &t.version,
+                        target_group: Some(tg_dimension(tg(e, new))),
+                        load_balancer: lb,
+                    };
+                    let old_side = st.current.as_ref().map(|c| Side {
+                        version: &c.version,
+                        target_group: Some(tg_dimension(tg(e, d.live))),
+                        load_balancer: lb,
+                    });
+                    let now = std::time::SystemTime::now();
+                    let verdict = match &v.cloudwatch {
+                        Some(c) => {
+                            let source = self.aws.cloudwatch(c.region.as_deref());
+                            verify::run(&source, v, &new_side, old_side.as_ref(), now).await
+                        }
+                        None => {
+                            let source = Prometheus::new(self.http.clone(), &v.prometheus);
+                            verify::run(&source, v, &new_side, old_side.as_ref(), now).await
+                        }
+                    };
                     self.engine.event(
                         &t.service,
                         &t.version,

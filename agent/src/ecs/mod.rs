@@ -169,6 +169,20 @@ pub fn tg(e: &ResolvedEcs, c: Colour) -> &str {
     }
 }
 
+/// A target group as CloudWatch names it (dimension `TargetGroup`): its ARN's resource,
+/// `targetgroup/NAME/ID`. Pure.
+pub fn tg_dimension(arn: &str) -> &str {
+    arn.rsplit_once(':').map_or(arn, |(_, r)| r)
+}
+
+/// A listener's load balancer as CloudWatch names it (dimension `LoadBalancer`):
+/// `app/NAME/ID` from `…:listener/app/NAME/ID/LISTENER`. Pure.
+pub fn lb_dimension(listener_arn: &str) -> Option<&str> {
+    let r = tg_dimension(listener_arn).strip_prefix("listener/")?;
+    let (lb, _listener) = r.rsplit_once('/')?;
+    Some(lb)
+}
+
 /// Listener weights with `live` at `100 - p` and the other side at `p`.
 pub fn split(live: Colour, p: u8) -> Weights {
     let (l, n) = (u32::from(100 - p), u32::from(p));
@@ -276,6 +290,27 @@ mod tests {
     use super::*;
 
     const STEPS: &[u8] = &[10, 50, 100];
+
+    #[test]
+    fn cloudwatch_names_target_groups_and_load_balancers_from_their_arns() {
+        assert_eq!(
+            tg_dimension(
+                "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web-blue/0123456789abcdef"
+            ),
+            "targetgroup/web-blue/0123456789abcdef"
+        );
+        assert_eq!(
+            lb_dimension(
+                "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/web/0123456789abcdef/fedcba9876543210"
+            ),
+            Some("app/web/0123456789abcdef")
+        );
+        assert_eq!(lb_dimension("not-an-arn"), None);
+        assert_eq!(
+            lb_dimension("arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/x/y"),
+            None
+        );
+    }
 
     #[test]
     fn a_deploy_goes_through_every_step() {

@@ -1,11 +1,12 @@
 //! Continuous verification (README, "verify:"): after health and smoke tests pass, the new version's
-//! metrics are read from a [`MetricSource`] (Prometheus) over `verify.duration`, checked
+//! metrics are read from a [`MetricSource`] (Prometheus or CloudWatch) over `verify.duration`, checked
 //! against thresholds and compared with a baseline (the old version) with a Mann-Whitney U
 //! test; the result is a risk — low: go on, medium: pause for a human (or roll back, by
 //! config), high: roll back. Too little data is *inconclusive* (medium), never a pass.
 //!
 //! [`judge`] and [`verdict`] are pure; [`run`] does the waiting and the queries.
 
+mod cloudwatch;
 mod prometheus;
 pub mod stats;
 
@@ -14,10 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+pub use cloudwatch::CloudWatch;
 pub use prometheus::Prometheus;
 use stats::{mann_whitney, median};
 
-use crate::spec::{Direction, OnMedium, ResolvedMetric, ResolvedVerify};
+use crate::spec::{CwQuery, Direction, OnMedium, ResolvedMetric, ResolvedVerify};
 
 /// Significance for a failure.
 const P_FAIL: f64 = 0.01;
@@ -47,14 +49,78 @@ pub enum MetricError {
     },
 }
 
-/// Where metric samples come from (Prometheus; CloudWatch could follow).
+/// The side a query measures: a version, and on ECS its colour's target group and load
+/// balancer (as CloudWatch names them: `targetgroup/NAME/ID`, `app/NAME/ID`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Side<'a> {
+    /// The version (`{version}`).
+    pub version: &'a str,
+    /// The target group (`{target_group}`).
+    pub target_group: Option<&'a str>,
+    /// The load balancer (`{load_balancer}`).
+    pub load_balancer: Option<&'a str>,
+}
+
+impl<'a> Side<'a> {
+    /// A side known by its version only (a vm host).
+    pub fn version(version: &'a str) -> Side<'a> {
+        Side {
+            version,
+            ..Side::default()
+        }
+    }
+
+    fn vars(&self) -> Vec<(&'static str, &'a str)> {
+        let mut v = vec![("version", self.version)];
+        v.extend(self.target_group.map(|t| ("target_group", t)));
+        v.extend(self.load_balancer.map(|l| ("load_balancer", l)));
+        v
+    }
+}
+
+/// One side's query: a metric's query with the side filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Query {
+    /// PromQL.
+    Promql(String),
+    /// A CloudWatch metric.
+    CloudWatch(CwQuery),
+}
+
+impl Query {
+    /// The query of `m` for `side`.
+    pub fn of(m: &ResolvedMetric, side: &Side) -> Query {
+        let vars = side.vars();
+        match &m.cloudwatch {
+            Some(c) => Query::CloudWatch(c.fill(&vars)),
+            None => {
+                let mut q = m.query.clone();
+                for (name, value) in vars {
+                    q = q.replace(&format!("{{{name}}}"), value);
+                }
+                Query::Promql(q)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Query {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Query::Promql(q) => f.write_str(q),
+            Query::CloudWatch(c) => c.fmt(f),
+        }
+    }
+}
+
+/// Where metric samples come from (Prometheus, CloudWatch).
 pub trait MetricSource {
     /// Samples of `query` from `start` to `end`, one per `step`, all series pooled; NaN and
     /// infinite values are dropped.
     fn range(
         &self,
         metric: &str,
-        query: &str,
+        query: &Query,
         start: SystemTime,
         end: SystemTime,
         step: Duration,
@@ -297,14 +363,14 @@ pub fn decide(risk: Risk, on_medium: OnMedium) -> RiskResponse {
     }
 }
 
-/// Watches the new version for `v.duration` (from now), then reads and judges every metric.
-/// `old` is the version replaced (for `{version}` baselines); `touched` is when the old
+/// Watches the new side for `v.duration` (from now), then reads and judges every metric.
+/// `old` is the side replaced (for baselines that select a side); `touched` is when the old
 /// version stopped (the end of the "before the switch" baseline window).
 pub async fn run<S: MetricSource>(
     source: &S,
     v: &ResolvedVerify,
-    new: &str,
-    old: Option<&str>,
+    new: &Side<'_>,
+    old: Option<&Side<'_>>,
     touched: SystemTime,
 ) -> Verdict {
     let start = SystemTime::now();
@@ -317,8 +383,8 @@ pub async fn run<S: MetricSource>(
 pub async fn analyze<S: MetricSource>(
     source: &S,
     v: &ResolvedVerify,
-    new: &str,
-    old: Option<&str>,
+    new: &Side<'_>,
+    old: Option<&Side<'_>>,
     touched: SystemTime,
     start: SystemTime,
     end: SystemTime,
@@ -328,7 +394,7 @@ pub async fn analyze<S: MetricSource>(
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for m in &v.metrics {
-        let q_new = m.query.replace("{version}", new);
+        let q_new = Query::of(m, new);
         let canary = match source.range(&m.name, &q_new, start, end, step).await {
             Ok(s) => s,
             Err(e) => {
@@ -338,7 +404,7 @@ pub async fn analyze<S: MetricSource>(
         };
         let mut baseline = None;
         if m.baseline {
-            let q_old = old.map(|o| m.query.replace("{version}", o));
+            let q_old = old.map(|o| Query::of(m, o));
             // The old version's other hosts over the same window…
             let mut b = Vec::new();
             if let (true, Some(q)) = (m.by_version, &q_old) {
@@ -352,7 +418,7 @@ pub async fn analyze<S: MetricSource>(
             }
             // …or, when there is none, this host before the switch.
             if b.len() < min {
-                let q = q_old.as_deref().unwrap_or(&q_new);
+                let q = q_old.as_ref().unwrap_or(&q_new);
                 let window = end.duration_since(start).unwrap_or(v.duration.0);
                 let before = touched.checked_sub(window).unwrap_or(touched);
                 match source.range(&m.name, q, before, touched, step).await {

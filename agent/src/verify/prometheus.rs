@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{MetricError, MetricSource};
+use super::{MetricError, MetricSource, Query};
 use crate::artifact::error_chain;
 
 /// A Prometheus server.
@@ -31,11 +31,18 @@ impl MetricSource for Prometheus {
     async fn range(
         &self,
         metric: &str,
-        query: &str,
+        query: &Query,
         start: SystemTime,
         end: SystemTime,
         step: Duration,
     ) -> Result<Vec<f64>, MetricError> {
+        let Query::Promql(query) = query else {
+            return Err(MetricError::Query {
+                metric: metric.into(),
+                query: query.to_string(),
+                message: "a CloudWatch metric cannot be read from Prometheus".into(),
+            });
+        };
         let unreachable = |message: String| MetricError::Unreachable {
             metric: metric.into(),
             url: self.base.clone(),

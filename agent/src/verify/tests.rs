@@ -5,6 +5,7 @@ fn metric(baseline: bool) -> ResolvedMetric {
     ResolvedMetric {
         name: "error_rate".into(),
         query: r#"rate(errors{version="{version}"}[1m])"#.into(),
+        cloudwatch: None,
         by_version: true,
         max: None,
         min: None,
@@ -117,11 +118,12 @@ impl MetricSource for Canned {
     async fn range(
         &self,
         _metric: &str,
-        query: &str,
+        query: &Query,
         start: SystemTime,
         _end: SystemTime,
         _step: Duration,
     ) -> Result<Vec<f64>, MetricError> {
+        let query = query.to_string();
         let before_switch = start < SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         self.0
             .iter()
@@ -136,6 +138,7 @@ fn verify_block(fail_open: bool) -> ResolvedVerify {
         duration: Dur::secs(60),
         interval: Dur::secs(5),
         prometheus: "http://x".into(),
+        cloudwatch: None,
         on_medium: OnMedium::Pause,
         fail_open,
         min_points: 6,
@@ -158,8 +161,8 @@ async fn the_baseline_falls_back_to_before_the_switch() {
     let v = analyze(
         &src,
         &verify_block(false),
-        "2.0",
-        Some("1.0"),
+        &Side::version("2.0"),
+        Some(&Side::version("1.0")),
         at(1000),
         at(1000),
         at(1060),
@@ -180,8 +183,8 @@ async fn errors_are_inconclusive_unless_fail_open() {
     let v = analyze(
         &src,
         &verify_block(false),
-        "2.0",
-        Some("1.0"),
+        &Side::version("2.0"),
+        Some(&Side::version("1.0")),
         at(1000),
         at(1000),
         at(1060),
@@ -197,12 +200,67 @@ async fn errors_are_inconclusive_unless_fail_open() {
     let v = analyze(
         &src,
         &verify_block(true),
-        "2.0",
-        Some("1.0"),
+        &Side::version("2.0"),
+        Some(&Side::version("1.0")),
         at(1000),
         at(1000),
         at(1060),
     )
     .await;
     assert_eq!(v.risk, Risk::Low);
+}
+
+#[tokio::test]
+async fn an_ecs_side_is_its_target_group_and_the_baseline_is_the_other_colour() {
+    // The ALB defaults: each query names one colour's target group.
+    let mut v = verify_block(false);
+    v.prometheus.clear();
+    v.cloudwatch = Some(crate::spec::ResolvedCloudWatch { region: None });
+    v.metrics = crate::spec::alb_default_metrics();
+    let side = |version, tg| Side {
+        version,
+        target_group: Some(tg),
+        load_balancer: Some("app/lb/1"),
+    };
+    let (new, old) = (
+        side("2.0", "targetgroup/green/2"),
+        side("1.0", "targetgroup/blue/1"),
+    );
+    let Query::CloudWatch(q) = Query::of(&v.metrics[0], &new) else {
+        panic!("a CloudWatch query");
+    };
+    assert_eq!(q.dimensions["TargetGroup"], "targetgroup/green/2");
+    assert_eq!(q.dimensions["LoadBalancer"], "app/lb/1");
+    assert_eq!(
+        q.divide_by,
+        Some(("RequestCount".to_string(), "Sum".to_string()))
+    );
+    // Green errs in a tenth of its requests, blue in none: the 5xx ratio fails, the response
+    // time (equal) passes.
+    let ratio: Vec<f64> = (0..8).map(|i| 0.1 + f64::from(i) * 0.001).collect();
+    let src = Canned(vec![
+        ("HTTPCode_Target_5XX_Count (Sum) / RequestCount (Sum) [LoadBalancer=app/lb/1, TargetGroup=targetgroup/green/2]".into(), false, Ok(ratio)),
+        ("HTTPCode_Target_5XX_Count (Sum) / RequestCount (Sum) [LoadBalancer=app/lb/1, TargetGroup=targetgroup/blue/1]".into(), false, Ok(vec![0.0; 8])),
+        ("TargetResponseTime (Average) [LoadBalancer=app/lb/1, TargetGroup=targetgroup/".into(), false, Ok(vec![0.02; 8])),
+    ]);
+    let verdict = analyze(&src, &v, &new, Some(&old), at(1000), at(1000), at(1060)).await;
+    assert_eq!(verdict.risk, Risk::High, "{}", verdict.summary);
+    assert_eq!(verdict.metrics[0].name, "5xx_ratio");
+    assert_eq!(verdict.metrics[0].judgement, Judgement::Fail);
+    assert_eq!(
+        verdict.metrics[1].judgement,
+        Judgement::Pass,
+        "{}",
+        verdict.summary
+    );
+}
+
+#[test]
+fn a_prometheus_query_fills_version_and_leaves_the_rest() {
+    let m = metric(true);
+    let q = Query::of(&m, &Side::version("2.0"));
+    assert!(
+        matches!(&q, Query::Promql(s) if s.contains("\"2.0\"") && !s.contains("{version}")),
+        "{q}"
+    );
 }

@@ -14,7 +14,7 @@ use crate::redact::Redactor;
 use crate::release::{Layout, ReleaseError, Stage};
 use crate::service::{Manager, ServiceError};
 use crate::spec::{Digest, ResolvedService};
-use crate::verify::{self, Prometheus};
+use crate::verify::{self, CloudWatch, Prometheus, Side};
 
 /// Why a VM phase failed (the engine adds the errors every machine shares).
 #[derive(Debug, thiserror::Error)]
@@ -157,20 +157,25 @@ impl VmDeployer {
         let Some(v) = &t.verify else {
             return Ok(None);
         };
-        let source = Prometheus::new(self.checker.client().clone(), &v.prometheus);
         let touched = d
             .touched_at_ms
             .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
             .unwrap_or_else(std::time::SystemTime::now);
         tracing::info!(duration = %v.duration, metrics = v.metrics.len(), "verifying metrics");
-        let verdict = verify::run(
-            &source,
-            v,
-            &t.version,
-            d.from.as_ref().map(|f| f.version.as_str()),
-            touched,
-        )
-        .await;
+        let (new, old) = (
+            Side::version(&t.version),
+            d.from.as_ref().map(|f| Side::version(&f.version)),
+        );
+        let verdict = match &v.cloudwatch {
+            Some(c) => {
+                let source = CloudWatch::connect(c.region.as_deref()).await;
+                verify::run(&source, v, &new, old.as_ref(), touched).await
+            }
+            None => {
+                let source = Prometheus::new(self.checker.client().clone(), &v.prometheus);
+                verify::run(&source, v, &new, old.as_ref(), touched).await
+            }
+        };
         tracing::info!(risk = %verdict.risk, "{}", verdict.summary);
         self.engine.event(
             &t.service,

@@ -19,10 +19,13 @@ use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 
 pub use leaf::{Account, ByteSize, Digest, Dur, Name, Pattern, RelPath, Version};
 pub use resolve::{
+    CwQuery, ResolvedCloudWatch, ResolvedEcs, ResolvedEcsService, ResolvedJob, ResolvedMetric,
+    ResolvedVerify, alb_default_metrics,
+};
+pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,
     ResolvedSmoke, resolve,
 };
-pub use resolve::{ResolvedEcs, ResolvedEcsService, ResolvedJob, ResolvedMetric, ResolvedVerify};
 pub use template::{BUILTINS, Template, Vars, env_names, render_str};
 
 /// A service definition, `services/<service>.yaml`.
@@ -54,7 +57,7 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub smoke: Vec<Smoke>,
     /// Metric analysis after health and smoke tests pass (vm), at each traffic step (ecs).
-    pub verify: Option<Verify>,
+    pub verify: Option<Spanned<Verify>>,
     /// The ECS service, blue-green or canary behind an ALB (kind: ecs).
     pub ecs: Option<Ecs>,
     /// Patterns removed from hook, smoke and health output before it leaves the host (the
@@ -235,17 +238,22 @@ pub struct Network {
     pub assign_public_ip: bool,
 }
 
-/// `verify:` — metric analysis against Prometheus after health and smoke tests.
+/// `verify:` — metric analysis, against Prometheus or CloudWatch, after health and smoke tests
+/// (vm) or at each traffic step (ecs).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Verify {
     /// How long to watch the new version.
     pub duration: Dur,
-    /// Sample step. Default: a twentieth of `duration`, between 1s and 60s.
+    /// Sample step. Default: a twentieth of `duration`, between 1s and 60s (Prometheus); 60s
+    /// (CloudWatch, whose ALB metrics have one-minute resolution).
     pub interval: Option<Dur>,
-    /// Prometheus base URL; a template.
-    pub prometheus: Template,
+    /// Prometheus base URL; a template. Exactly one of `prometheus` and `cloudwatch`.
+    pub prometheus: Option<Template>,
+    /// Read the metrics from CloudWatch (GetMetricData). Exactly one of `prometheus` and
+    /// `cloudwatch`.
+    pub cloudwatch: Option<CloudWatch>,
     /// What a medium risk does: `pause` (default: keep the version, pause the rollout for a
     /// human) or `rollback`.
     #[serde(default)]
@@ -254,15 +262,70 @@ pub struct Verify {
     /// data is never a pass.
     #[serde(default)]
     pub fail_open: bool,
-    /// Fewest samples per side for a conclusion. Default 6.
-    #[serde(default = "default_min_points")]
-    pub min_points: u32,
-    /// The metrics.
+    /// Fewest samples per side for a conclusion. Default 6 (Prometheus), 5 (CloudWatch).
+    pub min_points: Option<u32>,
+    /// The metrics. May be left out on a `kind: ecs` service read from CloudWatch: the
+    /// defaults are the ALB's 5xx ratio and target response time per target group.
+    #[serde(default)]
     pub metrics: Vec<Metric>,
 }
 
-fn default_min_points() -> u32 {
-    6
+/// The default `min_points`: enough samples for the rank test to reach significance.
+pub fn default_min_points(cloudwatch: bool) -> u32 {
+    if cloudwatch { 5 } else { 6 }
+}
+
+/// `verify.cloudwatch:` — where CloudWatch is.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudWatch {
+    /// AWS region. Default: the ECS agent's region, or the SDK's default chain on a vm host
+    /// (`AWS_REGION`, the instance's region).
+    pub region: Option<String>,
+}
+
+/// A metric read from CloudWatch (`metrics[].cloudwatch`), optionally as a ratio.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudWatchMetric {
+    /// Namespace, e.g. `AWS/ApplicationELB`.
+    pub namespace: String,
+    /// Metric name, e.g. `HTTPCode_Target_5XX_Count`.
+    pub metric: String,
+    /// Statistic: `Average` (default), `Sum`, `Minimum`, `Maximum`, `SampleCount` or a
+    /// percentile such as `p99`.
+    #[serde(default = "default_stat")]
+    pub stat: String,
+    /// Dimensions; values are templates (`{version}`, and on ECS `{target_group}` and
+    /// `{load_balancer}`: the side measured).
+    #[serde(default)]
+    pub dimensions: BTreeMap<String, Template>,
+    /// Divide by this metric of the same namespace and dimensions, period by period (a
+    /// period with no data point of the metric counts as 0: CloudWatch publishes no zero
+    /// counts; a period with none of the divisor is skipped).
+    pub divide_by: Option<CloudWatchDivisor>,
+}
+
+fn default_stat() -> String {
+    "Average".into()
+}
+
+/// The divisor of a CloudWatch ratio.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudWatchDivisor {
+    /// Metric name, e.g. `RequestCount`.
+    pub metric: String,
+    /// Statistic. Default `Sum`.
+    #[serde(default = "default_divisor_stat")]
+    pub stat: String,
+}
+
+fn default_divisor_stat() -> String {
+    "Sum".into()
 }
 
 /// What a medium-risk verdict does.
@@ -307,9 +370,12 @@ pub enum Compare {
 #[serde(deny_unknown_fields)]
 pub struct Metric {
     /// Its name, for reports.
-    pub name: String,
+    pub name: Spanned<String>,
     /// PromQL returning one or more series; a template (`{version}` is the version measured).
-    pub query: Template,
+    /// For a Prometheus source.
+    pub query: Option<Template>,
+    /// The CloudWatch metric. For a CloudWatch source.
+    pub cloudwatch: Option<CloudWatchMetric>,
     /// Highest acceptable median.
     pub max: Option<f64>,
     /// Lowest acceptable median.
@@ -340,8 +406,10 @@ pub struct VerifyOverride {
     pub duration: Option<Dur>,
     /// Replaces `interval`.
     pub interval: Option<Dur>,
-    /// Replaces `prometheus`.
+    /// Replaces the source with Prometheus.
     pub prometheus: Option<Template>,
+    /// Replaces the source with CloudWatch.
+    pub cloudwatch: Option<CloudWatch>,
     /// Replaces `on_medium`.
     pub on_medium: Option<OnMedium>,
     /// Replaces `fail_open`.
@@ -812,9 +880,19 @@ impl Repo {
         let mut names: Vec<String> = self
             .services
             .values()
-            .flat_map(|s| templates_of(s).into_iter())
+            .flat_map(|s| {
+                let v = s.verify.as_ref();
+                let metrics = v.map_or(&[][..], |v| v.metrics.as_slice());
+                templates_of(s)
+                    .into_iter()
+                    .chain(verify_templates(
+                        v.and_then(|v| v.prometheus.as_ref()),
+                        metrics,
+                    ))
+                    .collect::<Vec<_>>()
+            })
             .flat_map(|t| t.names().map(str::to_string).collect::<Vec<_>>())
-            .filter(|n| !BUILTINS.contains(&n.as_str()))
+            .filter(|n| !BUILTINS.contains(&n.as_str()) && !SIDE_NAMES.contains(&n.as_str()))
             .collect();
         names.sort();
         names.dedup();
@@ -929,7 +1007,7 @@ pub fn load(files: &[(String, String)], host_vars: Option<&[String]>) -> Result<
         ));
     }
     for env in repo.environments.values() {
-        check_environment(env, &repo, &mut problems);
+        check_environment(env, &repo, host_vars, &mut problems);
     }
     if problems.is_empty() {
         Ok(repo)
@@ -978,10 +1056,6 @@ fn templates_of(s: &ServiceSpec) -> Vec<&Template> {
         out.extend(sm.command.iter().flatten());
         out.extend(sm.expect_body.iter());
     }
-    if let Some(v) = &s.verify {
-        out.push(&v.prometheus);
-        out.extend(v.metrics.iter().map(|m| &m.query));
-    }
     if let Some(e) = &s.ecs {
         out.extend([
             &e.cluster,
@@ -996,41 +1070,240 @@ fn templates_of(s: &ServiceSpec) -> Vec<&Template> {
     out
 }
 
+/// The templates of a `verify:` block or override: the Prometheus URL, queries and CloudWatch
+/// dimensions.
+fn verify_templates<'a>(
+    prometheus: Option<&'a Template>,
+    metrics: &'a [Metric],
+) -> impl Iterator<Item = &'a Template> {
+    prometheus.into_iter().chain(metrics.iter().flat_map(|m| {
+        m.query
+            .iter()
+            .chain(m.cloudwatch.iter().flat_map(|c| c.dimensions.values()))
+    }))
+}
+
+/// Template names that stand for the side measured, on a `kind: ecs` service's metrics.
+pub const SIDE_NAMES: &[&str] = &["target_group", "load_balancer"];
+
+/// Whether `stat` is a CloudWatch statistic drover asks for.
+fn is_stat(stat: &str) -> bool {
+    matches!(
+        stat,
+        "Average" | "Sum" | "Minimum" | "Maximum" | "SampleCount"
+    ) || stat
+        .strip_prefix('p')
+        .and_then(|p| p.parse::<f64>().ok())
+        .is_some_and(|p| p > 0.0 && p <= 100.0 && !stat.contains(['+', '-', 'e', 'E']))
+}
+
+/// The default sample step: a twentieth of `duration` between 1s and 60s (Prometheus); 60s
+/// (CloudWatch: ALB metrics have one-minute resolution).
+pub fn default_interval(duration: Dur, cloudwatch: bool) -> Dur {
+    if cloudwatch {
+        return Dur::secs(60);
+    }
+    Dur((duration.0 / 20).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    ))
+}
+
+/// Checks `verify:` as it applies to a service: its own block (`over` None) or merged with an
+/// environment's override (then only what the override changes is checked, so a problem of
+/// the service's block is not reported once per environment).
 fn check_verify(
-    prometheus: Option<&Template>,
-    metrics: &[Metric],
+    kind: Kind,
+    base: Option<&Verify>,
+    over: Option<&VerifyOverride>,
     at: &Mark,
     problems: &mut Vec<Problem>,
 ) {
-    if let Some(p) = prometheus {
+    let mut problem = |mark: &Mark, text: String| problems.push(Problem::new(mark.clone(), text));
+    let source_here = over.is_none_or(|o| o.prometheus.is_some() || o.cloudwatch.is_some());
+    let metrics_here = over.is_none_or(|o| o.metrics.is_some());
+    let (prom, cw) = match over {
+        Some(o) if source_here => (o.prometheus.as_ref(), o.cloudwatch.as_ref()),
+        _ => (
+            base.and_then(|b| b.prometheus.as_ref()),
+            base.and_then(|b| b.cloudwatch.as_ref()),
+        ),
+    };
+    let metrics: &[Metric] = over
+        .and_then(|o| o.metrics.as_deref())
+        .or(base.map(|b| b.metrics.as_slice()))
+        .unwrap_or(&[]);
+    if source_here {
+        match (prom, cw) {
+            (Some(_), Some(_)) => problem(
+                at,
+                "verify: give one source, `prometheus:` or `cloudwatch:`, not both".into(),
+            ),
+            (None, None) if over.is_none() => problem(
+                at,
+                "verify: no metric source: give `prometheus: URL` or `cloudwatch: {}` (with `region:` when it is not the agent's)".into(),
+            ),
+            _ => {}
+        }
+        if let Some(region) = cw.and_then(|c| c.region.as_deref())
+            && !(!region.is_empty()
+                && region.len() <= 32
+                && region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            problem(
+                at,
+                format!(
+                    "verify.cloudwatch.region `{region}` is not an AWS region name (like eu-west-1)"
+                ),
+            );
+        }
+    }
+    if let Some(p) = prom.filter(|_| source_here) {
         check_url(p, &["http", "https"], "verify.prometheus", problems);
     }
-    let mut names = std::collections::BTreeSet::new();
-    for m in metrics {
-        if !names.insert(m.name.as_str()) {
-            problems.push(Problem::new(
-                m.query.mark().clone(),
-                format!("verify: metric `{}` is listed twice", m.name),
-            ));
+    let mut problem = |mark: &Mark, text: String| problems.push(Problem::new(mark.clone(), text));
+    if source_here || metrics_here {
+        if metrics.is_empty() && !(cw.is_some() && kind == Kind::Ecs) {
+            problem(
+                at,
+                if cw.is_some() {
+                    "verify: `metrics` is empty (only a kind: ecs service has default CloudWatch metrics, its ALB's 5xx ratio and response time)".into()
+                } else {
+                    "verify: `metrics` is empty".into()
+                },
+            );
         }
-        if m.max.is_none() && m.min.is_none() && m.compare.is_none() {
-            problems.push(Problem::new(
-                m.query.mark().clone(),
-                format!(
-                    "verify: metric `{}` checks nothing: give `max`, `min` and/or `compare: baseline`",
-                    m.name
+        for m in metrics {
+            // A service's metric that an environment's new source does not fit is that
+            // environment's problem.
+            let name = &m.name.value;
+            let mark = if metrics_here { &m.name.mark } else { at };
+            match (prom.is_some(), cw.is_some(), &m.query, &m.cloudwatch) {
+                (_, _, Some(_), Some(_)) => problem(
+                    mark,
+                    format!(
+                        "verify: metric `{name}`: give `query:` (Prometheus) or `cloudwatch:`, not both"
+                    ),
                 ),
-            ));
-        }
-        if !(m.tolerance >= 0.0 && m.tolerance_abs >= 0.0) {
-            problems.push(Problem::new(
-                m.query.mark().clone(),
-                format!("verify: metric `{}`: tolerances cannot be negative", m.name),
-            ));
+                (true, _, None, _) => problem(
+                    mark,
+                    format!(
+                        "verify: metric `{name}` needs `query:` (PromQL): this verify reads Prometheus"
+                    ),
+                ),
+                (_, true, _, None) => problem(
+                    mark,
+                    format!(
+                        "verify: metric `{name}` needs `cloudwatch: {{ namespace, metric, stat, dimensions }}`: this verify reads CloudWatch (`query:` is PromQL)"
+                    ),
+                ),
+                _ => {}
+            }
+            if let Some(c) = &m.cloudwatch {
+                for stat in std::iter::once(&c.stat).chain(c.divide_by.as_ref().map(|d| &d.stat)) {
+                    if !is_stat(stat) {
+                        problem(
+                            mark,
+                            format!(
+                                "verify: metric `{name}`: statistic `{stat}` is not one of Average, Sum, Minimum, Maximum, SampleCount or a percentile like p99"
+                            ),
+                        );
+                    }
+                }
+                if c.dimensions.len() > 30 {
+                    problem(
+                        mark,
+                        format!("verify: metric `{name}`: at most 30 dimensions"),
+                    );
+                }
+                for (what, text) in [("namespace", &c.namespace), ("metric", &c.metric)]
+                    .into_iter()
+                    .chain(
+                        c.divide_by
+                            .as_ref()
+                            .map(|d| ("divide_by.metric", &d.metric)),
+                    )
+                    .chain(c.dimensions.keys().map(|k| ("dimension name", k)))
+                {
+                    if text.is_empty() || text.len() > 255 || text.chars().any(char::is_control) {
+                        problem(
+                            mark,
+                            format!(
+                                "verify: metric `{name}`: {what} must be 1 to 255 characters, without control characters"
+                            ),
+                        );
+                    }
+                }
+            }
         }
     }
-    if metrics.is_empty() {
-        problems.push(Problem::new(at.clone(), "verify: `metrics` is empty"));
+    if metrics_here {
+        let mut names = std::collections::BTreeSet::new();
+        for m in metrics {
+            let (name, mark) = (&m.name.value, &m.name.mark);
+            if !names.insert(name.as_str()) {
+                problem(mark, format!("verify: metric `{name}` is listed twice"));
+            }
+            if m.max.is_none() && m.min.is_none() && m.compare.is_none() {
+                problem(
+                    mark,
+                    format!(
+                        "verify: metric `{name}` checks nothing: give `max`, `min` and/or `compare: baseline`"
+                    ),
+                );
+            }
+            if !(m.tolerance >= 0.0 && m.tolerance_abs >= 0.0) {
+                problem(
+                    mark,
+                    format!("verify: metric `{name}`: tolerances cannot be negative"),
+                );
+            }
+        }
+    }
+    // Enough samples for a verdict.
+    let timing_here = over.is_none_or(|o| {
+        source_here || o.duration.is_some() || o.interval.is_some() || o.min_points.is_some()
+    });
+    let duration = over.and_then(|o| o.duration).or(base.map(|b| b.duration));
+    if let (true, Some(duration)) = (timing_here, duration) {
+        let given = over
+            .and_then(|o| o.interval)
+            .or(base.and_then(|b| b.interval));
+        let interval = given.unwrap_or_else(|| default_interval(duration, cw.is_some()));
+        let min = over
+            .and_then(|o| o.min_points)
+            .or(base.and_then(|b| b.min_points))
+            .unwrap_or_else(|| default_min_points(cw.is_some()));
+        if cw.is_some() && given.is_some() {
+            let secs = interval.0.as_secs();
+            if interval.0.subsec_nanos() != 0
+                || !(matches!(secs, 1 | 5 | 10 | 30) || (secs > 0 && secs % 60 == 0))
+            {
+                problem(
+                    at,
+                    format!(
+                        "verify.interval {interval} is not a CloudWatch period: give 1s, 5s, 10s, 30s or a multiple of 60s"
+                    ),
+                );
+            }
+        }
+        if interval.0.is_zero() {
+            problem(at, "verify.interval must be more than 0s".into());
+        } else {
+            // A Prometheus range includes both ends; CloudWatch periods start at the start.
+            let n = (duration.0.as_secs_f64() / interval.0.as_secs_f64()).floor() as u64
+                + u64::from(cw.is_none());
+            if n < u64::from(min) {
+                problem(
+                    at,
+                    format!(
+                        "verify: {duration} at one sample every {interval} gives at most {n} samples per side, and `min_points` is {min}: every verdict would be inconclusive; lengthen `duration`, shorten `interval` or lower `min_points`"
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -1217,10 +1490,10 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
         check_url(&h.url, &["http", "https"], "health url", problems);
     }
     if let Some(v) = &s.verify {
-        check_verify(Some(&v.prometheus), &v.metrics, at, problems);
+        check_verify(s.kind, Some(v), None, &v.mark, problems);
         if v.duration.0.is_zero() {
             problems.push(Problem::new(
-                at.clone(),
+                v.mark.clone(),
                 "verify.duration must be more than 0s",
             ));
         }
@@ -1235,20 +1508,43 @@ fn check_service(s: &ServiceSpec, host_vars: Option<&[String]>, problems: &mut V
             )),
         }
     }
-    for t in templates_of(s) {
+    check_names(templates_of(s), host_vars, &[], problems);
+    if let Some(v) = &s.verify {
+        let side = if s.kind == Kind::Ecs { SIDE_NAMES } else { &[] };
+        check_names(
+            verify_templates(v.prometheus.as_ref(), &v.metrics),
+            host_vars,
+            side,
+            problems,
+        );
+    }
+}
+
+/// Refuses template names that are neither built-ins, host vars (when known) nor `extra`.
+fn check_names<'a>(
+    templates: impl IntoIterator<Item = &'a Template>,
+    host_vars: Option<&[String]>,
+    extra: &[&str],
+    problems: &mut Vec<Problem>,
+) {
+    for t in templates {
         for n in t.names() {
             let known = BUILTINS.contains(&n)
+                || extra.contains(&n)
                 || match host_vars {
-                    None => !n.starts_with("env."),
+                    None => !n.starts_with("env.") && !SIDE_NAMES.contains(&n),
                     Some(vars) => vars.iter().any(|v| v == n),
                 };
             if !known {
                 let hint = if n.starts_with("env.") {
                     " (`{env.NAME}` is only available in template files)".to_string()
+                } else if SIDE_NAMES.contains(&n) {
+                    " (`{target_group}` and `{load_balancer}` are for the metrics of a kind: ecs service)".to_string()
                 } else {
                     format!(
-                        " (known: {}{})",
+                        " (known: {}{}{})",
                         BUILTINS.join(", "),
+                        extra.iter().map(|n| format!(", {n}")).collect::<String>(),
                         host_vars
                             .map(|v| v.iter().map(|n| format!(", {n}")).collect::<String>())
                             .unwrap_or_default()
@@ -1384,7 +1680,12 @@ fn check_steps(steps: &[Spanned<EcsStep>], at: &Mark, problems: &mut Vec<Problem
     }
 }
 
-fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>) {
+fn check_environment(
+    env: &Environment,
+    repo: &Repo,
+    host_vars: Option<&[String]>,
+    problems: &mut Vec<Problem>,
+) {
     let name = env.environment.value.as_str();
     if env.rollout.max_parallel == 0 {
         problems.push(Problem::new(
@@ -1412,18 +1713,29 @@ fn check_environment(env: &Environment, repo: &Repo, problems: &mut Vec<Problem>
                 o.mark.clone(),
                 format!("verify: service `{service}` is not defined"),
             )),
-            Some(spec) if spec.verify.is_none() && o.value.metrics.is_none() => {
+            Some(spec)
+                if spec.verify.is_none()
+                    && o.value.metrics.is_none()
+                    && !(spec.kind == Kind::Ecs && o.value.cloudwatch.is_some()) =>
+            {
                 problems.push(Problem::new(
                     o.mark.clone(),
                     format!(
-                        "verify: service `{service}` has no `verify:` block to override; give `metrics`, `duration` and `prometheus` here or in services/{service}.yaml"
+                        "verify: service `{service}` has no `verify:` block to override; give `metrics`, `duration` and `prometheus` (or `cloudwatch`) here or in services/{service}.yaml"
                     ),
                 ))
             }
-            Some(_) => {
-                if let Some(m) = &o.value.metrics {
-                    check_verify(o.value.prometheus.as_ref(), m, &o.mark, problems);
-                }
+            Some(spec) => {
+                let base = spec.verify.as_ref().map(|v| &v.value);
+                check_verify(spec.kind, base, Some(&o.value), &o.mark, problems);
+                let (prom, metrics) = (o.value.prometheus.as_ref(), o.value.metrics.as_deref());
+                let side = if spec.kind == Kind::Ecs { SIDE_NAMES } else { &[] };
+                check_names(
+                    verify_templates(prom, metrics.unwrap_or(&[])),
+                    host_vars,
+                    side,
+                    problems,
+                );
             }
         }
     }

@@ -125,8 +125,12 @@ pub struct ResolvedVerify {
     pub duration: Dur,
     /// Sample step.
     pub interval: Dur,
-    /// Prometheus base URL.
+    /// Prometheus base URL (empty when the metrics come from CloudWatch).
+    #[serde(default)]
     pub prometheus: String,
+    /// CloudWatch, when the metrics come from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloudwatch: Option<ResolvedCloudWatch>,
     /// What a medium risk does.
     pub on_medium: OnMedium,
     /// Pass when metrics cannot be read.
@@ -143,10 +147,14 @@ pub struct ResolvedVerify {
 pub struct ResolvedMetric {
     /// Name.
     pub name: String,
-    /// PromQL; `{version}` is still to be filled in.
+    /// PromQL; `{version}` is still to be filled in (empty for a CloudWatch metric).
+    #[serde(default)]
     pub query: String,
-    /// Whether the query selects by `{version}` (then the baseline is the old version's
-    /// hosts over the same window).
+    /// The CloudWatch metric (for a CloudWatch source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloudwatch: Option<CwQuery>,
+    /// Whether the query selects a side, by `{version}` or `{target_group}` (then the
+    /// baseline is the old side over the same window).
     pub by_version: bool,
     /// Highest acceptable median.
     pub max: Option<f64>,
@@ -160,6 +168,109 @@ pub struct ResolvedMetric {
     pub tolerance: f64,
     /// Absolute tolerance.
     pub tolerance_abs: f64,
+}
+
+/// Where CloudWatch is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedCloudWatch {
+    /// Region, when not the default.
+    pub region: Option<String>,
+}
+
+/// A CloudWatch metric, rendered: dimension values keep `{version}`, `{target_group}` and
+/// `{load_balancer}`, filled in per side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CwQuery {
+    /// Namespace.
+    pub namespace: String,
+    /// Metric name.
+    pub metric: String,
+    /// Statistic.
+    pub stat: String,
+    /// Dimensions.
+    pub dimensions: BTreeMap<String, String>,
+    /// The divisor's metric and statistic, for a ratio.
+    pub divide_by: Option<(String, String)>,
+}
+
+impl CwQuery {
+    /// This query with each `{name}` of `vars` replaced in the dimension values.
+    pub fn fill(&self, vars: &[(&str, &str)]) -> CwQuery {
+        let mut q = self.clone();
+        for v in q.dimensions.values_mut() {
+            for (name, value) in vars {
+                *v = v.replace(&format!("{{{name}}}"), value);
+            }
+        }
+        q
+    }
+}
+
+impl std::fmt::Display for CwQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({})", self.namespace, self.metric, self.stat)?;
+        if let Some((m, s)) = &self.divide_by {
+            write!(f, " / {m} ({s})")?;
+        }
+        let dims: Vec<String> = self
+            .dimensions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(f, " [{}]", dims.join(", "))
+    }
+}
+
+/// The metrics a `kind: ecs` service is verified with when it reads CloudWatch and lists
+/// none: its ALB's 5xx ratio and target response time, per target group, each compared with
+/// the other colour over the same window.
+pub fn alb_default_metrics() -> Vec<ResolvedMetric> {
+    let dims: BTreeMap<String, String> = [
+        ("LoadBalancer", "{load_balancer}"),
+        ("TargetGroup", "{target_group}"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let metric = |name: &str, metric: &str, stat: &str, divide_by: Option<(&str, &str)>| {
+        Some(CwQuery {
+            namespace: "AWS/ApplicationELB".into(),
+            metric: metric.into(),
+            stat: stat.into(),
+            dimensions: dims.clone(),
+            divide_by: divide_by.map(|(m, s)| (m.into(), s.into())),
+        })
+        .map(|q| (name.to_string(), q))
+    };
+    let (ratio, time) = (
+        metric(
+            "5xx_ratio",
+            "HTTPCode_Target_5XX_Count",
+            "Sum",
+            Some(("RequestCount", "Sum")),
+        ),
+        metric("response_time", "TargetResponseTime", "Average", None),
+    );
+    [(ratio, 0.1, 0.01), (time, 0.2, 0.05)]
+        .into_iter()
+        .filter_map(|(q, tolerance, tolerance_abs)| {
+            let (name, q) = q?;
+            Some(ResolvedMetric {
+                name,
+                query: String::new(),
+                cloudwatch: Some(q),
+                by_version: true,
+                max: None,
+                min: None,
+                baseline: true,
+                direction: Direction::Increase,
+                tolerance,
+                tolerance_abs,
+            })
+        })
+        .collect()
 }
 
 /// An ECS service, rendered for one version.
@@ -627,66 +738,110 @@ fn render_verify(
     r: &mut Renderer,
     names: &BTreeMap<String, String>,
 ) -> Option<ResolvedVerify> {
-    let base = spec.verify.as_ref();
+    let base = spec.verify.as_ref().map(|v| &v.value);
     if base.is_none() && over.is_none() {
         return None;
     }
     let o = over.cloned().unwrap_or_default();
     let at = spec.service.mark.clone();
     let duration = o.duration.or(base.map(|b| b.duration));
-    let prometheus = o.prometheus.or(base.map(|b| b.prometheus.clone()));
+    // The override's source replaces the service's.
+    let (prometheus, cloudwatch) = if o.prometheus.is_some() || o.cloudwatch.is_some() {
+        (o.prometheus.clone(), o.cloudwatch.clone())
+    } else {
+        (
+            base.and_then(|b| b.prometheus.clone()),
+            base.and_then(|b| b.cloudwatch.clone()),
+        )
+    };
     let metrics = o
         .metrics
         .or(base.map(|b| b.metrics.clone()))
         .unwrap_or_default();
-    let (Some(duration), Some(prometheus)) = (duration, prometheus) else {
+    let Some(duration) = duration.filter(|_| prometheus.is_some() != cloudwatch.is_some()) else {
         r.problems.push(Problem::new(
             at,
-            "verify: `duration` and `prometheus` are needed (in the service or the environment override)",
+            "verify: `duration` and one source, `prometheus` or `cloudwatch`, are needed (in the service or the environment override)",
         ));
         return None;
     };
+    let cw = cloudwatch.is_some();
     let interval = o
         .interval
         .or(base.and_then(|b| b.interval))
-        .unwrap_or(Dur((duration.0 / 20).clamp(
-            std::time::Duration::from_secs(1),
-            std::time::Duration::from_secs(60),
-        )));
-    // `{version}` is filled in later, once for the new version and once for the old one.
-    let mut keep_version = names.clone();
-    keep_version.insert("version".into(), "{version}".into());
+        .unwrap_or(super::default_interval(duration, cw));
+    // `{version}` (and on ECS the side's target group and load balancer) are filled in
+    // later, once for the new side and once for the old one.
+    let mut keep = names.clone();
+    keep.insert("version".into(), "{version}".into());
+    if spec.kind == Kind::Ecs {
+        for n in super::SIDE_NAMES {
+            keep.insert(n.to_string(), format!("{{{n}}}"));
+        }
+    }
     let vars = Vars {
-        names: &keep_version,
+        names: &keep,
         env: None,
     };
-    let metrics = metrics
+    let mut render = |t: &Template| {
+        t.render(&vars).unwrap_or_else(|e| {
+            r.problems.push(Problem::new(t.mark().clone(), e));
+            String::new()
+        })
+    };
+    let mut resolved: Vec<ResolvedMetric> = metrics
         .iter()
-        .map(|m| ResolvedMetric {
-            name: m.name.clone(),
-            query: m.query.render(&vars).unwrap_or_else(|e| {
-                r.problems.push(Problem::new(m.query.mark().clone(), e));
-                String::new()
-            }),
-            by_version: m.query.names().any(|n| n == "version"),
-            max: m.max,
-            min: m.min,
-            baseline: m.compare == Some(Compare::Baseline),
-            direction: m.direction,
-            tolerance: m.tolerance,
-            tolerance_abs: m.tolerance_abs,
+        .map(|m| {
+            let selects = |t: &Template| t.names().any(|n| n == "version" || n == "target_group");
+            ResolvedMetric {
+                name: m.name.value.clone(),
+                query: m.query.as_ref().map(&mut render).unwrap_or_default(),
+                cloudwatch: m.cloudwatch.as_ref().map(|c| CwQuery {
+                    namespace: c.namespace.clone(),
+                    metric: c.metric.clone(),
+                    stat: c.stat.clone(),
+                    dimensions: c
+                        .dimensions
+                        .iter()
+                        .map(|(k, t)| (k.clone(), render(t)))
+                        .collect(),
+                    divide_by: c
+                        .divide_by
+                        .as_ref()
+                        .map(|d| (d.metric.clone(), d.stat.clone())),
+                }),
+                by_version: m.query.as_ref().is_some_and(selects)
+                    || m.cloudwatch
+                        .as_ref()
+                        .is_some_and(|c| c.dimensions.values().any(selects)),
+                max: m.max,
+                min: m.min,
+                baseline: m.compare == Some(Compare::Baseline),
+                direction: m.direction,
+                tolerance: m.tolerance,
+                tolerance_abs: m.tolerance_abs,
+            }
         })
         .collect();
+    if resolved.is_empty() && cw && spec.kind == Kind::Ecs {
+        resolved = alb_default_metrics();
+    }
     Some(ResolvedVerify {
         duration,
         interval,
-        prometheus: r.url(&prometheus, &["http", "https"], "verify.prometheus"),
+        prometheus: prometheus
+            .map(|p| r.url(&p, &["http", "https"], "verify.prometheus"))
+            .unwrap_or_default(),
+        cloudwatch: cloudwatch.map(|c| ResolvedCloudWatch { region: c.region }),
         on_medium: o
             .on_medium
             .or(base.map(|b| b.on_medium))
             .unwrap_or_default(),
         fail_open: o.fail_open.or(base.map(|b| b.fail_open)).unwrap_or(false),
-        min_points: o.min_points.or(base.map(|b| b.min_points)).unwrap_or(6),
-        metrics,
+        min_points: o
+            .min_points
+            .or(base.and_then(|b| b.min_points))
+            .unwrap_or(super::default_min_points(cw)),
+        metrics: resolved,
     })
 }

@@ -653,3 +653,151 @@ fn a_job_resolves_for_matching_hosts_only_and_refuses_what_does_not_apply() {
     .to_string();
     assert!(e.contains("`timeout:` is only for kind: job"), "{e}");
 }
+
+#[test]
+fn cloudwatch_verify_defaults_to_the_alb_metrics_on_ecs_and_bad_blocks_are_refused() {
+    let host = Host {
+        name: "ecs-agent",
+        environment: "prod",
+        labels: &BTreeMap::new(),
+        vars: &BTreeMap::new(),
+        manager: ServiceManager::Process,
+        kind: Kind::Ecs,
+    };
+    // No metrics: the ALB's 5xx ratio and response time, per side, at one-minute periods.
+    let repo = ecs("verify:\n  duration: 5m\n  cloudwatch: {}\n").unwrap();
+    let v = resolve(&repo, &host).unwrap().ecs[0]
+        .verify
+        .clone()
+        .unwrap();
+    assert_eq!(v.interval, Dur::secs(60));
+    assert_eq!(v.min_points, 5);
+    assert!(v.prometheus.is_empty());
+    let names: Vec<&str> = v.metrics.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["5xx_ratio", "response_time"]);
+    let q = v.metrics[0].cloudwatch.as_ref().unwrap();
+    assert_eq!(q.dimensions["TargetGroup"], "{target_group}");
+    assert!(v.metrics.iter().all(|m| m.baseline && m.by_version));
+    // Its own metric, with the side's names kept for the agent to fill in.
+    let own = ecs("verify:\n  duration: 10s\n  interval: 1s\n  cloudwatch: { region: eu-west-1 }\n  metrics:\n    - name: errors\n      cloudwatch:\n        namespace: App\n        metric: Errors\n        stat: p99.9\n        dimensions: { TargetGroup: \"{target_group}\", Env: \"{environment}\" }\n        divide_by: { metric: Requests }\n      max: 0.01\n").unwrap();
+    let v = resolve(&own, &host).unwrap().ecs[0].verify.clone().unwrap();
+    let q = v.metrics[0].cloudwatch.as_ref().unwrap();
+    assert_eq!(q.dimensions["Env"], "prod");
+    assert_eq!(q.dimensions["TargetGroup"], "{target_group}");
+    assert_eq!(q.divide_by, Some(("Requests".into(), "Sum".into())));
+    assert_eq!(
+        v.cloudwatch.as_ref().unwrap().region.as_deref(),
+        Some("eu-west-1")
+    );
+    assert_eq!(v.min_points, 5);
+
+    let cw = |body: &str| format!("verify:\n  duration: 10m\n  cloudwatch: {{}}\n{body}");
+    for (extra, line, says) in [
+        (
+            "verify:\n  duration: 5m\n  metrics: [{ name: e, query: up, max: 1 }]\n".to_string(),
+            14,
+            "no metric source",
+        ),
+        (
+            "verify:\n  duration: 5m\n  prometheus: \"http://p:9090\"\n  cloudwatch: {}\n  metrics: [{ name: e, query: up, max: 1 }]\n".to_string(),
+            14,
+            "not both",
+        ),
+        (cw("  metrics: [{ name: e, query: up, max: 1 }]\n"), 16, "needs `cloudwatch: { namespace"),
+        (
+            "verify:\n  duration: 5m\n  prometheus: \"http://p:9090\"\n  metrics:\n    - { name: e, cloudwatch: { namespace: A, metric: B }, max: 1 }\n".to_string(),
+            17,
+            "needs `query:` (PromQL)",
+        ),
+        (cw("  metrics: [{ name: e, cloudwatch: { namespace: A, metric: B, stat: avg }, max: 1 }]\n"), 16, "statistic `avg`"),
+        (cw("  metrics: [{ name: e, cloudwatch: { namespace: A, metric: B, stat: p101 }, max: 1 }]\n"), 16, "statistic `p101`"),
+        (cw("  metrics: [{ name: e, cloudwatch: { namespace: \"\", metric: B }, max: 1 }]\n"), 16, "namespace must be 1 to 255"),
+        (cw("  metrics: [{ name: e, cloudwatch: { namespace: A, metric: B, unit: s }, max: 1 }]\n"), 16, "unit"),
+        (cw("  interval: 45s\n"), 14, "not a CloudWatch period"),
+        ("verify:\n  duration: 4m\n  cloudwatch: {}\n".to_string(), 14, "gives at most 4 samples per side, and `min_points` is 5"),
+        ("verify:\n  duration: 5m\n  cloudwatch: { region: \"EU West\" }\n".to_string(), 14, "not an AWS region name"),
+        ("verify:\n  duration: 5m\n  cloudwatch: { profile: x }\n".to_string(), 15, "profile"),
+    ] {
+        let e = ecs(&extra).unwrap_err().to_string();
+        assert!(e.contains(&format!("services/web.yaml:{line}:")), "{extra}: {e}");
+        assert!(e.contains(says), "{extra}: {e}");
+    }
+    // A vm service has no default metrics, and no side names.
+    let vm = HELLO.replace(
+        "smoke:\n",
+        "verify:\n  duration: 5m\n  cloudwatch: {}\nsmoke:\n",
+    );
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", &vm),
+            ("environments/prod.yaml", PROD),
+        ]),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("only a kind: ecs service has default CloudWatch metrics"),
+        "{e}"
+    );
+    let vm = HELLO.replace(
+        "smoke:\n",
+        "verify:\n  duration: 5m\n  cloudwatch: {}\n  metrics: [{ name: e, cloudwatch: { namespace: A, metric: B, dimensions: { T: \"{target_group}\" } }, max: 1 }]\nsmoke:\n",
+    );
+    let e = load(
+        &files(&[
+            ("services/hello.yaml", &vm),
+            ("environments/prod.yaml", PROD),
+        ]),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("are for the metrics of a kind: ecs service"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_environment_may_switch_the_verify_source() {
+    let base = "verify:\n  duration: 5m\n  prometheus: \"http://p:9090\"\n  metrics: [{ name: e, query: up, max: 1 }]\n";
+    let env = |over: &str| {
+        load(
+            &[
+                ("services/web.yaml".to_string(), format!("{WEB}{base}")),
+                (
+                    "environments/prod.yaml".to_string(),
+                    format!(
+                        "environment: prod\nservices:\n  web: {{ version: 1.0 }}\nverify:\n  web: {over}\n"
+                    ),
+                ),
+            ],
+            None,
+        )
+    };
+    let host = Host {
+        name: "ecs-agent",
+        environment: "prod",
+        labels: &BTreeMap::new(),
+        vars: &BTreeMap::new(),
+        manager: ServiceManager::Process,
+        kind: Kind::Ecs,
+    };
+    // CloudWatch with no metrics of its own in prod: the service's PromQL metric does not fit.
+    let e = env("{ cloudwatch: {} }").unwrap_err().to_string();
+    assert!(e.contains("environments/prod.yaml:5:"), "{e}");
+    assert!(e.contains("needs `cloudwatch: { namespace"), "{e}");
+    let repo = env("{ cloudwatch: {}, metrics: [] }").unwrap();
+    let v = resolve(&repo, &host).unwrap().ecs[0]
+        .verify
+        .clone()
+        .unwrap();
+    assert!(v.cloudwatch.is_some() && v.prometheus.is_empty());
+    assert_eq!(v.metrics.len(), 2, "the ALB defaults");
+    assert_eq!(v.interval, Dur::secs(60));
+    let e = env("{ prometheus: \"http://q:9090\", cloudwatch: {} }")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not both"), "{e}");
+}
