@@ -259,10 +259,7 @@ impl EcsDeployer {
         let _lock = self.engine.lock(&name, service).await?;
         let mut st = self.load(service)?;
         self.engine.flush(&mut st).await?;
-        let no = |reason: &str| DeployError::NoRollback {
-            service: service.to_string(),
-            reason: reason.to_string(),
-        };
+        let no = |reason: &str| DeployError::no_rollback(service, reason);
         if st.deployment.is_some() {
             return Err(no("a deploy is in flight; let the agent finish it first"));
         }

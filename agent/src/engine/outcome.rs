@@ -22,6 +22,16 @@ pub enum DeployError {
     NoRollback { service: String, reason: String },
 }
 
+impl DeployError {
+    /// A manual rollback of `service` refused, and why.
+    pub fn no_rollback(service: &str, reason: &str) -> DeployError {
+        DeployError::NoRollback {
+            service: service.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// How a reconcile of one service ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs, reason = "variant fields are named for what they hold")]

@@ -222,6 +222,7 @@ pub fn settle(
         && reason == "done"
     {
         rec.failed = None;
+        rec.last_error = None;
         rec.done = Some(JobDone {
             version: version.clone(),
             elsewhere: Some(message.clone()),
@@ -233,6 +234,8 @@ pub fn settle(
             elsewhere: Some(message.clone()),
         };
     }
+    // Recorded for waits too, so `drover-agent status` says why this host waits.
+    rec.last_error = Some(format!("{version}: {error}"));
     if end == End::Abandoned
         && let Some((g, after)) = cause.and_then(StepError::wait)
     {
@@ -242,7 +245,6 @@ pub fn settle(
             retry_after_ms: after.as_millis() as u64,
         };
     }
-    rec.last_error = Some(format!("{version}: {error}"));
     let retry = end == End::Abandoned && cause.is_some_and(StepError::is_transient);
     if !retry {
         rec.failed = Some(JobFailure {

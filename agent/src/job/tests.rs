@@ -87,8 +87,9 @@ fn settle_records_where_it_ran_what_failed_and_what_waits() {
         ("5", Some("migrated 3 tables"))
     );
 
-    // Another host ran it: done here too, nothing marked failed.
+    // Another host ran it: done here too, nothing marked failed, no wait left to report.
     let mut rec = JobRecord::new("hello");
+    rec.last_error = Some("5: waiting: job_running".into());
     let cause = StepError::Gate(GateError::Rejected {
         reason: "done".into(),
         message: "prod/hello/5 ran on web-02".into(),
@@ -104,20 +105,25 @@ fn settle_records_where_it_ran_what_failed_and_what_waits() {
         rec.done.unwrap().elsewhere.as_deref(),
         Some("prod/hello/5 ran on web-02")
     );
-    assert!(rec.failed.is_none());
+    assert!(rec.failed.is_none() && rec.last_error.is_none());
 
-    // Another host runs it now: wait, nothing recorded.
+    // Another host runs it now: wait, with the reason for `status`, and neither done nor
+    // failed.
     let mut rec = JobRecord::new("hello");
     let cause = StepError::Gate(GateError::Wait {
         reason: "job_running".into(),
         message: "runs on web-02".into(),
         retry_after: Duration::from_secs(5),
     });
-    let o = settle(
-        &mut rec,
-        &flight("5", JobPhase::Lease),
-        End::Abandoned,
-        Some(&cause),
+    let mut f = flight("5", JobPhase::Lease);
+    f.error = Some(cause.to_string());
+    let o = settle(&mut rec, &f, End::Abandoned, Some(&cause));
+    assert!(
+        rec.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("5: ") && e.contains("runs on web-02")),
+        "{:?}",
+        rec.last_error
     );
     assert!(
         matches!(
