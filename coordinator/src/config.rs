@@ -13,6 +13,7 @@ use drover_desired::yaml::{self, Mark, Problem, Problems, Spanned};
 use serde::Deserialize;
 
 use crate::auth::{Caller, Role, Tokens, valid_host};
+use crate::webhook::SecretFiles;
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -49,6 +50,17 @@ struct Input {
     /// Server limits.
     #[serde(default)]
     limits: LimitsInput,
+    /// Git push webhooks (`POST /v1/webhooks/git`): the secret files of the forges allowed
+    /// to ask for a fetch.
+    webhook: Option<Spanned<WebhookInput>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookInput {
+    github_secret_file: Option<String>,
+    gitlab_token_file: Option<String>,
+    gitea_secret_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +208,8 @@ pub struct Config {
     pub audit_max_entries: u64,
     /// Server limits.
     pub limits: Limits,
+    /// Webhook secret files (none: `/v1/webhooks/git` answers 404).
+    pub webhook: SecretFiles,
 }
 
 /// Whether `addr` is a loopback address (plain HTTP is only spoken there unless insecure).
@@ -483,6 +497,34 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         Duration::from_secs(1),
         d.request_timeout,
     );
+    let webhook = i.webhook.map_or_else(SecretFiles::default, |w| {
+        let (m, w) = (mark(&w.mark), w.value);
+        let mut path = |what: &str, p: Option<String>| {
+            p.and_then(|p| {
+                if p.starts_with('/') {
+                    Some(PathBuf::from(p))
+                } else {
+                    problems.push(Problem::new(
+                        m.clone(),
+                        format!("webhook.{what} `{p}` must be an absolute path"),
+                    ));
+                    None
+                }
+            })
+        };
+        let files = SecretFiles {
+            github: path("github_secret_file", w.github_secret_file),
+            gitlab: path("gitlab_token_file", w.gitlab_token_file),
+            gitea: path("gitea_secret_file", w.gitea_secret_file),
+        };
+        if files == SecretFiles::default() {
+            problems.push(Problem::new(
+                m,
+                "webhook: give at least one of github_secret_file, gitlab_token_file, gitea_secret_file (or leave `webhook:` out)",
+            ));
+        }
+        files
+    });
     Config {
         listen,
         sqlite,
@@ -506,6 +548,7 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             burst,
             max_hosts,
         },
+        webhook,
     }
 }
 
@@ -593,6 +636,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("missing field `repo`"), "{e}");
+    }
+
+    #[test]
+    fn webhook_secret_files_are_absolute_and_at_least_one() {
+        let cfg = |webhook: &str| {
+            Config::parse(
+                "c.yaml",
+                &format!(
+                    "store: {{ sqlite: /x/c.db }}\nrepo: {{ url: /r }}\n{webhook}tokens:\n  - {{ name: fleet, role: agent, sha256: {H} }}\n"
+                ),
+            )
+        };
+        let c = cfg(
+            "webhook: { github_secret_file: /etc/drover/gh, gitea_secret_file: /etc/drover/gt }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.webhook.github.as_deref(),
+            Some(Path::new("/etc/drover/gh"))
+        );
+        assert_eq!(
+            c.webhook.gitea.as_deref(),
+            Some(Path::new("/etc/drover/gt"))
+        );
+        assert!(c.webhook.gitlab.is_none());
+        assert_eq!(cfg("").unwrap().webhook, SecretFiles::default());
+        for (webhook, says) in [
+            (
+                "webhook: { gitlab_token_file: gl.secret }\n",
+                "webhook.gitlab_token_file `gl.secret` must be an absolute path",
+            ),
+            ("webhook: {}\n", "give at least one of github_secret_file"),
+            (
+                "webhook: { github_secret: s3cret }\n",
+                "unknown field `github_secret`",
+            ),
+        ] {
+            let e = cfg(webhook).unwrap_err().to_string();
+            assert!(e.contains("c.yaml:3:"), "{webhook}: {e}");
+            assert!(e.contains(says), "{webhook}: {e}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::actor::{Command, Reply};
 use crate::auth::{Caller, Need, RateLimiter, Tokens, cap};
 use crate::core::ApiError;
 use crate::server::ServerStats;
+use crate::webhook::{self, Secrets};
 use crate::wire::{
     AcquireRequest, GateRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest,
     RollbackRequest,
@@ -42,6 +43,8 @@ pub struct App {
     rate_limited: Arc<AtomicU64>,
     /// The server's counters, shown in /metrics.
     server: Arc<ServerStats>,
+    /// Git webhooks: the forges' secrets and the channel that asks for a fetch.
+    git_webhook: Option<(Arc<Secrets>, tokio::sync::mpsc::Sender<()>)>,
 }
 
 impl App {
@@ -62,7 +65,21 @@ impl App {
             unauthenticated: Arc::new(AtomicU64::new(0)),
             rate_limited: Arc::new(AtomicU64::new(0)),
             server,
+            git_webhook: None,
         }
+    }
+
+    /// Accepts Git push webhooks signed with `secrets`; each verified one sends on `wake`
+    /// (a fetch now; a full channel means one is already due).
+    pub fn with_git_webhook(
+        mut self,
+        secrets: Secrets,
+        wake: tokio::sync::mpsc::Sender<()>,
+    ) -> App {
+        if secrets.any() {
+            self.git_webhook = Some((Arc::new(secrets), wake));
+        }
+        self
     }
 
     /// Replaces the tokens (SIGHUP). Requests under way keep the tokens they were checked
@@ -96,6 +113,7 @@ pub fn router(app: App) -> Router {
             post(decide),
         )
         .route("/v1/rollouts/{env}/{service}/{verb}", post(operate))
+        .route("/v1/webhooks/git", post(git_webhook))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
         .with_state(app)
 }
@@ -331,6 +349,54 @@ async fn metrics(State(app): State<App>) -> Response {
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// Largest webhook body accepted (a forge's push event; GitHub lists at most 20 commits).
+const MAX_WEBHOOK_BODY: usize = 1 << 20;
+
+/// `POST /v1/webhooks/git`: authenticated by the forge's signature, not a token; a verified
+/// one asks for a fetch of the repo now (202), anything else is 401 and fetches nothing.
+async fn git_webhook(State(app): State<App>, headers: HeaderMap, b: Body) -> Response {
+    let r = async {
+        let Some((secrets, wake)) = &app.git_webhook else {
+            return Err(ApiError::not_found(
+                "Git webhooks are not set up: coordinator.yaml needs `webhook: { github_secret_file | gitlab_token_file | gitea_secret_file }`",
+            ));
+        };
+        let bytes = axum::body::to_bytes(b, MAX_WEBHOOK_BODY)
+            .await
+            .map_err(|_| ApiError::new(413, crate::wire::ErrorKind::PayloadTooLarge, format!("webhook body over {MAX_WEBHOOK_BODY} bytes")))?;
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        match webhook::verify(secrets, header, &bytes) {
+            Ok(forge) => {
+                // A full channel: a fetch is already due, which will see this push too.
+                let _ = wake.try_send(());
+                tracing::info!(forge = ?forge, "git webhook: fetching the repo now");
+                Ok(serde_json::json!({ "fetching": true }))
+            }
+            Err(refused) => {
+                app.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = %refused, "git webhook refused");
+                Err(ApiError::new(
+                    401,
+                    crate::wire::ErrorKind::Unauthorized,
+                    refused.to_string(),
+                ))
+            }
+        }
+    }
+    .await;
+    let resp = match r {
+        Ok(v) => json_response(StatusCode::ACCEPTED, &v),
+        Err(e) => e.into_response(),
+    };
+    count(&app, resp.status().as_u16());
+    resp
 }
 
 async fn heartbeat(

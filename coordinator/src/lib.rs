@@ -37,3 +37,5 @@ pub mod store;
 pub mod tls;
 #[cfg(feature = "server")]
 pub mod view;
+#[cfg(feature = "server")]
+pub mod webhook;

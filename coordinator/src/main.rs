@@ -341,6 +341,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
+    let webhook_wake = wake_tx.clone();
+    let webhook_secrets = drover_coordinator::webhook::Secrets::load(&config.webhook)
+        .context("reading the webhook secrets")?;
     let state = std::thread::Builder::new()
         .name("state".into())
         .spawn(move || {
@@ -386,7 +389,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             limits.requests_per_second,
             limits.burst,
             stats.clone(),
-        );
+        )
+        .with_git_webhook(webhook_secrets, webhook_wake);
         let metrics = metrics_listener.map(|l| {
             let mut limits = limits.clone();
             limits.connections = 64;

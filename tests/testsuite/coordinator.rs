@@ -728,3 +728,148 @@ fn an_unreachable_coordinator_keeps_the_running_version() {
         out.stderr
     );
 }
+
+/// HMAC-SHA256 of `body` with `key`, hex, computed by openssl (not by drover's code).
+fn openssl_hmac(key: &str, body: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.rsplit("= ").next().unwrap().trim().to_string()
+}
+
+/// A Git webhook asks the coordinator to fetch now: with a 10-minute poll it sees a commit at
+/// once when GitHub's signature or GitLab's token checks out, and not at all otherwise.
+#[test]
+fn a_signed_push_webhook_makes_the_coordinator_fetch_at_once_and_a_forged_one_does_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fleet::new();
+    let first = f.pin_raw("1.0.0", &"a".repeat(64));
+    let secret = |name: &str, text: &str| {
+        let p = f.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let (gh, gl) = (
+        secret("gh.secret", "gh-s3cret\n"),
+        secret("gl.secret", "gl-t0ken"),
+    );
+    let mut c = Coordinator::prepare(
+        f.dir.path(),
+        &format!("webhook: {{ github_secret_file: {gh}, gitlab_token_file: {gl} }}\n"),
+    );
+    // Served by git daemon (a local path would be watched, and fetched at each change).
+    let repos = f.dir.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    f.repo.bare_clone(&repos.join("fleet.git"));
+    let daemon = drover_tests::git::GitDaemon::start(&repos);
+    let cfg = std::fs::read_to_string(c.config()).unwrap();
+    let url = format!("git://127.0.0.1:{}/fleet.git", daemon.port);
+    let cfg = cfg
+        .replace(&f.repo.dir.display().to_string(), &url)
+        .replace("poll_interval: 1s", "poll_interval: 10m");
+    std::fs::write(c.config(), cfg).unwrap();
+    c.restart();
+    c.wait_commit(&first);
+
+    let post = |headers: &[String], body: &[u8]| {
+        drover_tests::http_request(c.port, "POST", "/v1/webhooks/git", headers, body)
+            .expect("an answer")
+    };
+    let body = br#"{"ref":"refs/heads/main","after":"0000"}"#;
+    let second = f.pin_raw("2.0.0", &"b".repeat(64));
+    f.repo.push();
+    // Forged, unsigned, signed for another body, a wrong GitLab token, a forge not set up:
+    // 401, and no fetch.
+    for (what, headers) in [
+        (
+            "another secret",
+            vec![format!(
+                "X-Hub-Signature-256: sha256={}",
+                openssl_hmac("guess", body)
+            )],
+        ),
+        ("unsigned", vec!["X-GitHub-Event: push".to_string()]),
+        (
+            "another body",
+            vec![format!(
+                "X-Hub-Signature-256: sha256={}",
+                openssl_hmac("gh-s3cret", b"{}")
+            )],
+        ),
+        ("wrong token", vec!["X-Gitlab-Token: gl-t0ke".to_string()]),
+        (
+            "gitea not set up",
+            vec![format!(
+                "X-Gitea-Signature: {}",
+                openssl_hmac("gh-s3cret", body)
+            )],
+        ),
+    ] {
+        let (status, answer) = post(&headers, body);
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert!(answer.contains("unauthorized"), "{what}: {answer}");
+    }
+    // Over 1 MiB: refused before any check.
+    let big = vec![b' '; (1 << 20) + 1];
+    let (status, answer) = post(
+        &[format!(
+            "X-Hub-Signature-256: sha256={}",
+            openssl_hmac("gh-s3cret", &big)
+        )],
+        &big,
+    );
+    assert_eq!(status, 413, "{answer}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.status()["desired"]["commit"],
+        first.as_str(),
+        "a refused webhook fetched"
+    );
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(
+        !log.contains("gh-s3cret") && !log.contains("gl-t0ken"),
+        "a secret in the log"
+    );
+
+    // Signed by GitHub (as openssl computes it): fetched at once.
+    let (status, answer) = post(
+        &[
+            "X-GitHub-Event: push".to_string(),
+            format!(
+                "X-Hub-Signature-256: sha256={}",
+                openssl_hmac("gh-s3cret", body)
+            ),
+        ],
+        body,
+    );
+    assert_eq!(status, 202, "{answer}");
+    c.wait_commit(&second);
+    // GitLab's token, for the next commit.
+    let third = f.pin_raw("3.0.0", &"c".repeat(64));
+    f.repo.push();
+    let (status, answer) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
+    assert_eq!(status, 202, "{answer}");
+    c.wait_commit(&third);
+
+    // A coordinator with no webhook secrets has no such endpoint.
+    c.kill();
+    let plain = Coordinator::start(f.dir.path(), "");
+    let (status, answer) = drover_tests::http_request(
+        plain.port,
+        "POST",
+        "/v1/webhooks/git",
+        &["X-Gitlab-Token: gl-t0ken".to_string()],
+        body,
+    )
+    .unwrap();
+    assert_eq!(status, 404, "{answer}");
+    assert!(answer.contains("webhook:"), "{answer}");
+}
