@@ -69,22 +69,53 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released), never the same twice in this test
-/// process: tests run in parallel, and two hosts handed the same released port would answer
-/// each other's health checks.
+/// A free TCP port on 127.0.0.1, never the same twice in this test process: tests run in
+/// parallel, and two hosts handed the same released port would answer each other's health
+/// checks. It is taken below the kernel's ephemeral range (`ip_local_port_range`): a port from
+/// that range, once released, can become the source port of any outgoing connection on the
+/// machine, and an app restarted on it (a rollback) would then fail to bind it.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = port_range();
+    let span = high - low;
+    // Start at a place of its own, so that two test processes rarely walk the same ports.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()))
+            % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
+    }
+    panic!("no free port in {low}..{high}");
+}
+
+/// The ports `free_port` hands out: from 10000 up to the ephemeral range, or above it when it
+/// starts too low.
+fn port_range() -> (u32, u32) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if ephemeral.0 >= 12_000 {
+        (10_000, ephemeral.0)
+    } else if ephemeral.1 < 60_000 {
+        (ephemeral.1 + 1, 65_535)
+    } else {
+        // No room outside it: any port, as the kernel would.
+        (10_000, 65_535)
     }
 }
 
