@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::wire::{
     AcquireRequest, ErrorBody, ErrorKind, GateRequest, Granted, Heartbeat, HeartbeatReply, History,
-    PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status,
+    PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status, Tip,
 };
 
 /// Why a call failed.
@@ -186,12 +186,26 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<R, ClientError> {
+        self.call_within(method, path, body, None).await
+    }
+
+    /// A call given `timeout` instead of the client's (a long-poll).
+    async fn call_within<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<R, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self
             .http
             .request(method, &url)
             .bearer_auth(&self.token)
             .header(PROTOCOL_HEADER, PROTOCOL);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -228,6 +242,33 @@ impl Client {
     ) -> Result<HeartbeatReply, ClientError> {
         let path = format!("/v1/hosts/{}/heartbeat", path_part(host));
         self.call(reqwest::Method::POST, &path, Some(hb)).await
+    }
+
+    /// `GET /v1/tip`: the branch tip the coordinator fetched, as soon as it is not `after`,
+    /// or after `wait` (a long-poll; the coordinator may answer sooner, with the same tip).
+    pub async fn tip(
+        &self,
+        host: &str,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<String>, ClientError> {
+        let mut path = format!(
+            "/v1/tip?host={}&wait_ms={}",
+            path_part(host),
+            wait.as_millis()
+        );
+        if let Some(a) = after {
+            path.push_str(&format!("&after={}", path_part(a)));
+        }
+        let tip: Tip = self
+            .call_within::<(), _>(
+                reqwest::Method::GET,
+                &path,
+                None,
+                Some(wait + Duration::from_secs(10)),
+            )
+            .await?;
+        Ok(tip.commit)
     }
 
     /// `POST /v1/leases`.

@@ -102,34 +102,49 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
 }
 
 /// Follows the branch (mirror under `git_dir`) until `shutdown`, handing each tip to the
-/// actor. `wake` asks for a fetch now.
+/// actor and publishing it on `tip` (agents long-poll it). `wake` asks for a fetch now.
 pub async fn follow(
     cfg: RepoConfig,
     git_dir: PathBuf,
     actor: mpsc::Sender<Command>,
+    tip: watch::Sender<Option<String>>,
     wake: tokio::sync::mpsc::Receiver<()>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mirror = Arc::new(Mirror::new(&git_dir, &cfg.url, &cfg.branch));
     let mut last: Option<String> = None;
     let mut failing = false;
-    drover_desired::git::follow(mirror, cfg, wake, shutdown, move |result| {
-        let update = match result {
-            Ok(snap) => {
-                if last.as_deref() == Some(snap.commit.as_str()) && !failing {
-                    return;
+    drover_desired::git::follow(
+        mirror,
+        cfg,
+        wake,
+        shutdown,
+        || true,
+        move |result| {
+            let update = match result {
+                Ok(snap) => {
+                    if last.as_deref() == Some(snap.commit.as_str()) && !failing {
+                        return;
+                    }
+                    failing = false;
+                    last = Some(snap.commit.clone());
+                    tip.send_if_modified(|t| {
+                        let moved = t.as_deref() != Some(snap.commit.as_str());
+                        if moved {
+                            *t = Some(snap.commit.clone());
+                        }
+                        moved
+                    });
+                    read(&snap, now_ms())
                 }
-                failing = false;
-                last = Some(snap.commit.clone());
-                read(&snap, now_ms())
-            }
-            Err(e) => {
-                failing = true;
-                Update::Error(e.to_string())
-            }
-        };
-        let _ = actor.send(Command::Desired(Box::new(update)));
-    })
+                Err(e) => {
+                    failing = true;
+                    Update::Error(e.to_string())
+                }
+            };
+            let _ = actor.send(Command::Desired(Box::new(update)));
+        },
+    )
     .await
 }
 

@@ -44,7 +44,9 @@ pub struct App {
     /// The server's counters, shown in /metrics.
     server: Arc<ServerStats>,
     /// Git webhooks: the forges' secrets and the channel that asks for a fetch.
-    git_webhook: Option<(Arc<Secrets>, tokio::sync::mpsc::Sender<()>)>,
+    git_webhook: Option<GitWebhook>,
+    /// The branch tip as fetched, and how long a long-poll of it is held at most.
+    tip: Option<Tip>,
 }
 
 impl App {
@@ -66,7 +68,24 @@ impl App {
             rate_limited: Arc::new(AtomicU64::new(0)),
             server,
             git_webhook: None,
+            tip: None,
         }
+    }
+
+    /// Serves `GET /v1/tip` from `tip`, holding a long-poll at most `max_wait`, or until
+    /// `stop` (shutting down) is set.
+    pub fn with_tip(
+        mut self,
+        tip: tokio::sync::watch::Receiver<Option<String>>,
+        max_wait: std::time::Duration,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> App {
+        self.tip = Some(Tip {
+            tip,
+            max_wait,
+            stop,
+        });
+        self
     }
 
     /// Accepts Git push webhooks signed with `secrets`; each verified one sends on `wake`
@@ -77,7 +96,11 @@ impl App {
         wake: tokio::sync::mpsc::Sender<()>,
     ) -> App {
         if secrets.any() {
-            self.git_webhook = Some((Arc::new(secrets), wake));
+            self.git_webhook = Some(GitWebhook {
+                secrets: Arc::new(secrets),
+                wake,
+                reading: Arc::new(tokio::sync::Semaphore::new(WEBHOOKS_AT_ONCE)),
+            });
         }
         self
     }
@@ -114,6 +137,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/rollouts/{env}/{service}/{verb}", post(operate))
         .route("/v1/webhooks/git", post(git_webhook))
+        .route("/v1/tip", get(tip))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
         .with_state(app)
 }
@@ -354,13 +378,39 @@ async fn metrics(State(app): State<App>) -> Response {
 /// Largest webhook body accepted (a forge's push event; GitHub lists at most 20 commits).
 const MAX_WEBHOOK_BODY: usize = 1 << 20;
 
+/// Webhook bodies read at once: they are read before their signature can be checked, so
+/// unauthenticated callers hold at most this many MiB (the others get 429).
+const WEBHOOKS_AT_ONCE: usize = 8;
+
+/// What `POST /v1/webhooks/git` needs.
+#[derive(Clone)]
+struct GitWebhook {
+    /// The forges' secrets.
+    secrets: Arc<Secrets>,
+    /// Asks the Git follower for a fetch now.
+    wake: tokio::sync::mpsc::Sender<()>,
+    /// Bounds the bodies read at once.
+    reading: Arc<tokio::sync::Semaphore>,
+}
+
 /// `POST /v1/webhooks/git`: authenticated by the forge's signature, not a token; a verified
 /// one asks for a fetch of the repo now (202), anything else is 401 and fetches nothing.
 async fn git_webhook(State(app): State<App>, headers: HeaderMap, b: Body) -> Response {
     let r = async {
-        let Some((secrets, wake)) = &app.git_webhook else {
+        let Some(GitWebhook {
+            secrets,
+            wake,
+            reading,
+        }) = &app.git_webhook
+        else {
             return Err(ApiError::not_found(
                 "Git webhooks are not set up: coordinator.yaml needs `webhook: { github_secret_file | gitlab_token_file | gitea_secret_file }`",
+            ));
+        };
+        let Ok(_permit) = reading.try_acquire() else {
+            return Err(ApiError::rate_limited(
+                1000,
+                format!("{WEBHOOKS_AT_ONCE} webhooks are being read; retry"),
             ));
         };
         let bytes = axum::body::to_bytes(b, MAX_WEBHOOK_BODY)
@@ -397,6 +447,63 @@ async fn git_webhook(State(app): State<App>, headers: HeaderMap, b: Body) -> Res
     };
     count(&app, resp.status().as_u16());
     resp
+}
+
+/// What `GET /v1/tip` answers from.
+#[derive(Clone)]
+struct Tip {
+    tip: tokio::sync::watch::Receiver<Option<String>>,
+    max_wait: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The query of `GET /v1/tip`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TipQuery {
+    /// The commit the agent has: answer when the tip is another one.
+    after: Option<String>,
+    /// How long to hold the request while the tip is `after`, in ms.
+    wait_ms: Option<u64>,
+    /// The asking host (its rate-limit bucket under a shared token).
+    host: Option<String>,
+}
+
+/// `GET /v1/tip`: the branch tip at once when it is not `after`, else (or before the first
+/// fetch) when it moves or `wait_ms` (capped below the request timeout) passes — whichever
+/// comes first.
+async fn tip(State(app): State<App>, headers: HeaderMap, Query(q): Query<TipQuery>) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Agent, "tip")?;
+        limit(&app, &who, q.host.as_deref())?;
+        let Some(t) = &app.tip else {
+            return Err(ApiError::not_found(
+                "this coordinator does not serve the tip",
+            ));
+        };
+        if let Some(a) = &q.after
+            && (a.is_empty() || a.len() > 64 || !a.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ApiError::bad_request(
+                "after: a commit id (hex, at most 64 digits)",
+            ));
+        }
+        let (mut rx, mut stop) = (t.tip.clone(), t.stop.clone());
+        let current = rx.borrow_and_update().clone();
+        // Nothing to tell yet (no fetch so far, or the asker has the tip): hold.
+        if (current.is_none() || current.as_deref() == q.after.as_deref()) && !*stop.borrow() {
+            let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0)).min(t.max_wait);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = rx.changed() => {}
+                _ = stop.changed() => {}
+            }
+        }
+        let commit = rx.borrow().clone();
+        Ok(crate::wire::Tip { commit })
+    }
+    .await;
+    answer(&app, r)
 }
 
 async fn heartbeat(

@@ -375,10 +375,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
         };
         tracing::info!(listen = %config.listen, tls = tls.is_some(), store = %config.sqlite.display(), repo = %config.repo.url, rollouts, leases, connections = limits.connections, "coordinator serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (tip_tx, tip_rx) = tokio::sync::watch::channel(None);
         let git = tokio::spawn(drover_coordinator::git::follow(
             config.repo.clone(),
             config.git_dir.clone(),
             tx.clone(),
+            tip_tx,
             wake_rx,
             stop_rx.clone(),
         ));
@@ -390,7 +392,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
             limits.burst,
             stats.clone(),
         )
-        .with_git_webhook(webhook_secrets, webhook_wake);
+        .with_git_webhook(webhook_secrets, webhook_wake)
+        // A long-poll ends well before the request timeout would cut it.
+        .with_tip(
+            tip_rx,
+            (limits.request_timeout.saturating_sub(std::time::Duration::from_secs(5))).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(25),
+            ),
+            stop_rx.clone(),
+        );
         let metrics = metrics_listener.map(|l| {
             let mut limits = limits.clone();
             limits.connections = 64;

@@ -274,6 +274,14 @@ pub struct Renewed {
     pub expires_at_ms: u64,
 }
 
+/// `GET /v1/tip` answer: the branch tip the coordinator last fetched (none before its first
+/// fetch).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tip {
+    /// The commit id.
+    pub commit: Option<String>,
+}
+
 /// How a leased deploy (or revert) ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

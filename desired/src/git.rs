@@ -407,14 +407,17 @@ pub fn fetch_timeout(cfg: &RepoConfig) -> Duration {
     Duration::from_secs(120).max(cfg.poll_interval)
 }
 
-/// Keeps fetching the branch tip until `shutdown` is set: every `poll_interval` ± 10 %, at
-/// once when a local repo's refs change or `wake` receives, with backoff (capped at the poll
-/// interval) while fetching fails. Every result is handed to `report`.
+/// Keeps fetching the branch tip until `shutdown` is set: every `poll_interval` ± 10 % (when
+/// `periodic()` says a periodic fetch is needed: an agent whose coordinator tells it when the
+/// tip moves skips them), at once when a local repo's refs change or `wake` receives, with
+/// backoff (capped at the poll interval) while fetching fails. Every result is handed to
+/// `report`.
 pub async fn follow(
     mirror: Arc<Mirror>,
     cfg: RepoConfig,
     mut wake: mpsc::Receiver<()>,
     mut shutdown: watch::Receiver<bool>,
+    periodic: impl Fn() -> bool,
     mut report: impl FnMut(Result<Snapshot, GitError>),
 ) {
     let (local_tx, mut local) = mpsc::channel::<()>(1);
@@ -425,20 +428,25 @@ pub async fn follow(
         .and_then(|p| local_watcher(p, local_tx));
     let mut backoff = Duration::from_secs(1);
     let timeout = fetch_timeout(&cfg);
+    let mut fetch = true;
     loop {
         let mut next = jitter(cfg.poll_interval);
-        let result = fetch_snapshot(&mirror, timeout).await;
-        match &result {
-            Ok(_) => backoff = Duration::from_secs(1),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the desired state; the running versions stay as they are");
-                next = backoff.min(cfg.poll_interval);
-                backoff = (backoff * 2).min(Duration::from_secs(300));
+        if fetch {
+            let result = fetch_snapshot(&mirror, timeout).await;
+            match &result {
+                Ok(_) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the desired state; the running versions stay as they are");
+                    next = backoff.min(cfg.poll_interval);
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                }
             }
+            report(result);
         }
-        report(result);
+        fetch = true;
         tokio::select! {
-            _ = tokio::time::sleep(next) => {}
+            // A periodic fetch, unless told it is not needed (a retry after a failure is).
+            _ = tokio::time::sleep(next) => fetch = backoff > Duration::from_secs(1) || periodic(),
             Some(()) = local.recv() => {
                 // Let a burst of ref updates settle.
                 tokio::time::sleep(Duration::from_millis(20)).await;

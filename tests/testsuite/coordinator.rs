@@ -859,6 +859,38 @@ fn a_signed_push_webhook_makes_the_coordinator_fetch_at_once_and_a_forged_one_do
     assert_eq!(status, 202, "{answer}");
     c.wait_commit(&third);
 
+    // Bodies are read before they can be verified: eight slow senders at once hold all the
+    // room there is; a ninth is told to retry, and once they go, webhooks are served again.
+    let slow: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+            write!(
+                s,
+                "POST /v1/webhooks/git HTTP/1.1\r\nHost: x\r\nX-Gitlab-Token: guess\r\nContent-Length: 1000\r\n\r\n{{"
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    wait_for(
+        "the slow senders to hold every slot",
+        Duration::from_secs(10),
+        || {
+            let (status, answer) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
+            (status == 429).then_some(answer)
+        },
+    );
+    drop(slow);
+    wait_for(
+        "webhooks to be served again",
+        Duration::from_secs(10),
+        || {
+            let (status, _) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
+            (status == 202).then_some(())
+        },
+    );
+
     // A coordinator with no webhook secrets has no such endpoint.
     c.kill();
     let plain = Coordinator::start(f.dir.path(), "");

@@ -227,3 +227,136 @@ fn an_invalid_commit_keeps_the_running_version() {
     h.wait_current("2.0.0", Duration::from_secs(30));
     drop(agent);
 }
+
+/// `git daemon --verbose` serving `base`, logging each request to `log`.
+fn verbose_daemon(base: &std::path::Path, log: &std::path::Path) -> (drover_tests::Killed, u16) {
+    let port = drover_tests::free_port();
+    let child = std::process::Command::new("git")
+        .args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--verbose",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("git daemon starts");
+    drover_tests::wait_port(port, Duration::from_secs(10));
+    (drover_tests::Killed(child), port)
+}
+
+/// Fetches the git daemon has served (one `upload-pack` request each).
+fn fetches(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("Request upload-pack")
+        .count()
+}
+
+/// With a coordinator, an agent learns of a commit by long-polling it: Git sees one fetch per
+/// commit and none while nothing changes, however short the poll interval. With the
+/// coordinator gone, the agent polls Git again.
+#[test]
+fn a_coordinated_agent_fetches_once_per_commit_and_polls_git_when_the_coordinator_is_gone() {
+    let f = Fleet::new();
+    f.pin(&f.hello("1.0.0", &[]));
+    let repos = f.dir.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    let bare = f.repo.bare_clone(&repos.join("fleet.git"));
+    let log = f.dir.path().join("git-daemon.log");
+    let (_daemon, port) = verbose_daemon(&repos, &log);
+    // The coordinator reads the bare repo directly (its fetches are not the daemon's).
+    let mut c = drover_tests::coordinator::Coordinator::prepare(f.dir.path(), "");
+    let cfg = std::fs::read_to_string(c.config()).unwrap();
+    std::fs::write(
+        c.config(),
+        cfg.replace(
+            &f.repo.dir.display().to_string(),
+            &bare.display().to_string(),
+        ),
+    )
+    .unwrap();
+    c.restart();
+    let h = Host::new(
+        f.dir.path(),
+        "web-01",
+        &format!("git://127.0.0.1:{port}/fleet.git"),
+        &f.art.url(),
+        &c.agent_config(),
+    );
+    let agent = h.spawn(&[]);
+    h.wait_current("1.0.0", Duration::from_secs(60));
+    wait_for(
+        "the agent to follow the coordinator",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&agent.log)
+                .unwrap_or_default()
+                .contains("following the coordinator for new commits")
+                .then_some(())
+        },
+    );
+    let before = fetches(&log);
+    // Nothing changes: no fetch, though the poll interval is 1s.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(fetches(&log), before, "fetched with nothing new");
+
+    // A commit: one fetch.
+    let v2 = f.hello("2.0.0", &[]);
+    f.pin(&v2);
+    f.repo.push();
+    h.wait_current("2.0.0", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fetches(&log), before + 1, "one fetch for one commit");
+
+    // The coordinator ahead of this host's Git (it reads the working repo, the host the
+    // pushed one): the host's fetch does not give the tip, so it polls Git until it does.
+    let cfg = std::fs::read_to_string(c.config()).unwrap();
+    std::fs::write(
+        c.config(),
+        cfg.replace(
+            &bare.display().to_string(),
+            &f.repo.dir.display().to_string(),
+        ),
+    )
+    .unwrap();
+    c.kill();
+    c.restart();
+    let third = f.pin_raw("3.0.0", &"c".repeat(64));
+    let has = |what: &str| {
+        std::fs::read_to_string(&agent.log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    wait_for(
+        "the agent to see that its Git lags the coordinator",
+        Duration::from_secs(60),
+        || has("fetching from Git here did not give").then_some(()),
+    );
+    f.repo.push();
+    wait_for(
+        "the agent to poll Git and catch up",
+        Duration::from_secs(30),
+        || (h.status()["repo"]["commit"] == third.as_str()).then_some(()),
+    );
+
+    // The coordinator gone: the agent polls Git and sees the next commit.
+    c.kill();
+    let fourth = f.pin_raw("4.0.0", &"d".repeat(64));
+    f.repo.push();
+    wait_for(
+        "the agent to fetch 4.0.0's commit from Git",
+        Duration::from_secs(30),
+        || (h.status()["repo"]["commit"] == fourth.as_str()).then_some(()),
+    );
+    assert!(
+        has("the coordinator does not answer; polling Git"),
+        "{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+}

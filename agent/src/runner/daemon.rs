@@ -45,6 +45,19 @@ impl Agent {
         }
         let (tx, mut snapshots) = watch::channel(None);
         let (wake, wake_rx) = tokio::sync::mpsc::channel(1);
+        // With a coordinator, it says when the tip moves; Git is polled while it is away.
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let follower = self.engine.gate.as_ref().map(|g| {
+            tokio::spawn(git_watch::follow_coordinator(
+                g.client().clone(),
+                self.config.host.clone(),
+                tx.subscribe(),
+                wake.clone(),
+                connected.clone(),
+                shutdown.clone(),
+            ))
+        });
+        let away = connected.clone();
         let watcher = tokio::spawn(git_watch::watch(
             self.mirror.clone(),
             self.config.repo.clone(),
@@ -53,6 +66,7 @@ impl Agent {
             tx,
             wake_rx,
             shutdown.clone(),
+            move || !away.load(std::sync::atomic::Ordering::Relaxed),
         ));
         tracing::info!(
             host = %self.config.host,
@@ -161,7 +175,9 @@ impl Agent {
                     for a in &actions {
                         let busy = slots.get(&a.service).is_some_and(|s| s.busy);
                         match a.action {
-                            ActionKind::Fetch => {
+                            // While the tip is long-polled, that already fetched (or will):
+                            // one fetch per commit.
+                            ActionKind::Fetch if !connected.load(std::sync::atomic::Ordering::Relaxed) => {
                                 tracing::info!(service = %a.service, reason = %a.reason, "the coordinator says the desired state moved; fetching");
                                 let _ = wake.try_send(());
                             }
@@ -259,6 +275,9 @@ impl Agent {
             tracing::warn!("deploys still in flight after 90s; they resume at the next start");
         }
         watcher.abort();
+        if let Some(f) = follower {
+            f.abort();
+        }
         if let Some(e) = endpoint {
             e.abort();
         }
