@@ -1,11 +1,13 @@
 //! Coordinator benchmark: lease acquire+release throughput and latency with 100 concurrent
-//! clients, over plain HTTP and over TLS in the same run, then the coordinator's memory with
-//! 10,000 hosts heartbeating every 30 s.
+//! clients, over plain HTTP and over TLS in the same run; the coordinator's CPU and memory with
+//! 10,000 hosts heartbeating every 30 s; and commit → 1,000 long-polling agents know it, with
+//! the push webhook.
 //!
 //!     cargo bench -p drover-coordinator --bench leases [-- SECONDS]
 //!
 //! It builds and starts the real `drover-coordinator` (release build, SQLite store with
-//! `synchronous = FULL`) and drives it over loopback HTTP(S) with the crate's own client.
+//! `synchronous = FULL`, the desired state served by `git daemon`) and drives it over loopback
+//! HTTP(S) with the crate's own client.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -20,6 +22,12 @@ use drover_coordinator::wire::{
 
 const CLIENTS: usize = 100;
 const HOSTS: usize = 10_000;
+/// Agents long-polling the branch tip.
+const AGENTS: usize = 1_000;
+/// Commits whose arrival they time.
+const COMMITS: usize = 5;
+/// The GitLab webhook token the coordinator is given.
+const HOOK_TOKEN: &str = "bench-webhook-token";
 
 fn main() {
     let secs: u64 = std::env::args()
@@ -56,6 +64,11 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let token = "bench-token";
     let (repo, commit) = desired_state(dir.path());
+    raise_open_files();
+    let (mut daemon, git_url) = git_daemon(dir.path());
+    let hook = dir.path().join("gitlab.token");
+    std::fs::write(&hook, HOOK_TOKEN).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let ca = drover_tests::tls::TestCa::new(&dir.path().join("tls"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,10 +89,10 @@ fn main() {
         std::fs::write(
             dir.path().join(format!("{name}.yaml")),
             format!(
-                "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\" }}\nstate_dir: {}\nheartbeat_interval: 30s\nlimits: {{ requests_per_second: 0 }}\n{tls_line}tokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
+                "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{git_url}\", poll_interval: 10m }}\nstate_dir: {}\nheartbeat_interval: 30s\nlimits: {{ requests_per_second: 0, connections: 8192, connections_per_address: 8192 }}\nwebhook: {{ gitlab_token_file: {} }}\n{tls_line}tokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
                 dir.path().join(format!("{name}.db")).display(),
-                repo.display(),
                 dir.path().join(name).display(),
+                hook.display(),
                 hash_token(token)
             ),
         )
@@ -114,11 +127,75 @@ fn main() {
             } else {
                 plain = ops;
                 heartbeats(&url, token, server.id()).await;
+                tips(&url, token, &repo).await;
             }
         });
         let _ = server.kill();
         let _ = server.wait();
     }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
+/// Raises this process's open-file soft limit to the hard one: the agents' connections need it.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// `git daemon` serving the desired-state repo under `dir`, and its URL: the coordinator
+/// fetches as from a Git server, not from a local path it would watch.
+fn git_daemon(dir: &std::path::Path) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("git")
+        .args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", dir.display()))
+        .arg(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("git daemon starts");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (child, format!("git://127.0.0.1:{port}/fleet"))
+}
+
+fn git(repo: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@example.com")
+        .env("GIT_COMMITTER_NAME", "bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@example.com")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// A desired-state repo (git CLI) with environment `bench` pinning services svc0..svc{CLIENTS}
@@ -144,30 +221,10 @@ fn desired_state(dir: &std::path::Path) -> (std::path::PathBuf, String) {
         ));
     }
     std::fs::write(repo.join("environments/bench.yaml"), env).unwrap();
-    for args in [
-        &["init", "-q", "-b", "main"][..],
-        &["add", "-A"],
-        &["commit", "-q", "-m", "bench"],
-    ] {
-        let ok = Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_AUTHOR_NAME", "bench")
-            .env("GIT_AUTHOR_EMAIL", "bench@example.com")
-            .env("GIT_COMMITTER_NAME", "bench")
-            .env("GIT_COMMITTER_EMAIL", "bench@example.com")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "git {args:?}");
-    }
-    let head = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(&repo)
-        .output()
-        .unwrap();
-    let commit = String::from_utf8(head.stdout).unwrap().trim().to_string();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "bench"]);
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
     (repo, commit)
 }
 
@@ -296,6 +353,7 @@ async fn heartbeats(url: &str, token: &str, pid: u32) {
     let registered = t0.elapsed();
     // Then a steady 30 s cycle: every host once, spread evenly (333/s).
     let t0 = Instant::now();
+    let cpu0 = cpu_secs(pid);
     let every = Duration::from_secs(30) / HOSTS as u32;
     let mut ticker = tokio::time::interval(every);
     let mut js = Vec::new();
@@ -310,11 +368,105 @@ async fn heartbeats(url: &str, token: &str, pid: u32) {
     for j in js {
         j.await.unwrap();
     }
+    let cycle = t0.elapsed();
     println!(
-        "hosts: {HOSTS} registered in {:.1}s, then a 30 s heartbeat cycle in {:.1}s; coordinator RSS {:.1} MiB (was {:.1} MiB before the hosts)",
+        "hosts: {HOSTS} registered in {:.1}s, then a 30 s heartbeat cycle in {:.1}s using {:.1} % of a core; coordinator RSS {:.1} MiB (was {:.1} MiB before the hosts)",
         registered.as_secs_f64(),
-        t0.elapsed().as_secs_f64(),
+        cycle.as_secs_f64(),
+        (cpu_secs(pid) - cpu0) / cycle.as_secs_f64() * 100.0,
         rss_mib(pid),
         before
+    );
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Commit → every one of `AGENTS` long-polling agents (the agent's own client call) knows the
+/// new tip: a commit, GitLab's push webhook, the coordinator's fetch from `git daemon`, the
+/// long-polls answered. `COMMITS` rounds; latency from the commit being made.
+async fn tips(url: &str, token: &str, repo: &std::path::Path) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let mut pollers = Vec::new();
+    for i in 0..AGENTS {
+        let c = Client::new(url, token).unwrap();
+        let tx = tx.clone();
+        pollers.push(tokio::spawn(async move {
+            let host = format!("agent-{i:04}");
+            let mut have: Option<String> = None;
+            loop {
+                match c.tip(&host, have.as_deref(), Duration::from_secs(25)).await {
+                    Ok(Some(t)) if have.as_deref() != Some(t.as_str()) => {
+                        let _ = tx.send((t.clone(), Instant::now()));
+                        have = Some(t);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("tip: {e}"),
+                }
+            }
+        }));
+    }
+    // Every agent has the current tip and is parked in a long-poll.
+    for _ in 0..AGENTS {
+        rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hook = reqwest::Client::new();
+    let mut all: Vec<Duration> = Vec::new();
+    let mut worst: Vec<Duration> = Vec::new();
+    for n in 0..COMMITS {
+        let repo = repo.to_path_buf();
+        let commit = tokio::task::spawn_blocking(move || {
+            git(
+                &repo,
+                &["commit", "-q", "--allow-empty", "-m", &format!("bench {n}")],
+            );
+            git(&repo, &["rev-parse", "HEAD"])
+        })
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        let r = hook
+            .post(format!("{url}/v1/webhooks/git"))
+            .header("X-Gitlab-Token", HOOK_TOKEN)
+            .header("X-Gitlab-Event", "Push Hook")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "the webhook is accepted");
+        let mut lat = Vec::with_capacity(AGENTS);
+        while lat.len() < AGENTS {
+            let (tip, at) = rx.recv().await.unwrap();
+            assert_eq!(tip, commit, "agents see the new commit");
+            lat.push(at - t0);
+        }
+        lat.sort();
+        worst.push(*lat.last().unwrap());
+        all.extend(lat);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for p in pollers {
+        p.abort();
+    }
+    all.sort();
+    println!(
+        "commit → {AGENTS} long-polling agents know it (push webhook, coordinator fetch from git daemon, {COMMITS} commits): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (slowest agent per commit: {})   target ≤ 1 s p99",
+        percentile(&all, 0.5).as_secs_f64() * 1e3,
+        percentile(&all, 0.99).as_secs_f64() * 1e3,
+        all.last().unwrap().as_secs_f64() * 1e3,
+        worst
+            .iter()
+            .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
