@@ -65,7 +65,10 @@ fn main() {
     let token = "bench-token";
     let (repo, commit) = desired_state(dir.path());
     raise_open_files();
-    let (mut daemon, git_url) = git_daemon(dir.path());
+    // Served by git daemon: the coordinator fetches as from a Git server, not from a local
+    // path it would watch.
+    let daemon = drover_tests::git::GitDaemon::start(dir.path());
+    let git_url = format!("git://127.0.0.1:{}/fleet", daemon.port);
     let hook = dir.path().join("gitlab.token");
     std::fs::write(&hook, HOOK_TOKEN).unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -133,8 +136,7 @@ fn main() {
         let _ = server.kill();
         let _ = server.wait();
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
 }
 
 /// Raises this process's open-file soft limit to the hard one: the agents' connections need it.
@@ -150,37 +152,6 @@ fn raise_open_files() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-}
-
-/// `git daemon` serving the desired-state repo under `dir`, and its URL: the coordinator
-/// fetches as from a Git server, not from a local path it would watch.
-fn git_daemon(dir: &std::path::Path) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("git")
-        .args([
-            "daemon",
-            "--reuseaddr",
-            "--export-all",
-            "--listen=127.0.0.1",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--base-path={}", dir.display()))
-        .arg(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("git daemon starts");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (child, format!("git://127.0.0.1:{port}/fleet"))
 }
 
 fn git(repo: &std::path::Path, args: &[&str]) -> String {

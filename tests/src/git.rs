@@ -108,22 +108,34 @@ pub struct GitDaemon {
 impl GitDaemon {
     /// Starts the daemon on a free port.
     pub fn start(base: &Path) -> GitDaemon {
+        GitDaemon::spawn(base, None)
+    }
+
+    /// Starts the daemon on a free port, logging each request (`--verbose`) to `log`: one
+    /// `Request upload-pack` line per fetch.
+    pub fn start_logged(base: &Path, log: &Path) -> GitDaemon {
+        GitDaemon::spawn(base, Some(log))
+    }
+
+    fn spawn(base: &Path, log: Option<&Path>) -> GitDaemon {
         let port = crate::free_port();
-        let child = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--listen=127.0.0.1",
-            ])
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", base.display()))
-            .arg(base)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("git daemon starts");
+        let mut cmd = Command::new("git");
+        cmd.args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(log) = log {
+            cmd.arg("--verbose")
+                .stderr(std::fs::File::create(log).expect("git daemon log"));
+        }
+        let child = cmd.arg(base).spawn().expect("git daemon starts");
         crate::wait_port(port, Duration::from_secs(10));
         GitDaemon { port, child }
     }

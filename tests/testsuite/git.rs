@@ -228,28 +228,6 @@ fn an_invalid_commit_keeps_the_running_version() {
     drop(agent);
 }
 
-/// `git daemon --verbose` serving `base`, logging each request to `log`.
-fn verbose_daemon(base: &std::path::Path, log: &std::path::Path) -> (drover_tests::Killed, u16) {
-    let port = drover_tests::free_port();
-    let child = std::process::Command::new("git")
-        .args([
-            "daemon",
-            "--reuseaddr",
-            "--export-all",
-            "--verbose",
-            "--listen=127.0.0.1",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--base-path={}", base.display()))
-        .arg(base)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("git daemon starts");
-    drover_tests::wait_port(port, Duration::from_secs(10));
-    (drover_tests::Killed(child), port)
-}
-
 /// Fetches the git daemon has served (one `upload-pack` request each).
 fn fetches(log: &std::path::Path) -> usize {
     std::fs::read_to_string(log)
@@ -269,7 +247,7 @@ fn a_coordinated_agent_fetches_once_per_commit_and_polls_git_when_the_coordinato
     std::fs::create_dir_all(&repos).unwrap();
     let bare = f.repo.bare_clone(&repos.join("fleet.git"));
     let log = f.dir.path().join("git-daemon.log");
-    let (_daemon, port) = verbose_daemon(&repos, &log);
+    let daemon = GitDaemon::start_logged(&repos, &log);
     // The coordinator reads the bare repo directly (its fetches are not the daemon's).
     let mut c = drover_tests::coordinator::Coordinator::prepare(f.dir.path(), "");
     let cfg = std::fs::read_to_string(c.config()).unwrap();
@@ -285,7 +263,7 @@ fn a_coordinated_agent_fetches_once_per_commit_and_polls_git_when_the_coordinato
     let h = Host::new(
         f.dir.path(),
         "web-01",
-        &format!("git://127.0.0.1:{port}/fleet.git"),
+        &format!("git://127.0.0.1:{}/fleet.git", daemon.port),
         &f.art.url(),
         &c.agent_config(),
     );
