@@ -47,6 +47,10 @@ pub struct App {
     git_webhook: Option<GitWebhook>,
     /// The branch tip as fetched, and how long a long-poll of it is held at most.
     tip: Option<Tip>,
+    /// Git webhooks verified (0) and refused (1), for /metrics.
+    webhooks: Arc<[AtomicU64; 2]>,
+    /// Long-polls of the tip held now, for /metrics.
+    tip_waiting: Arc<AtomicU64>,
 }
 
 impl App {
@@ -69,6 +73,8 @@ impl App {
             server,
             git_webhook: None,
             tip: None,
+            webhooks: Arc::default(),
+            tip_waiting: Arc::default(),
         }
     }
 
@@ -358,6 +364,17 @@ async fn metrics(State(app): State<App>) -> Response {
                 "# TYPE drover_coordinator_rate_limited_total counter\ndrover_coordinator_rate_limited_total {}\n",
                 app.rate_limited.load(Ordering::Relaxed)
             ));
+            text.push_str("# TYPE drover_coordinator_git_webhooks_total counter\n");
+            for (i, result) in ["verified", "refused"].iter().enumerate() {
+                text.push_str(&format!(
+                    "drover_coordinator_git_webhooks_total{{result=\"{result}\"}} {}\n",
+                    app.webhooks[i].load(Ordering::Relaxed)
+                ));
+            }
+            text.push_str(&format!(
+                "# TYPE drover_coordinator_tip_waiting gauge\ndrover_coordinator_tip_waiting {}\n",
+                app.tip_waiting.load(Ordering::Relaxed)
+            ));
             text.push_str(&app.server.metrics());
             text.push_str("# TYPE drover_coordinator_http_responses_total counter\n");
             for (i, class) in ["2xx", "auth", "wait", "4xx", "5xx", "other"]
@@ -426,11 +443,13 @@ async fn git_webhook(State(app): State<App>, headers: HeaderMap, b: Body) -> Res
             Ok(forge) => {
                 // A full channel: a fetch is already due, which will see this push too.
                 let _ = wake.try_send(());
+                app.webhooks[0].fetch_add(1, Ordering::Relaxed);
                 tracing::info!(forge = ?forge, "git webhook: fetching the repo now");
                 Ok(serde_json::json!({ "fetching": true }))
             }
             Err(refused) => {
                 app.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                app.webhooks[1].fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(reason = %refused, "git webhook refused");
                 Err(ApiError::new(
                     401,
@@ -455,6 +474,22 @@ struct Tip {
     tip: tokio::sync::watch::Receiver<Option<String>>,
     max_wait: std::time::Duration,
     stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Counts a held long-poll while it lives (a request dropped by its client included).
+struct Held(Arc<AtomicU64>);
+
+impl Held {
+    fn new(count: &Arc<AtomicU64>) -> Held {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The query of `GET /v1/tip`.
@@ -493,6 +528,7 @@ async fn tip(State(app): State<App>, headers: HeaderMap, Query(q): Query<TipQuer
         // Nothing to tell yet (no fetch so far, or the asker has the tip): hold.
         if (current.is_none() || current.as_deref() == q.after.as_deref()) && !*stop.borrow() {
             let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0)).min(t.max_wait);
+            let _held = Held::new(&app.tip_waiting);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = rx.changed() => {}

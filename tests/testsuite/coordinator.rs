@@ -858,6 +858,14 @@ fn a_signed_push_webhook_makes_the_coordinator_fetch_at_once_and_a_forged_one_do
     let (status, answer) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
     assert_eq!(status, 202, "{answer}");
     c.wait_commit(&third);
+    let (s, m) = c.http("GET", "/metrics", Some(&token("watcher")), "", false);
+    assert_eq!(s, 200, "{m}");
+    let m = m.as_str().unwrap_or("");
+    assert!(
+        m.contains("drover_coordinator_git_webhooks_total{result=\"verified\"} 2\n")
+            && m.contains("drover_coordinator_git_webhooks_total{result=\"refused\"} 5\n"),
+        "{m}"
+    );
 
     // Bodies are read before they can be verified: eight slow senders at once hold all the
     // room there is; a ninth is told to retry, and once they go, webhooks are served again.

@@ -279,6 +279,21 @@ fn a_coordinated_agent_fetches_once_per_commit_and_polls_git_when_the_coordinato
                 .then_some(())
         },
     );
+    // The coordinator holds the agent's long-poll (/metrics counts it).
+    wait_for("the long-poll to be held", Duration::from_secs(10), || {
+        let (s, m) = c.http(
+            "GET",
+            "/metrics",
+            Some(&drover_tests::coordinator::token("watcher")),
+            "",
+            false,
+        );
+        (s == 200
+            && m.as_str()
+                .unwrap_or("")
+                .contains("drover_coordinator_tip_waiting 1\n"))
+        .then_some(())
+    });
     let before = fetches(&log);
     // Nothing changes: no fetch, though the poll interval is 1s.
     std::thread::sleep(Duration::from_secs(5));
