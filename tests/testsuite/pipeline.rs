@@ -453,7 +453,9 @@ fn a_job_cut_off_by_a_crash_fails_and_is_not_run_again_by_itself() {
             job.sha256
         ),
     );
-    f.repo.commit("migrate 5");
+    let commit = f.repo.commit("migrate 5");
+    // The coordinator has read it (else the lease is refused as stale and nothing runs).
+    c.wait_commit(&commit);
     let h = f.host_with("a1", "prod", &c.agent_config());
     // Killed as the command is about to run (the run is recorded first).
     let out = h.once_with(&[("DROVER_FAILPOINTS", "job:run=kill")]);
