@@ -442,12 +442,18 @@ fn deploy_with_verification(green_errors: &str) -> (Ecs, drover_tests::host::Out
     );
     let _traffic = Traffic::start(&[blue_port, green_port], 40);
     prom.wait_for_data(&ERROR_RATE.replace("{version}", "2.0.0"));
+    let out = deploy_2_over_live_1(&e);
+    (e, out)
+}
+
+/// With 1.0.0 live (checked), pins 2.0.0 and deploys it, the proxy's calls from then on only;
+/// the agent's `once`.
+fn deploy_2_over_live_1(e: &Ecs) -> drover_tests::host::Out {
     let out = e.agent(&["once"], &[]);
     assert_eq!(out.code, 0, "1.0.0 is already live: {}", out.all());
     e.proxy.clear();
     e.pin("2.0.0");
-    let out = e.agent(&["once"], &[]);
-    (e, out)
+    e.agent(&["once"], &[])
 }
 
 #[test]
@@ -517,11 +523,7 @@ fn deploy_with_cloudwatch(green_5xx: &str) -> (Ecs, drover_tests::host::Out) {
             .spawn()
             .expect("alb_metrics.py starts"),
     );
-    let out = e.agent(&["once"], &[]);
-    assert_eq!(out.code, 0, "1.0.0 is already live: {}", out.all());
-    e.proxy.clear();
-    e.pin("2.0.0");
-    let out = e.agent(&["once"], &[]);
+    let out = deploy_2_over_live_1(&e);
     (e, out)
 }
 

@@ -19,7 +19,7 @@ pub use cloudwatch::CloudWatch;
 pub use prometheus::Prometheus;
 use stats::{mann_whitney, median};
 
-use crate::spec::{CwQuery, Direction, OnMedium, ResolvedMetric, ResolvedVerify};
+use crate::spec::{CwQuery, Direction, OnMedium, ResolvedMetric, ResolvedVerify, fill_side};
 
 /// Significance for a failure.
 const P_FAIL: f64 = 0.01;
@@ -93,13 +93,7 @@ impl Query {
         let vars = side.vars();
         match &m.cloudwatch {
             Some(c) => Query::CloudWatch(c.fill(&vars)),
-            None => {
-                let mut q = m.query.clone();
-                for (name, value) in vars {
-                    q = q.replace(&format!("{{{name}}}"), value);
-                }
-                Query::Promql(q)
-            }
+            None => Query::Promql(fill_side(&m.query, &vars)),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::yaml::{self, Mark, Problem, Problems, Spanned};
 pub use leaf::{Account, ByteSize, Digest, Dur, Name, Pattern, RelPath, Version};
 pub use resolve::{
     CwQuery, ResolvedCloudWatch, ResolvedEcs, ResolvedEcsService, ResolvedJob, ResolvedMetric,
-    ResolvedVerify, alb_default_metrics,
+    ResolvedVerify, alb_default_metrics, fill_side,
 };
 pub use resolve::{
     EnvPolicy, Host, HostPlan, ResolvedHealth, ResolvedHook, ResolvedRun, ResolvedService,

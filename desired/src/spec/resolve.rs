@@ -195,14 +195,22 @@ pub struct CwQuery {
     pub divide_by: Option<(String, String)>,
 }
 
+/// `text` with each `{name}` of `vars` replaced: a side's names, kept in a rendered metric
+/// until the side is known.
+pub fn fill_side(text: &str, vars: &[(&str, &str)]) -> String {
+    let mut t = text.to_string();
+    for (name, value) in vars {
+        t = t.replace(&format!("{{{name}}}"), value);
+    }
+    t
+}
+
 impl CwQuery {
     /// This query with each `{name}` of `vars` replaced in the dimension values.
     pub fn fill(&self, vars: &[(&str, &str)]) -> CwQuery {
         let mut q = self.clone();
         for v in q.dimensions.values_mut() {
-            for (name, value) in vars {
-                *v = v.replace(&format!("{{{name}}}"), value);
-            }
+            *v = fill_side(v, vars);
         }
         q
     }
@@ -234,43 +242,45 @@ pub fn alb_default_metrics() -> Vec<ResolvedMetric> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let metric = |name: &str, metric: &str, stat: &str, divide_by: Option<(&str, &str)>| {
-        Some(CwQuery {
-            namespace: "AWS/ApplicationELB".into(),
-            metric: metric.into(),
-            stat: stat.into(),
-            dimensions: dims.clone(),
-            divide_by: divide_by.map(|(m, s)| (m.into(), s.into())),
-        })
-        .map(|q| (name.to_string(), q))
+    let metric = |metric: &str, stat: &str, divide_by: Option<(&str, &str)>| CwQuery {
+        namespace: "AWS/ApplicationELB".into(),
+        metric: metric.into(),
+        stat: stat.into(),
+        dimensions: dims.clone(),
+        divide_by: divide_by.map(|(m, s)| (m.into(), s.into())),
     };
-    let (ratio, time) = (
-        metric(
+    [
+        (
             "5xx_ratio",
-            "HTTPCode_Target_5XX_Count",
-            "Sum",
-            Some(("RequestCount", "Sum")),
+            metric(
+                "HTTPCode_Target_5XX_Count",
+                "Sum",
+                Some(("RequestCount", "Sum")),
+            ),
+            0.1,
+            0.01,
         ),
-        metric("response_time", "TargetResponseTime", "Average", None),
-    );
-    [(ratio, 0.1, 0.01), (time, 0.2, 0.05)]
-        .into_iter()
-        .filter_map(|(q, tolerance, tolerance_abs)| {
-            let (name, q) = q?;
-            Some(ResolvedMetric {
-                name,
-                query: String::new(),
-                cloudwatch: Some(q),
-                by_version: true,
-                max: None,
-                min: None,
-                baseline: true,
-                direction: Direction::Increase,
-                tolerance,
-                tolerance_abs,
-            })
-        })
-        .collect()
+        (
+            "response_time",
+            metric("TargetResponseTime", "Average", None),
+            0.2,
+            0.05,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, q, tolerance, tolerance_abs)| ResolvedMetric {
+        name: name.to_string(),
+        query: String::new(),
+        cloudwatch: Some(q),
+        by_version: true,
+        max: None,
+        min: None,
+        baseline: true,
+        direction: Direction::Increase,
+        tolerance,
+        tolerance_abs,
+    })
+    .collect()
 }
 
 /// An ECS service, rendered for one version.
