@@ -112,6 +112,10 @@ pub enum Command {
     },
     /// Metrics text.
     Metrics(Reply<String>),
+    /// The sender's report of an attempt at a notification.
+    Delivered(String, crate::notify::Attempt),
+    /// Notifications waiting or given up, and open incidents.
+    Notifications(Reply<crate::notify::Listing>),
 }
 
 /// Counters kept by the actor.
@@ -138,6 +142,8 @@ pub struct Settings {
     pub audit_max_age: Duration,
     /// At most this many audit entries are kept (the newest).
     pub audit_max_entries: u64,
+    /// Where stored notification deliveries go to be sent (none: they wait in the outbox).
+    pub outbox: Option<tokio::sync::mpsc::UnboundedSender<crate::notify::Delivery>>,
 }
 
 impl Default for Settings {
@@ -146,6 +152,7 @@ impl Default for Settings {
             tick: Duration::from_millis(250),
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
             audit_max_entries: 1_000_000,
+            outbox: None,
         }
     }
 }
@@ -224,6 +231,12 @@ pub fn run(
     let mut last_tick = Instant::now();
     let mut last_prune: Option<Instant> = None;
     let mut read_only: Option<ReadOnly> = None;
+    if let Some(o) = &settings.outbox {
+        // What was stored before a restart and not delivered yet.
+        for d in core.pending_deliveries() {
+            let _ = o.send(d);
+        }
+    }
     loop {
         let first = match rx.recv_timeout(tick) {
             Ok(c) => Some(c),
@@ -354,6 +367,13 @@ pub fn run(
                     stats.read_only = read_only.is_some();
                     let _ = reply.send(Ok(metrics(&core, &stats)));
                 }
+                Command::Delivered(id, attempt) => core.delivered(&id, attempt, now),
+                Command::Notifications(reply) => {
+                    let _ = reply.send(Ok(crate::notify::Listing {
+                        deliveries: core.notifications(),
+                        incidents: core.incidents(),
+                    }));
+                }
             }
         }
         if let Some(ro) = &mut read_only {
@@ -405,6 +425,16 @@ pub fn run(
                     for p in pending {
                         p(Ok(()));
                     }
+                    // Only once stored: a delivery is never sent for a change that was not.
+                    if let Some(o) = &settings.outbox {
+                        for c in &changes {
+                            if let crate::core::Change::Outbox(d) = c
+                                && d.failed_at_ms.is_none()
+                            {
+                                let _ = o.send((**d).clone());
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     stats.commit_errors += 1;
@@ -421,8 +451,10 @@ pub fn run(
                     match store.load() {
                         Ok(snap) => {
                             let max_hosts = core.max_hosts;
+                            let channels = std::mem::take(&mut core.channels);
                             core = Core::new(snap, core.lease_ttl_ms, core.heartbeat_ms, now);
                             core.max_hosts = max_hosts;
+                            core.channels = channels;
                             core.keep_expiries(&expiries);
                         }
                         Err(e2) => tracing::error!(error = %e2, "reloading state failed"),
@@ -491,6 +523,17 @@ fn metrics(core: &Core, s: &Stats) -> String {
     one("audit_pruned_total", "counter", s.audit_pruned.to_string());
     one("leases", "gauge", core.lease_count().to_string());
     one("hosts", "gauge", core.host_count().to_string());
+    let (waiting, failed, delivered, gave_up) = core.notification_counts();
+    t.push_str("# TYPE drover_coordinator_notifications gauge\n");
+    t.push_str(&format!(
+        "drover_coordinator_notifications{{state=\"waiting\"}} {waiting}\n\
+         drover_coordinator_notifications{{state=\"failed\"}} {failed}\n"
+    ));
+    t.push_str("# TYPE drover_coordinator_notifications_total counter\n");
+    t.push_str(&format!(
+        "drover_coordinator_notifications_total{{result=\"delivered\"}} {delivered}\n\
+         drover_coordinator_notifications_total{{result=\"gave_up\"}} {gave_up}\n"
+    ));
     t.push_str("# TYPE drover_coordinator_rollouts gauge\n");
     for (state, n) in core.rollout_counts() {
         t.push_str(&format!(
@@ -537,6 +580,12 @@ mod tests {
              drover_coordinator_leases 0\n\
              # TYPE drover_coordinator_hosts gauge\n\
              drover_coordinator_hosts 0\n\
+             # TYPE drover_coordinator_notifications gauge\n\
+             drover_coordinator_notifications{state=\"waiting\"} 0\n\
+             drover_coordinator_notifications{state=\"failed\"} 0\n\
+             # TYPE drover_coordinator_notifications_total counter\n\
+             drover_coordinator_notifications_total{result=\"delivered\"} 0\n\
+             drover_coordinator_notifications_total{result=\"gave_up\"} 0\n\
              # TYPE drover_coordinator_rollouts gauge\n"
         );
     }

@@ -157,6 +157,11 @@ impl Tokens {
         self.by_hash.get(&hash_token(token))
     }
 
+    /// The caller of the token named `name` (an identity Slack users map to).
+    pub fn by_name(&self, name: &str) -> Option<&Caller> {
+        self.by_hash.values().find(|c| c.name == name)
+    }
+
     /// The names of agent tokens that may act as any host (warned about at start).
     pub fn fleet_wide(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self

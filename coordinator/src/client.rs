@@ -309,6 +309,11 @@ impl Client {
             .await
     }
 
+    /// `GET path`, read as `R` (for answers whose types live with the server).
+    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.call::<(), _>(reqwest::Method::GET, path, None).await
+    }
+
     /// `GET /v1/history?limit=N`.
     pub async fn history(&self, limit: u32) -> Result<History, ClientError> {
         let path = format!("/v1/history?limit={limit}");

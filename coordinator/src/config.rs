@@ -13,6 +13,7 @@ use drover_desired::yaml::{self, Mark, Problem, Problems, Spanned};
 use serde::Deserialize;
 
 use crate::auth::{Caller, Role, Tokens, valid_host};
+use crate::notify::{ChannelSpec, Kind};
 use crate::webhook::SecretFiles;
 
 /// The file as written.
@@ -53,6 +54,37 @@ struct Input {
     /// Git push webhooks (`POST /v1/webhooks/git`): the secret files of the forges allowed
     /// to ask for a fetch.
     webhook: Option<Spanned<WebhookInput>>,
+    /// Where people reach the coordinator (links in notifications). Default: `listen`, as
+    /// https when TLS is set.
+    public_url: Option<Spanned<String>>,
+    /// Notification channels (Slack, PagerDuty, Jira, webhooks); Git routes events to them.
+    #[serde(default)]
+    notifications: Vec<Spanned<ChannelInput>>,
+}
+
+/// A notification channel as written. Which fields apply depends on `type`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelInput {
+    name: String,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    webhook_url_file: Option<String>,
+    bot_token_file: Option<String>,
+    channel: Option<String>,
+    signing_secret_file: Option<String>,
+    #[serde(default)]
+    slack_users: std::collections::BTreeMap<String, String>,
+    response_url_base: Option<String>,
+    base_url: Option<String>,
+    routing_key_file: Option<String>,
+    project: Option<String>,
+    issue_type: Option<String>,
+    email: Option<String>,
+    token_file: Option<String>,
+    url: Option<String>,
+    secret_file: Option<String>,
+    give_up_after: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +242,10 @@ pub struct Config {
     pub limits: Limits,
     /// Webhook secret files (none: `/v1/webhooks/git` answers 404).
     pub webhook: SecretFiles,
+    /// Where people reach the coordinator (links in notifications).
+    pub public_url: String,
+    /// Notification channels.
+    pub notifications: Vec<ChannelSpec>,
 }
 
 /// Whether `addr` is a loopback address (plain HTTP is only spoken there unless insecure).
@@ -525,6 +561,28 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         }
         files
     });
+    let public_url = match i.public_url {
+        Some(u) => {
+            let v = u.value.trim_end_matches('/').to_string();
+            if !(v.starts_with("https://") || v.starts_with("http://"))
+                || v.contains(char::is_whitespace)
+            {
+                problems.push(Problem::new(
+                    mark(&u.mark),
+                    format!(
+                        "public_url `{}` is not an http(s) URL like https://drover.example.com",
+                        u.value
+                    ),
+                ));
+            }
+            v
+        }
+        None => format!(
+            "{}://{listen}",
+            if tls.is_some() { "https" } else { "http" }
+        ),
+    };
+    let notifications = channels(i.notifications, &names, &mark, problems);
     Config {
         listen,
         sqlite,
@@ -549,7 +607,286 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             max_hosts,
         },
         webhook,
+        public_url,
+        notifications,
     }
+}
+
+/// Slack's own host for `response_url`s.
+const SLACK_HOOKS: &str = "https://hooks.slack.com/";
+/// The default give-up time of a channel.
+const GIVE_UP_DEFAULT: Duration = Duration::from_secs(24 * 3600);
+
+/// Validates `notifications:`: each channel with the fields of its type and no others,
+/// absolute secret file paths, http(s) URLs, Slack users mapped to known tokens.
+fn channels(
+    input: Vec<Spanned<ChannelInput>>,
+    tokens: &HashSet<String>,
+    mark: &dyn Fn(&Mark) -> Mark,
+    problems: &mut Vec<Problem>,
+) -> Vec<ChannelSpec> {
+    let mut out: Vec<ChannelSpec> = Vec::new();
+    if input.len() > 64 {
+        problems.push(Problem::new(
+            mark(&input[64].mark),
+            format!("notifications: {} channels; at most 64", input.len()),
+        ));
+    }
+    for c in input {
+        let (m, c) = (mark(&c.mark), c.value);
+        let name = c.name.clone();
+        let mut errs: Vec<String> = Vec::new();
+        if drover_desired::spec::Name::parse(&c.name).is_err() {
+            errs.push("the name must be lowercase letters, digits, `-` and `_` (it is what `notify:` in Git names)".into());
+        }
+        if out.iter().any(|o| o.name == c.name) {
+            errs.push("defined twice".into());
+        }
+        let kind = match c.kind.value.as_str() {
+            "slack" => Kind::Slack,
+            "pagerduty" => Kind::Pagerduty,
+            "jira" => Kind::Jira,
+            "webhook" => Kind::Webhook,
+            other => {
+                errs.push(format!(
+                    "type `{other}` is not one of slack, pagerduty, jira, webhook"
+                ));
+                problems.extend(errs.into_iter().map(|text| {
+                    Problem::new(m.clone(), format!("notification channel `{name}`: {text}"))
+                }));
+                continue;
+            }
+        };
+        let file = |errs: &mut Vec<String>, what: &str, p: &Option<String>| -> Option<PathBuf> {
+            match p {
+                Some(p) if p.starts_with('/') => Some(PathBuf::from(p)),
+                Some(p) => {
+                    errs.push(format!("{what} `{p}` must be an absolute path"));
+                    None
+                }
+                None => None,
+            }
+        };
+        let files = [
+            (
+                "webhook_url_file",
+                file(&mut errs, "webhook_url_file", &c.webhook_url_file),
+            ),
+            (
+                "bot_token_file",
+                file(&mut errs, "bot_token_file", &c.bot_token_file),
+            ),
+            (
+                "signing_secret_file",
+                file(&mut errs, "signing_secret_file", &c.signing_secret_file),
+            ),
+            (
+                "routing_key_file",
+                file(&mut errs, "routing_key_file", &c.routing_key_file),
+            ),
+            ("token_file", file(&mut errs, "token_file", &c.token_file)),
+            (
+                "secret_file",
+                file(&mut errs, "secret_file", &c.secret_file),
+            ),
+        ];
+        let f = |what: &str| {
+            files
+                .iter()
+                .find(|(w, _)| *w == what)
+                .and_then(|(_, p)| p.clone())
+        };
+        // The fields each type takes (the others are refused: a typo must not pass silently).
+        let allowed: &[&str] = match kind {
+            Kind::Slack => &[
+                "webhook_url_file",
+                "bot_token_file",
+                "channel",
+                "signing_secret_file",
+                "slack_users",
+                "response_url_base",
+                "base_url",
+            ],
+            Kind::Pagerduty => &["routing_key_file", "base_url"],
+            Kind::Jira => &["base_url", "project", "issue_type", "email", "token_file"],
+            Kind::Webhook => &["url", "secret_file"],
+        };
+        let given = [
+            ("webhook_url_file", c.webhook_url_file.is_some()),
+            ("bot_token_file", c.bot_token_file.is_some()),
+            ("channel", c.channel.is_some()),
+            ("signing_secret_file", c.signing_secret_file.is_some()),
+            ("slack_users", !c.slack_users.is_empty()),
+            ("response_url_base", c.response_url_base.is_some()),
+            ("base_url", c.base_url.is_some()),
+            ("routing_key_file", c.routing_key_file.is_some()),
+            ("project", c.project.is_some()),
+            ("issue_type", c.issue_type.is_some()),
+            ("email", c.email.is_some()),
+            ("token_file", c.token_file.is_some()),
+            ("url", c.url.is_some()),
+            ("secret_file", c.secret_file.is_some()),
+        ];
+        for (field, set) in given {
+            if set && !allowed.contains(&field) {
+                errs.push(format!(
+                    "`{field}` does not apply to a {} channel (it takes {})",
+                    kind.name(),
+                    allowed.join(", ")
+                ));
+            }
+        }
+        let url =
+            |errs: &mut Vec<String>, what: &str, v: Option<&String>, default: &str| -> String {
+                let v = v
+                    .map_or(default, |s| s.as_str())
+                    .trim_end_matches('/')
+                    .to_string();
+                if !(v.starts_with("https://") || v.starts_with("http://"))
+                    || v.contains(char::is_whitespace)
+                {
+                    errs.push(format!("{what} `{v}` is not an http(s) URL"));
+                }
+                v
+            };
+        let base_url = match kind {
+            Kind::Slack => url(
+                &mut errs,
+                "base_url",
+                c.base_url.as_ref(),
+                "https://slack.com/api",
+            ),
+            Kind::Pagerduty => url(
+                &mut errs,
+                "base_url",
+                c.base_url.as_ref(),
+                "https://events.pagerduty.com",
+            ),
+            Kind::Jira => match &c.base_url {
+                Some(b) => url(&mut errs, "base_url", Some(b), ""),
+                None => {
+                    errs.push("base_url is missing (e.g. https://example.atlassian.net)".into());
+                    String::new()
+                }
+            },
+            Kind::Webhook => String::new(),
+        };
+        let response_url_base = {
+            let v = c
+                .response_url_base
+                .clone()
+                .unwrap_or_else(|| SLACK_HOOKS.into());
+            if !(v.starts_with("https://") || v.starts_with("http://")) || !v.ends_with('/') {
+                errs.push(format!(
+                    "response_url_base `{v}` must be an http(s) URL ending in `/` (Slack's is {SLACK_HOOKS})"
+                ));
+            }
+            v
+        };
+        let webhook_url = match kind {
+            Kind::Webhook => match &c.url {
+                Some(u) => url(&mut errs, "url", Some(u), ""),
+                None => {
+                    errs.push("url is missing".into());
+                    String::new()
+                }
+            },
+            _ => String::new(),
+        };
+        match kind {
+            Kind::Slack => {
+                match (&c.webhook_url_file, &c.bot_token_file, &c.channel) {
+                    (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+                    _ => errs.push(
+                        "give either webhook_url_file (an incoming webhook), or bot_token_file and channel (chat.postMessage)".into(),
+                    ),
+                }
+                if !c.slack_users.is_empty() && c.signing_secret_file.is_none() {
+                    errs.push("slack_users needs signing_secret_file: clicks are only trusted when Slack's signature verifies".into());
+                }
+                for (uid, who) in &c.slack_users {
+                    if !crate::core::valid_name(uid, 64) {
+                        errs.push(format!(
+                            "slack_users: `{uid}` is not a Slack user id (like U0123ABC)"
+                        ));
+                    }
+                    if !tokens.contains(who) {
+                        errs.push(format!(
+                            "slack_users: `{uid}` maps to `{who}`, which is not a token name in `tokens:` (the identity whose role and groups apply)"
+                        ));
+                    }
+                }
+            }
+            Kind::Pagerduty => {
+                if c.routing_key_file.is_none() {
+                    errs.push(
+                        "routing_key_file is missing (the integration's Events API v2 key)".into(),
+                    );
+                }
+            }
+            Kind::Jira => {
+                for (what, v) in [("project", &c.project), ("issue_type", &c.issue_type)] {
+                    if v.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                        errs.push(format!("{what} is missing"));
+                    }
+                }
+                if c.project
+                    .as_deref()
+                    .is_some_and(|p| !p.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'))
+                {
+                    errs.push("project must be a project key (letters, digits, `_`)".into());
+                }
+                if c.token_file.is_none() {
+                    errs.push("token_file is missing (with email: an API token; without: a personal access token)".into());
+                }
+            }
+            Kind::Webhook => {
+                if c.secret_file.is_none() {
+                    errs.push(
+                        "secret_file is missing (receivers verify X-Drover-Signature-256 with it)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        let give_up_after = match c.give_up_after {
+            Some(d) if d.value.0 < Duration::from_secs(1) => {
+                errs.push("give_up_after must be at least 1s".into());
+                GIVE_UP_DEFAULT
+            }
+            Some(d) if d.value.0 > Duration::from_secs(30 * 24 * 3600) => {
+                errs.push("give_up_after must be at most 30d".into());
+                GIVE_UP_DEFAULT
+            }
+            Some(d) => d.value.0,
+            None => GIVE_UP_DEFAULT,
+        };
+        problems.extend(
+            errs.into_iter().map(|text| {
+                Problem::new(m.clone(), format!("notification channel `{name}`: {text}"))
+            }),
+        );
+        out.push(ChannelSpec {
+            name: c.name,
+            kind,
+            webhook_url_file: f("webhook_url_file"),
+            bot_token_file: f("bot_token_file"),
+            slack_channel: c.channel,
+            signing_secret_file: f("signing_secret_file"),
+            slack_users: c.slack_users,
+            response_url_base,
+            base_url,
+            routing_key_file: f("routing_key_file"),
+            project: c.project.unwrap_or_default(),
+            issue_type: c.issue_type.unwrap_or_default(),
+            email: c.email,
+            token_file: f("token_file"),
+            url: webhook_url,
+            secret_file: f("secret_file"),
+            give_up_after,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -676,6 +1013,123 @@ mod tests {
             let e = cfg(webhook).unwrap_err().to_string();
             assert!(e.contains("c.yaml:3:"), "{webhook}: {e}");
             assert!(e.contains(says), "{webhook}: {e}");
+        }
+    }
+
+    #[test]
+    fn notification_channels_take_the_fields_of_their_type() {
+        let cfg = |channels: &str| {
+            Config::parse(
+                "c.yaml",
+                &format!(
+                    "store: {{ sqlite: /x/c.db }}\nrepo: {{ url: /r }}\n{channels}tokens:\n  - {{ name: alice, role: approver, sha256: {H} }}\n"
+                ),
+            )
+        };
+        let c = cfg(
+            "public_url: https://drover.example.com/\nnotifications:\n\
+             \x20 - { name: deploys-slack, type: slack, webhook_url_file: /s/url, signing_secret_file: /s/sign, slack_users: { U0123: alice } }\n\
+             \x20 - { name: prod-pager, type: pagerduty, routing_key_file: /s/pd, base_url: http://127.0.0.1:9/ }\n\
+             \x20 - { name: ops-jira, type: jira, base_url: https://jira.example, project: OPS, issue_type: Bug, email: ops@example.com, token_file: /s/jira, give_up_after: 2h }\n\
+             \x20 - { name: audit-hook, type: webhook, url: https://hook.example/in, secret_file: /s/hook }\n",
+        )
+        .unwrap();
+        assert_eq!(c.public_url, "https://drover.example.com");
+        let n = &c.notifications;
+        assert_eq!(n.len(), 4);
+        assert_eq!(n[0].kind, Kind::Slack);
+        assert_eq!(n[0].response_url_base, "https://hooks.slack.com/");
+        assert_eq!(n[0].slack_users["U0123"], "alice");
+        assert_eq!(n[1].base_url, "http://127.0.0.1:9");
+        assert_eq!(n[2].give_up_after, Duration::from_secs(7200));
+        assert_eq!(n[3].give_up_after, Duration::from_secs(24 * 3600));
+        assert_eq!(n[3].url, "https://hook.example/in");
+        // Defaults: PagerDuty's and Slack's own hosts; the listen address for links.
+        let c = cfg("notifications: [{ name: p, type: pagerduty, routing_key_file: /s/pd }]\n")
+            .unwrap();
+        assert_eq!(c.notifications[0].base_url, "https://events.pagerduty.com");
+        assert_eq!(c.public_url, "http://127.0.0.1:7070");
+        for (channels, says) in [
+            (
+                "notifications: [{ name: x, type: teams }]\n",
+                "type `teams` is not one of slack, pagerduty, jira, webhook",
+            ),
+            (
+                "notifications: [{ name: Bad, type: webhook, url: https://h, secret_file: /s }]\n",
+                "the name must be lowercase",
+            ),
+            (
+                "notifications: [{ name: x, type: webhook, url: https://h, secret_file: /s }, { name: x, type: webhook, url: https://h, secret_file: /s }]\n",
+                "`x`: defined twice",
+            ),
+            (
+                "notifications: [{ name: x, type: webhook, url: https://h }]\n",
+                "secret_file is missing",
+            ),
+            (
+                "notifications: [{ name: x, type: webhook, url: ftp://h, secret_file: /s }]\n",
+                "url `ftp://h` is not an http(s) URL",
+            ),
+            (
+                "notifications: [{ name: x, type: webhook, url: https://h, secret_file: s }]\n",
+                "secret_file `s` must be an absolute path",
+            ),
+            (
+                "notifications: [{ name: x, type: webhook, url: https://h, secret_file: /s, project: OPS }]\n",
+                "`project` does not apply to a webhook channel",
+            ),
+            (
+                "notifications: [{ name: x, type: slack }]\n",
+                "give either webhook_url_file",
+            ),
+            (
+                "notifications: [{ name: x, type: slack, bot_token_file: /t }]\n",
+                "give either webhook_url_file",
+            ),
+            (
+                "notifications: [{ name: x, type: slack, webhook_url_file: /u, slack_users: { U1: alice } }]\n",
+                "slack_users needs signing_secret_file",
+            ),
+            (
+                "notifications: [{ name: x, type: slack, webhook_url_file: /u, signing_secret_file: /s, slack_users: { U1: mallory } }]\n",
+                "maps to `mallory`, which is not a token name",
+            ),
+            (
+                "notifications: [{ name: x, type: slack, webhook_url_file: /u, response_url_base: https://hooks.example }]\n",
+                "must be an http(s) URL ending in `/`",
+            ),
+            (
+                "notifications: [{ name: x, type: pagerduty }]\n",
+                "routing_key_file is missing",
+            ),
+            (
+                "notifications: [{ name: x, type: jira, project: OPS, issue_type: Bug, token_file: /t }]\n",
+                "base_url is missing",
+            ),
+            (
+                "notifications: [{ name: x, type: jira, base_url: https://j, project: O-P, issue_type: Bug, token_file: /t }]\n",
+                "project must be a project key",
+            ),
+            (
+                "notifications: [{ name: x, type: jira, base_url: https://j, project: OPS, token_file: /t }]\n",
+                "issue_type is missing",
+            ),
+            (
+                "notifications: [{ name: x, type: pagerduty, routing_key_file: /k, give_up_after: 500ms }]\n",
+                "give_up_after must be at least 1s",
+            ),
+            (
+                "notifications: [{ name: x, type: pagerduty, routing_key: abc }]\n",
+                "unknown field `routing_key`",
+            ),
+            (
+                "public_url: drover.example.com\n",
+                "public_url `drover.example.com` is not an http(s) URL",
+            ),
+        ] {
+            let e = cfg(channels).unwrap_err().to_string();
+            assert!(e.contains("c.yaml:3:"), "{channels}: {e}");
+            assert!(e.contains(says), "{channels}: {e}");
         }
     }
 

@@ -89,6 +89,19 @@ fn desired(repo: &Repo, snap: &Snapshot, now: u64) -> Desired {
                         .filter(|s| repo.services.get(*s).is_some_and(|d| d.kind == Kind::Job))
                         .cloned()
                         .collect(),
+                    notify: env
+                        .notify
+                        .iter()
+                        .map(|r| crate::notify::Route {
+                            on: r.value.on.iter().map(|e| e.value).collect(),
+                            to: r
+                                .value
+                                .to
+                                .iter()
+                                .map(|c| c.value.as_str().to_string())
+                                .collect(),
+                        })
+                        .collect(),
                 },
             )
         })

@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 use crate::actor::{Command, Reply};
 use crate::auth::{Caller, Need, RateLimiter, Tokens, cap};
 use crate::core::ApiError;
+use crate::notify::slack as slack_verify;
+use crate::notify::{Channel, Target};
 use crate::server::ServerStats;
 use crate::webhook::{self, Secrets};
 use crate::wire::{
@@ -51,6 +53,27 @@ pub struct App {
     webhooks: Arc<[AtomicU64; 2]>,
     /// Long-polls of the tip held now, for /metrics.
     tip_waiting: Arc<AtomicU64>,
+    /// Slack apps whose signed button clicks approve and reject.
+    slack: Option<Slack>,
+}
+
+/// What `POST /v1/integrations/slack/actions` needs.
+#[derive(Clone)]
+struct Slack {
+    /// The Slack channels with a signing secret.
+    apps: Arc<Vec<SlackApp>>,
+    /// Bounds the bodies read at once (read before they can be verified).
+    reading: Arc<tokio::sync::Semaphore>,
+    /// Posts to `response_url`s.
+    client: reqwest::Client,
+}
+
+/// One Slack channel's click settings.
+struct SlackApp {
+    channel: String,
+    signing_secret: Vec<u8>,
+    users: std::collections::BTreeMap<String, String>,
+    response_url_base: String,
 }
 
 impl App {
@@ -75,7 +98,38 @@ impl App {
             tip: None,
             webhooks: Arc::default(),
             tip_waiting: Arc::default(),
+            slack: None,
         }
+    }
+
+    /// Takes Slack's button clicks for the Slack channels of `channels` that have a signing
+    /// secret (none: `/v1/integrations/slack/actions` answers 404).
+    pub fn with_slack(mut self, channels: &std::collections::BTreeMap<String, Channel>) -> App {
+        let apps: Vec<SlackApp> = channels
+            .values()
+            .filter_map(|c| match &c.target {
+                Target::Slack {
+                    signing_secret: Some(secret),
+                    users,
+                    response_url_base,
+                    ..
+                } => Some(SlackApp {
+                    channel: c.name.clone(),
+                    signing_secret: secret.clone(),
+                    users: users.clone(),
+                    response_url_base: response_url_base.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if !apps.is_empty() {
+            self.slack = Some(Slack {
+                apps: Arc::new(apps),
+                reading: Arc::new(tokio::sync::Semaphore::new(WEBHOOKS_AT_ONCE)),
+                client: crate::notify::sender::client(),
+            });
+        }
+        self
     }
 
     /// Serves `GET /v1/tip` from `tip`, holding a long-poll at most `max_wait`, or until
@@ -143,6 +197,9 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/rollouts/{env}/{service}/{verb}", post(operate))
         .route("/v1/webhooks/git", post(git_webhook))
+        .route("/v1/integrations/slack/actions", post(slack_actions))
+        .route("/v1/notifications", get(notifications))
+        .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/tip", get(tip))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
         .with_state(app)
@@ -622,6 +679,194 @@ async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
     }
     .await;
     answer(&app, r)
+}
+
+/// `GET /v1/rollouts/{id}`: one rollout (what notifications link to).
+async fn rollout(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Read, "rollout")?;
+        limit(&app, &who, None)?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| ApiError::bad_request("a rollout id is a number"))?;
+        let status = ask(&app, Command::Status).await?;
+        status
+            .rollouts
+            .into_iter()
+            .find(|r| r.id == id)
+            .map(|rollout| crate::wire::RolloutReply { rollout })
+            .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+    }
+    .await;
+    answer(&app, r)
+}
+
+/// `GET /v1/notifications`: deliveries waiting or given up, and open incidents.
+async fn notifications(State(app): State<App>, headers: HeaderMap) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Read, "notifications")?;
+        limit(&app, &who, None)?;
+        ask(&app, Command::Notifications).await
+    }
+    .await;
+    answer(&app, r)
+}
+
+/// Largest Slack interaction payload read (drover's messages are small; Slack echoes them).
+const MAX_SLACK_BODY: usize = 256 << 10;
+
+/// `POST /v1/integrations/slack/actions`: a click on an approval message's button. Slack's
+/// signature is the authentication (401 and nothing happens without a valid one, or with a
+/// timestamp over 5 minutes away); the Slack user is mapped to a drover identity whose role
+/// and groups apply as in the API. Slack gets 200 at once; the outcome replaces the message
+/// through its `response_url` (or, refused, is shown to the clicking user only).
+async fn slack_actions(State(app): State<App>, headers: HeaderMap, b: Body) -> Response {
+    let r = async {
+        let Some(slack) = &app.slack else {
+            return Err(ApiError::not_found(
+                "Slack actions are not set up: a slack channel in coordinator.yaml's notifications needs signing_secret_file",
+            ));
+        };
+        let Ok(_permit) = slack.reading.try_acquire() else {
+            return Err(ApiError::rate_limited(
+                1000,
+                format!("{WEBHOOKS_AT_ONCE} Slack requests are being read; retry"),
+            ));
+        };
+        let bytes = axum::body::to_bytes(b, MAX_SLACK_BODY).await.map_err(|_| {
+            ApiError::new(
+                413,
+                crate::wire::ErrorKind::PayloadTooLarge,
+                format!("Slack request body over {MAX_SLACK_BODY} bytes"),
+            )
+        })?;
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let now_s = crate::actor::now_ms() / 1000;
+        let mut refused = slack_verify::Refused::Unsigned;
+        let app_ok = slack.apps.iter().find(|a| {
+            match slack_verify::verify(
+                &a.signing_secret,
+                header("x-slack-request-timestamp"),
+                header("x-slack-signature"),
+                &bytes,
+                now_s,
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    refused = e;
+                    false
+                }
+            }
+        });
+        let Some(sapp) = app_ok else {
+            app.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(reason = %refused, "Slack action refused");
+            return Err(ApiError::new(
+                401,
+                crate::wire::ErrorKind::Unauthorized,
+                refused.to_string(),
+            ));
+        };
+        let click = slack_verify::parse(&bytes).map_err(ApiError::bad_request)?;
+        let respond = |body: serde_json::Value| {
+            let Some(url) = click.response_url.clone() else {
+                return;
+            };
+            if !url.starts_with(&sapp.response_url_base) {
+                tracing::warn!(channel = %sapp.channel, "Slack response_url is not under the channel's response_url_base; not answered");
+                return;
+            }
+            let client = slack.client.clone();
+            tokio::spawn(async move {
+                match client.post(&url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => tracing::warn!(status = r.status().as_u16(), "Slack response_url refused the answer"),
+                    Err(e) => tracing::warn!(error = %e.without_url(), "Slack response_url unreachable"),
+                }
+            });
+        };
+        let what = format!(
+            "{} {}/{}/{} from Slack",
+            if click.approve { "approve" } else { "reject" },
+            click.environment,
+            click.service,
+            click.version
+        );
+        let Some(who) = sapp
+            .users
+            .get(&click.user)
+            .and_then(|name| app.tokens().by_name(name).cloned())
+        else {
+            let why = format!(
+                "Slack user {} is not mapped to a drover identity (slack_users of channel {})",
+                click.user, sapp.channel
+            );
+            let _ = app.tx.send(Command::Denied {
+                who: format!("slack:{}", click.user),
+                what: what.clone(),
+                why: why.clone(),
+            });
+            respond(slack_verify::ephemeral(&format!("drover: not done. {why}.")));
+            return Ok(serde_json::json!({}));
+        };
+        if !Need::Approve.allows(who.role) {
+            let why = format!(
+                "{} (Slack user {}) has role {}; approving needs {}",
+                who.name,
+                click.user,
+                who.role.name(),
+                Need::Approve.roles()
+            );
+            let e = deny(&app, &who, &what, why.clone());
+            respond(slack_verify::ephemeral(&format!("drover: not done. {}", e.body.message)));
+            return Ok(serde_json::json!({}));
+        }
+        if let Err(e) = limit(&app, &who, None) {
+            respond(slack_verify::ephemeral(&format!("drover: not done. {}", e.body.message)));
+            return Ok(serde_json::json!({}));
+        }
+        let (env, service, version, approve) = (
+            click.environment.clone(),
+            click.service.clone(),
+            click.version.clone(),
+            click.approve,
+        );
+        let name = who.name.clone();
+        let done = ask(&app, |reply| Command::Decide {
+            env,
+            service,
+            version,
+            approve,
+            during_freeze: false,
+            caller: who,
+            reply,
+        })
+        .await;
+        tracing::info!(user = %click.user, who = %name, %what, ok = done.is_ok(), "Slack action");
+        match done {
+            Ok(r) => respond(slack_verify::answer(&format!(
+                "{}/{}/{}: {} by {name} (from Slack). Rollout {} is {}.",
+                r.rollout.environment,
+                r.rollout.service,
+                r.rollout.version,
+                if click.approve { "approved" } else { "rejected" },
+                r.rollout.id,
+                r.rollout.state
+            ))),
+            Err(e) => respond(slack_verify::ephemeral(&format!(
+                "drover: not done. {}",
+                e.body.message
+            ))),
+        }
+        Ok(serde_json::json!({}))
+    }
+    .await;
+    let resp = match r {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    };
+    count(&app, resp.status().as_u16());
+    resp
 }
 
 #[derive(serde::Deserialize)]

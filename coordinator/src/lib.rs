@@ -28,6 +28,8 @@ pub mod git;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]
+pub mod notify;
+#[cfg(feature = "server")]
 pub mod rollout;
 #[cfg(feature = "server")]
 pub mod server;

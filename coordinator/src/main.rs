@@ -12,6 +12,7 @@ use drover_coordinator::auth::hash_token;
 use drover_coordinator::config::Config;
 use drover_coordinator::core::Core;
 use drover_coordinator::http::{App, metrics_router, router};
+use drover_coordinator::notify;
 use drover_coordinator::server::{self, ServerStats};
 use drover_coordinator::store::{Sqlite, Store, dump};
 use drover_coordinator::tls::{self, TlsSlot};
@@ -326,6 +327,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
         now_ms(),
     );
     core.max_hosts = config.limits.max_hosts as usize;
+    let channels: std::collections::BTreeMap<String, notify::Channel> = config
+        .notifications
+        .iter()
+        .map(|spec| spec.load().map(|c| (c.name.clone(), c)))
+        .collect::<Result<_, _>>()
+        .context("reading the notification channels' secret files")?;
+    core.channels = channels
+        .iter()
+        .map(|(n, c)| (n.clone(), c.target.kind()))
+        .collect();
+    let channels = Arc::new(channels);
+    let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     for name in config.tokens.fleet_wide() {
         tracing::warn!(
             token = name,
@@ -337,6 +350,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let settings = Settings {
         audit_max_age: config.audit_max_age,
         audit_max_entries: config.audit_max_entries,
+        outbox: Some(outbox_tx),
         ..Settings::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -384,6 +398,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
             wake_rx,
             stop_rx.clone(),
         ));
+        let sender = {
+            let tx = tx.clone();
+            tokio::spawn(notify::sender::run(
+                channels.clone(),
+                config.public_url.clone(),
+                outbox_rx,
+                Arc::new(move |id, attempt| {
+                    let _ = tx.send(actor::Command::Delivered(id, attempt));
+                }),
+            ))
+        };
         let stats = Arc::new(ServerStats::default());
         let app = App::new(
             tx,
@@ -393,6 +418,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             stats.clone(),
         )
         .with_git_webhook(webhook_secrets, webhook_wake)
+        .with_slack(&channels)
         // A long-poll ends well before the request timeout would cut it.
         .with_tip(
             tip_rx,
@@ -442,6 +468,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         })
         .await;
         hup.abort();
+        // The sender holds a way to the actor: it goes first, so that the actor can stop.
+        sender.abort();
+        let _ = sender.await;
         let _ = stop_tx.send(true);
         if let Some(m) = metrics {
             let _ = m.await;

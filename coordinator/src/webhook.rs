@@ -48,7 +48,7 @@ impl std::fmt::Debug for Secrets {
 
 /// Why a secret file cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("webhook secret file {path}: {problem}")]
+#[error("secret file {path}: {problem}")]
 pub struct SecretError {
     /// The file.
     pub path: String,
@@ -57,6 +57,15 @@ pub struct SecretError {
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
+    read_secret_file(
+        path,
+        "anyone on this host could trigger fetches as the forge",
+    )
+}
+
+/// Reads a secret file: not readable by every user (`exposure` says what a reader could do),
+/// at most 4 KiB, trimmed, not empty.
+pub(crate) fn read_secret_file(path: &Path, exposure: &str) -> Result<Vec<u8>, SecretError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |problem: String| SecretError {
         path: path.display().to_string(),
@@ -64,9 +73,9 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
     };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
     if meta.permissions().mode() & 0o004 != 0 {
-        return Err(err(
-            "readable by every user: anyone on this host could trigger fetches as the forge; chmod 600 it".into(),
-        ));
+        return Err(err(format!(
+            "readable by every user: {exposure}; chmod 600 it"
+        )));
     }
     let text = drover_desired::file::read_text_capped(path, MAX_SECRET)
         .map_err(|e| err(format!("{e} (at most {MAX_SECRET} bytes)")))?;
@@ -131,7 +140,8 @@ pub enum Refused {
     Mismatch(&'static str),
 }
 
-fn hmac_matches(secret: &[u8], body: &[u8], hex_sig: &str) -> bool {
+/// Whether `hex_sig` is the HMAC-SHA256 of `body` with `secret` (compared in constant time).
+pub(crate) fn hmac_matches(secret: &[u8], body: &[u8], hex_sig: &str) -> bool {
     let Ok(sig) = hex::decode(hex_sig.trim()) else {
         return false;
     };
@@ -141,6 +151,13 @@ fn hmac_matches(secret: &[u8], body: &[u8], hex_sig: &str) -> bool {
     mac.update(body);
     // Constant time.
     mac.verify_slice(&sig).is_ok()
+}
+
+/// Hex HMAC-SHA256 of `body` with `secret`.
+pub(crate) fn hmac_hex(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
 }
 
 /// Compares tokens in time independent of where they differ (both are hashed first).

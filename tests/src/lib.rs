@@ -15,6 +15,7 @@ pub mod host;
 pub mod lighttpd;
 pub mod nspawn;
 pub mod prometheus;
+pub mod receiver;
 pub mod tls;
 
 use std::net::TcpListener;

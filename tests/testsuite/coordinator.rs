@@ -730,7 +730,7 @@ fn an_unreachable_coordinator_keeps_the_running_version() {
 }
 
 /// HMAC-SHA256 of `body` with `key`, hex, computed by openssl (not by drover's code).
-fn openssl_hmac(key: &str, body: &[u8]) -> String {
+pub(crate) fn openssl_hmac(key: &str, body: &[u8]) -> String {
     use std::io::Write;
     let mut child = std::process::Command::new("openssl")
         .args(["dgst", "-sha256", "-hmac", key])

@@ -9,6 +9,7 @@ mod git;
 mod gitops;
 mod hostile;
 mod metrics;
+mod notify;
 mod packaging;
 mod pipeline;
 mod recovery;

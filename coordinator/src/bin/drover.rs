@@ -1,12 +1,14 @@
 //! `drover`: the operator CLI of the coordinator — fleet status, approvals, pause/resume/abort,
-//! retry, rollback, history.
+//! retry, rollback, history, notifications.
 
 use drover_desired::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use drover_coordinator::actor::now_ms;
 use drover_coordinator::client::{Client, ClientError};
+use drover_coordinator::notify::Listing;
 use drover_coordinator::view::{self, Filter, Label, RowState, rollout_line, time};
 use drover_coordinator::wire::RolloutReply;
 
@@ -130,6 +132,13 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Notifications waiting to be delivered (with their last error and next attempt) or
+    /// given up, and the open PagerDuty alerts and Jira issues.
+    Notifications {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -232,6 +241,14 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
         Command::Rollback { env, service, to } => {
             print_rollout(&c.rollback(&env, &service, to.as_deref()).await?)
         }
+        Command::Notifications { json } => {
+            let l: Listing = c.get("/v1/notifications").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l).expect("json"));
+            } else {
+                print!("{}", printable(&notifications_table(&l, now_ms())));
+            }
+        }
         Command::History { json, limit } => {
             let h = c.history(limit).await?;
             if json {
@@ -256,4 +273,49 @@ async fn run(cli: Cli, token: &str) -> Result<(), ClientError> {
 
 fn print_rollout(r: &RolloutReply) {
     println!("{}", printable(&rollout_line(&r.rollout)));
+}
+
+/// `drover notifications` as text: one line per delivery, then the open incidents.
+fn notifications_table(l: &Listing, now: u64) -> String {
+    let mut t = String::new();
+    if l.deliveries.is_empty() {
+        t.push_str("no notification waits or failed\n");
+    }
+    for d in &l.deliveries {
+        let state = match d.failed_at_ms {
+            Some(_) => "FAILED".to_string(),
+            None if d.next_at_ms > now => {
+                format!("retry in {}s", (d.next_at_ms - now).div_ceil(1000))
+            }
+            None => "sending".to_string(),
+        };
+        t.push_str(&format!(
+            "{:<14} {:<16} {:<20} {:<12} {} attempt(s)  {}  delivery {}\n",
+            state,
+            d.channel,
+            d.notice.event.name(),
+            d.action.name(),
+            d.attempts,
+            d.notice.subject(),
+            d.id
+        ));
+        if let Some(e) = &d.last_error {
+            t.push_str(&format!("    last error: {e}\n"));
+        }
+    }
+    for i in &l.incidents {
+        t.push_str(&format!(
+            "open incident on {}: {}/{} (rollout {}, dedup key {}{})\n",
+            i.channel,
+            i.environment,
+            i.service,
+            i.rollout,
+            i.dedup_key,
+            i.issue
+                .as_deref()
+                .map(|k| format!(", issue {k}"))
+                .unwrap_or_default()
+        ));
+    }
+    t
 }

@@ -356,6 +356,14 @@ impl Core {
                 &k,
                 format!("risk {}: {}", v.risk, cap(&v.summary, 1024)),
             );
+            if v.risk == crate::wire::Risk::Medium {
+                self.notify(
+                    rid,
+                    crate::notify::Event::VerificationMedium,
+                    Some(&lease.host),
+                    now,
+                );
+            }
         }
         let job = self.rollouts[&rid].job;
         match (lease.purpose, req.outcome) {

@@ -11,7 +11,10 @@
 mod desired;
 mod hosts;
 mod leases;
+mod notices;
 mod ops;
+
+pub use notices::{MAX_FAILED, MAX_PENDING};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -194,6 +197,9 @@ pub struct EnvDesired {
     /// The pinned services that are jobs (`kind: job`): run once, on one host.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub jobs: BTreeSet<String>,
+    /// Who is told what (`notify:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<crate::notify::Route>,
 }
 
 impl EnvDesired {
@@ -290,6 +296,12 @@ pub enum Change {
     Refused(Option<Refused>),
     /// Set or end the override of (environment, service).
     Override(String, String, Option<Override>),
+    /// Queue or update a notification delivery.
+    Outbox(Box<crate::notify::Delivery>),
+    /// A delivery is done (delivered, or forgotten).
+    OutboxGone(String),
+    /// Open, update or close (none) an incident, by key.
+    Incident(String, Option<Box<crate::notify::Incident>>),
 }
 
 /// Everything the store holds, as loaded at start.
@@ -309,6 +321,10 @@ pub struct Snapshot {
     pub refused: Option<Refused>,
     /// Overrides.
     pub overrides: Vec<Override>,
+    /// Notification deliveries waiting or given up.
+    pub outbox: Vec<crate::notify::Delivery>,
+    /// Open incidents (PagerDuty alerts, Jira issues).
+    pub incidents: Vec<crate::notify::Incident>,
 }
 
 /// An error answer: HTTP status plus the protocol's error body.
@@ -417,6 +433,16 @@ pub struct Core {
     last_wake_ms: u64,
     /// Commits read lately (the tips followed): a host reporting one of them is only behind.
     seen: std::collections::VecDeque<String>,
+    /// Notification channels of coordinator.yaml, by name.
+    pub channels: BTreeMap<String, crate::notify::Kind>,
+    /// Deliveries waiting or given up, by id.
+    outbox: BTreeMap<String, crate::notify::Delivery>,
+    /// Open incidents, by key.
+    incidents: BTreeMap<String, crate::notify::Incident>,
+    /// Deliveries delivered since start.
+    stats_delivered: u64,
+    /// Deliveries given up since start.
+    stats_gave_up: u64,
     /// Transitions the decisions asked for that the matrix refused (a bug): the tests check
     /// there are none.
     #[cfg(test)]
@@ -500,6 +526,11 @@ impl Core {
             wake_git: false,
             last_wake_ms: 0,
             seen: std::collections::VecDeque::new(),
+            channels: BTreeMap::new(),
+            outbox: snap.outbox.into_iter().map(|d| (d.id.clone(), d)).collect(),
+            incidents: snap.incidents.into_iter().map(|i| (i.key(), i)).collect(),
+            stats_delivered: 0,
+            stats_gave_up: 0,
             #[cfg(test)]
             illegal: Vec::new(),
         };
@@ -664,6 +695,9 @@ impl Core {
         tracing::info!(rollout = %subject, id, %from, %to, reason = reason.as_deref().unwrap_or(""), "rollout transition");
         self.audit(now, actor, "transition", &subject, detail);
         self.save(id);
+        if let Some(event) = Core::event_of(from, to) {
+            self.notify(id, event, None, now);
+        }
         if to == RolloutState::Success {
             // A version that succeeded here may unblock environments that promote from here.
             self.advance_pending(now);

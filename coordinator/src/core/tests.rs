@@ -6,6 +6,7 @@ use crate::wire::{
 };
 
 mod jobs;
+mod notices;
 mod pipeline;
 mod props;
 
@@ -61,6 +62,7 @@ fn push(c: &mut Core, env: &str, version: &str, p: &Policy, now: u64) -> String 
         after: BTreeMap::new(),
         freeze: vec![],
         jobs: Default::default(),
+        notify: vec![],
     });
     e.policy = p.clone();
     e.services.insert("hello".into(), version.into());
@@ -242,6 +244,7 @@ fn leases_expire_after_their_ttl_and_survive_a_restart() {
         desired: c.desired.clone(),
         refused: None,
         overrides: vec![],
+        ..Snapshot::default()
     };
     let mut c2 = Core::new(snap, 30_000, 5_000, T0 + 40_000);
     let e = acquire(&mut c2, "h2", "prod", "1.0", T0 + 40_001).unwrap_err();
@@ -1204,6 +1207,7 @@ fn a_late_release_after_expiry_still_counts() {
         desired: c.desired.clone(),
         refused: None,
         overrides: vec![],
+        ..Snapshot::default()
     };
     let mut c = Core::new(snap, 30_000, 5_000, T0 + 40_000);
     assert_eq!(c.lease_count(), 1, "only h2's lease is live");
@@ -1308,6 +1312,7 @@ fn push_ordered(c: &mut Core, migrate: &str, hello: &str, now: u64) {
                 after: BTreeMap::from([("hello".to_string(), vec!["migrate".to_string()])]),
                 freeze: vec![],
                 jobs: Default::default(),
+                notify: vec![],
             },
         )]),
     };

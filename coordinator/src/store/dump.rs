@@ -70,6 +70,12 @@ fn body_problem(table: &str, key: &serde_json::Value, value: &serde_json::Value)
             "desired" => serde_json::from_str::<Desired>(body).map(drop),
             "refused" => serde_json::from_str::<Refused>(body).map(drop),
             k if k.starts_with("override/") => serde_json::from_str::<Override>(body).map(drop),
+            k if k.starts_with("outbox/") => {
+                serde_json::from_str::<crate::notify::Delivery>(body).map(drop)
+            }
+            k if k.starts_with("incident/") => {
+                serde_json::from_str::<crate::notify::Incident>(body).map(drop)
+            }
             _ => Ok(()),
         },
         _ => Ok(()),

@@ -58,6 +58,14 @@ fn override_key(env: &str, service: &str) -> String {
     format!("override/{env}/{service}")
 }
 
+fn outbox_key(id: &str) -> String {
+    format!("outbox/{id}")
+}
+
+fn incident_key(key: &str) -> String {
+    format!("incident/{key}")
+}
+
 impl Sqlite {
     /// Opens (creating if needed) the database at `path`, upgrading an older schema. An
     /// existing file must be a sound drover store: an empty (truncated) file, a damaged one or
@@ -307,6 +315,8 @@ impl Store for Sqlite {
         let refused: Option<Refused> = self.state("refused")?;
         let overrides: Vec<Override> =
             self.all("SELECT body FROM state WHERE key LIKE 'override/%'")?;
+        let outbox = self.all("SELECT body FROM state WHERE key LIKE 'outbox/%'")?;
+        let incidents = self.all("SELECT body FROM state WHERE key LIKE 'incident/%'")?;
         Ok(Snapshot {
             rollouts,
             leases,
@@ -315,6 +325,8 @@ impl Store for Sqlite {
             desired,
             refused,
             overrides,
+            outbox,
+            incidents,
         })
     }
 
@@ -361,6 +373,12 @@ impl Store for Sqlite {
                     Change::Override(env, service, None) => {
                         del_state.execute(params![override_key(env, service)])
                     }
+                    Change::Outbox(d) => put_state.execute(params![outbox_key(&d.id), json(d)]),
+                    Change::OutboxGone(id) => del_state.execute(params![outbox_key(id)]),
+                    Change::Incident(k, Some(i)) => {
+                        put_state.execute(params![incident_key(k), json(i)])
+                    }
+                    Change::Incident(k, None) => del_state.execute(params![incident_key(k)]),
                 }
                 .map_err(err("commit"))?;
             }

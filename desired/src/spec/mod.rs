@@ -682,7 +682,80 @@ pub struct Environment {
     /// started go on; rollbacks and reverts are never held).
     #[serde(default)]
     pub freeze: Vec<Spanned<Freeze>>,
+    /// Who is told what: each route names events and the coordinator's notification
+    /// channels (defined in coordinator.yaml, with their secrets) that hear of them.
+    #[serde(default)]
+    pub notify: Vec<Spanned<Route>>,
 }
+
+/// One entry of `notify:`: the events `on` which the channels `to` are told.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The events.
+    pub on: Vec<Spanned<Event>>,
+    /// The channels, by name (`notifications:` in coordinator.yaml).
+    pub to: Vec<Spanned<Name>>,
+}
+
+/// What happens to a rollout that people may be told of.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// It waits for an approver.
+    ApprovalRequired,
+    /// Hosts started deploying it.
+    Started,
+    /// Every host runs it healthy.
+    Succeeded,
+    /// Too many hosts failed (or a gate timed out after traffic moved).
+    Failed,
+    /// The hosts that had deployed it went back to the version before.
+    RolledBack,
+    /// A host's metric verification came out medium risk (the rollout pauses).
+    VerificationMedium,
+    /// It stopped taking new hosts (an operator, or a medium verdict).
+    Paused,
+}
+
+impl Event {
+    /// Every event.
+    pub const ALL: [Event; 7] = [
+        Event::ApprovalRequired,
+        Event::Started,
+        Event::Succeeded,
+        Event::Failed,
+        Event::RolledBack,
+        Event::VerificationMedium,
+        Event::Paused,
+    ];
+
+    /// Its name in YAML and on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::ApprovalRequired => "approval_required",
+            Event::Started => "started",
+            Event::Succeeded => "succeeded",
+            Event::Failed => "failed",
+            Event::RolledBack => "rolled_back",
+            Event::VerificationMedium => "verification_medium",
+            Event::Paused => "paused",
+        }
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The most routes an environment may have, and channels a route may name.
+pub const MAX_ROUTES: usize = 32;
 
 /// One entry of `freeze:`: `{ from, to }` (RFC 3339 times with offsets), or `{ cron,
 /// duration, timezone }` (a five-field cron expression that opens the window, read in
@@ -1798,6 +1871,57 @@ fn check_environment(
     for f in &env.freeze {
         if let Err(e) = f.value.window() {
             problems.push(Problem::new(f.mark.clone(), e));
+        }
+    }
+    check_notify(env, problems);
+}
+
+/// `notify:` routes: bounded, each with at least one event and one channel, none twice.
+fn check_notify(env: &Environment, problems: &mut Vec<Problem>) {
+    if env.notify.len() > MAX_ROUTES {
+        problems.push(Problem::new(
+            env.notify[MAX_ROUTES].mark.clone(),
+            format!("notify: {} routes; at most {MAX_ROUTES}", env.notify.len()),
+        ));
+    }
+    for r in &env.notify {
+        let (on, to) = (&r.value.on, &r.value.to);
+        if on.is_empty() || to.is_empty() {
+            problems.push(Problem::new(
+                r.mark.clone(),
+                format!(
+                    "notify: a route needs `on` (one or more of {}) and `to` (channel names from coordinator.yaml's `notifications:`)",
+                    Event::ALL.map(Event::name).join(", ")
+                ),
+            ));
+        }
+        if to.len() > MAX_ROUTES {
+            problems.push(Problem::new(
+                r.mark.clone(),
+                format!(
+                    "notify: a route names {} channels; at most {MAX_ROUTES}",
+                    to.len()
+                ),
+            ));
+        }
+        for (i, e) in on.iter().enumerate() {
+            if on[..i].iter().any(|x| x.value == e.value) {
+                problems.push(Problem::new(
+                    e.mark.clone(),
+                    format!("notify: event `{}` is listed twice in this route", e.value),
+                ));
+            }
+        }
+        for (i, c) in to.iter().enumerate() {
+            if to[..i].iter().any(|x| x.value.as_str() == c.value.as_str()) {
+                problems.push(Problem::new(
+                    c.mark.clone(),
+                    format!(
+                        "notify: channel `{}` is listed twice in this route",
+                        c.value.as_str()
+                    ),
+                ));
+            }
         }
     }
 }

@@ -801,3 +801,69 @@ fn an_environment_may_switch_the_verify_source() {
         .to_string();
     assert!(e.contains("not both"), "{e}");
 }
+
+/// `prod` with the `notify:` block `notify` (indented, from line 3).
+fn notified(notify: &str) -> Result<Repo, Problems> {
+    let env = format!(
+        "environment: prod\nnotify:\n{notify}services:\n  hello: {{ version: 1.0, sha256: 6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b }}\n"
+    );
+    load(
+        &[
+            ("services/hello.yaml".to_string(), HELLO.to_string()),
+            ("environments/prod.yaml".to_string(), env),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn notify_routes_name_known_events_and_bad_ones_are_refused_at_their_line() {
+    let repo = notified(
+        "  - on: [approval_required, started, succeeded, failed, rolled_back, verification_medium, paused]\n    to: [deploys-slack, prod-pager]\n  - { on: [failed], to: [ops-jira] }\n",
+    )
+    .unwrap();
+    let routes = &repo.environments["prod"].notify;
+    assert_eq!(routes.len(), 2);
+    let on: Vec<Event> = routes[0].value.on.iter().map(|e| e.value).collect();
+    assert_eq!(on, Event::ALL.to_vec());
+    assert_eq!(routes[1].value.to[0].value.as_str(), "ops-jira");
+
+    for (entry, line, says) in [
+        (
+            "  - { on: [deployed], to: [x] }\n",
+            3,
+            "unknown variant `deployed`, expected one of `approval_required`, `started`",
+        ),
+        ("  - { on: [], to: [x] }\n", 3, "a route needs `on`"),
+        (
+            "  - { on: [failed], to: [] }\n",
+            3,
+            "and `to` (channel names",
+        ),
+        ("  - { on: [failed], to: [Bad Name] }\n", 3, "invalid name"),
+        (
+            "  - { on: [failed, failed], to: [x] }\n",
+            3,
+            "event `failed` is listed twice",
+        ),
+        (
+            "  - { on: [failed], to: [x, x] }\n",
+            3,
+            "channel `x` is listed twice",
+        ),
+        ("  - { on: [failed], too: [x] }\n", 3, "unknown field `too`"),
+        ("  - failed\n", 3, "expected a mapping with `on` or `to`"),
+    ] {
+        let e = notified(entry).unwrap_err().to_string();
+        assert!(e.contains(says), "{entry}: {e}");
+        assert!(
+            e.contains(&format!("environments/prod.yaml:{line}")),
+            "{entry}: {e}"
+        );
+    }
+    let many: String = (0..MAX_ROUTES + 1)
+        .map(|i| format!("  - {{ on: [failed], to: [c{i}] }}\n"))
+        .collect();
+    let e = notified(&many).unwrap_err().to_string();
+    assert!(e.contains("routes; at most 32"), "{e}");
+}

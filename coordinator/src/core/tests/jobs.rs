@@ -19,6 +19,7 @@ fn push_job(c: &mut Core, job: &str, hello: &str, now: u64) {
                 after: BTreeMap::from([("hello".to_string(), vec!["migrate".to_string()])]),
                 freeze: vec![],
                 jobs: BTreeSet::from(["migrate".to_string()]),
+                notify: vec![],
             },
         )]),
     };

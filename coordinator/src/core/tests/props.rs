@@ -91,6 +91,8 @@ struct Stored {
     desired: Option<Desired>,
     refused: Option<Refused>,
     overrides: BTreeMap<(String, String), Override>,
+    outbox: BTreeMap<String, crate::notify::Delivery>,
+    incidents: BTreeMap<String, crate::notify::Incident>,
 }
 
 impl Stored {
@@ -107,6 +109,8 @@ impl Stored {
             desired: self.desired.clone(),
             refused: self.refused.clone(),
             overrides: self.overrides.values().cloned().collect(),
+            outbox: self.outbox.values().cloned().collect(),
+            incidents: self.incidents.values().cloned().collect(),
         }
     }
 }
@@ -180,6 +184,7 @@ impl<'a> World<'a> {
                     after: BTreeMap::new(),
                     freeze: vec![],
                     jobs: Default::default(),
+                    notify: vec![],
                 },
             )]),
         };
@@ -414,6 +419,20 @@ impl<'a> World<'a> {
                     }
                     None => {
                         self.stored.overrides.remove(&(e, s));
+                    }
+                },
+                Change::Outbox(d) => {
+                    self.stored.outbox.insert(d.id.clone(), *d);
+                }
+                Change::OutboxGone(id) => {
+                    self.stored.outbox.remove(&id);
+                }
+                Change::Incident(k, i) => match i {
+                    Some(i) => {
+                        self.stored.incidents.insert(k, *i);
+                    }
+                    None => {
+                        self.stored.incidents.remove(&k);
                     }
                 },
             }
