@@ -144,6 +144,8 @@ pub struct Settings {
     pub audit_max_entries: u64,
     /// Where stored notification deliveries go to be sent (none: they wait in the outbox).
     pub outbox: Option<tokio::sync::mpsc::UnboundedSender<crate::notify::Delivery>>,
+    /// Bumped each time changes are stored (the dashboard's live updates follow it).
+    pub generation: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Settings {
@@ -153,6 +155,7 @@ impl Default for Settings {
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
             audit_max_entries: 1_000_000,
             outbox: None,
+            generation: None,
         }
     }
 }
@@ -424,6 +427,11 @@ pub fn run(
                 Ok(()) => {
                     for p in pending {
                         p(Ok(()));
+                    }
+                    if let Some(g) = &settings.generation
+                        && !changes.is_empty()
+                    {
+                        g.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     // Only once stored: a delivery is never sent for a change that was not.
                     if let Some(o) = &settings.outbox {

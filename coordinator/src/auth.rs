@@ -157,6 +157,11 @@ impl Tokens {
         self.by_hash.get(&hash_token(token))
     }
 
+    /// The caller of the token whose SHA-256 is `sha256` (a dashboard session's).
+    pub fn by_hash(&self, sha256: &str) -> Option<&Caller> {
+        self.by_hash.get(sha256)
+    }
+
     /// The caller of the token named `name` (an identity Slack users map to).
     pub fn by_name(&self, name: &str) -> Option<&Caller> {
         self.by_hash.values().find(|c| c.name == name)

@@ -35,12 +35,12 @@ const RATE_KEYS: usize = 200_000;
 /// Shared by the handlers.
 #[derive(Clone)]
 pub struct App {
-    tx: mpsc::Sender<Command>,
+    pub(crate) tx: mpsc::Sender<Command>,
     tokens: Arc<RwLock<Arc<Tokens>>>,
     rate: Arc<Mutex<RateLimiter>>,
     requests: Arc<[AtomicU64; 6]>,
     /// Requests without a valid token (never stored, only counted).
-    unauthenticated: Arc<AtomicU64>,
+    pub(crate) unauthenticated: Arc<AtomicU64>,
     /// Requests refused by the rate limit.
     rate_limited: Arc<AtomicU64>,
     /// The server's counters, shown in /metrics.
@@ -55,6 +55,8 @@ pub struct App {
     tip_waiting: Arc<AtomicU64>,
     /// Slack apps whose signed button clicks approve and reject.
     slack: Option<Slack>,
+    /// The web dashboard (`/ui/`).
+    pub(crate) ui: Option<Arc<crate::ui::Ui>>,
 }
 
 /// What `POST /v1/integrations/slack/actions` needs.
@@ -99,7 +101,14 @@ impl App {
             webhooks: Arc::default(),
             tip_waiting: Arc::default(),
             slack: None,
+            ui: None,
         }
+    }
+
+    /// Serves the web dashboard under `/ui/`.
+    pub fn with_ui(mut self, ui: crate::ui::Ui) -> App {
+        self.ui = Some(Arc::new(ui));
+        self
     }
 
     /// Takes Slack's button clicks for the Slack channels of `channels` that have a signing
@@ -171,7 +180,7 @@ impl App {
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
     }
 
-    fn tokens(&self) -> Arc<Tokens> {
+    pub(crate) fn tokens(&self) -> Arc<Tokens> {
         self.tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -201,6 +210,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/notifications", get(notifications))
         .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/tip", get(tip))
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md") })
         .with_state(app)
 }
@@ -681,7 +691,7 @@ async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
     answer(&app, r)
 }
 
-/// `GET /v1/rollouts/{id}`: one rollout (what notifications link to).
+/// `GET /v1/rollouts/{id}`: one rollout (the dashboard shows it at `/ui/rollouts/{id}`).
 async fn rollout(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let r = async {
         let who = caller(&app, &headers, Need::Read, "rollout")?;

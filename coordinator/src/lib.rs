@@ -38,6 +38,8 @@ pub mod store;
 #[cfg(feature = "server")]
 pub mod tls;
 #[cfg(feature = "server")]
+pub mod ui;
+#[cfg(feature = "server")]
 pub mod view;
 #[cfg(feature = "server")]
 pub mod webhook;

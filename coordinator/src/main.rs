@@ -339,6 +339,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .collect();
     let channels = Arc::new(channels);
     let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for name in config.tokens.fleet_wide() {
         tracing::warn!(
             token = name,
@@ -351,6 +352,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         audit_max_age: config.audit_max_age,
         audit_max_entries: config.audit_max_entries,
         outbox: Some(outbox_tx),
+        generation: Some(generation.clone()),
         ..Settings::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -419,6 +421,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
         )
         .with_git_webhook(webhook_secrets, webhook_wake)
         .with_slack(&channels)
+        .with_ui(drover_coordinator::ui::Ui::new(
+            tls.is_some(),
+            generation,
+            stop_rx.clone(),
+        ))
         // A long-poll ends well before the request timeout would cut it.
         .with_tip(
             tip_rx,

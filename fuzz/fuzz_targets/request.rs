@@ -52,6 +52,7 @@ fn desired(version: &str, n: u64) -> Desired {
                 after: BTreeMap::new(),
                 freeze: vec![],
                 jobs: Default::default(),
+                notify: vec![],
             },
         )]),
     }

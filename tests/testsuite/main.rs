@@ -15,5 +15,6 @@ mod pipeline;
 mod recovery;
 mod schema;
 mod security;
+mod ui;
 mod validate;
 mod verify;

@@ -87,7 +87,7 @@ fn a_failing_rollout_pages_once_opens_one_jira_issue_and_both_are_resolved_on_re
     let link = page["links"][0]["href"].as_str().unwrap();
     assert_eq!(
         link,
-        format!("https://drover.test/v1/rollouts/{}", failed["id"])
+        format!("https://drover.test/ui/rollouts/{}", failed["id"])
     );
     let issues = accepted(&r, "/jira/rest/api/2/issue");
     let created: Vec<&Value> = issues
@@ -109,7 +109,7 @@ fn a_failing_rollout_pages_once_opens_one_jira_issue_and_both_are_resolved_on_re
     ] {
         assert!(desc.contains(part), "{part} in {desc}");
     }
-    // The link is the API's view of that rollout.
+    // The link is the dashboard's page of that rollout; the API has it too.
     let (status, v) = c.http(
         "GET",
         &format!("/v1/rollouts/{}", failed["id"]),

@@ -361,10 +361,11 @@ impl Notice {
         t
     }
 
-    /// Where the rollout is seen, under the coordinator's public URL.
+    /// Where the rollout is seen (the dashboard's page of it), under the coordinator's public
+    /// URL.
     pub fn link(&self, public_url: &str) -> String {
         format!(
-            "{}/v1/rollouts/{}",
+            "{}/ui/rollouts/{}",
             public_url.trim_end_matches('/'),
             self.rollout
         )

@@ -247,7 +247,7 @@ fn slack_messages_are_block_kit_with_a_fallback_and_buttons_for_approvals() {
         "version 2.0",
         "commit 0123456789ab",
         "hosts: h1, h2 and 1 more",
-        "https://drover.example/v1/rollouts/7",
+        "https://drover.example/ui/rollouts/7",
         "&lt;script&gt;&amp;",
     ] {
         assert!(text.contains(part), "{part} in {text}");
@@ -352,7 +352,7 @@ fn pagerduty_events_follow_the_events_api_v2() {
     assert_eq!(b["payload"]["custom_details"]["hosts"][1], "h2");
     assert_eq!(
         b["links"][0]["href"],
-        "https://drover.example/v1/rollouts/7"
+        "https://drover.example/ui/rollouts/7"
     );
     let d = delivery(
         Event::Succeeded,
@@ -396,7 +396,7 @@ fn jira_issues_and_comments_follow_rest_v2() {
     assert_eq!(b["fields"]["summary"], "prod/web/2.0 failed");
     let desc = b["fields"]["description"].as_str().unwrap();
     assert!(desc.contains("Commit: 0123456789ab"), "{desc}");
-    assert!(desc.contains("Rollout: https://drover.example/v1/rollouts/7"));
+    assert!(desc.contains("Rollout: https://drover.example/ui/rollouts/7"));
     let d = delivery(
         Event::Succeeded,
         "jira",
