@@ -34,33 +34,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(10);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "drover-coordinator",
-            "--bin",
-            "drover-coordinator",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo")
-        .success();
-    assert!(ok, "building drover-coordinator failed");
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("drover-coordinator");
+    let bin = drover_tests::release_bin("drover-coordinator", "drover-coordinator");
     let dir = tempfile::tempdir().unwrap();
     let token = "bench-token";
     let (repo, commit) = desired_state(dir.path());

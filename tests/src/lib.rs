@@ -70,6 +70,24 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Builds `bin` of `package` with the release profile and returns its path, next to the
+/// running benchmark's own binary (`target/release/`). For benchmarks.
+pub fn release_bin(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(workspace())
+        .status()
+        .expect("cargo")
+        .success();
+    assert!(ok, "building {bin} failed");
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .join(bin)
+}
+
 /// A free TCP port on 127.0.0.1, never the same twice in this test process: tests run in
 /// parallel, and two hosts handed the same released port would answer each other's health
 /// checks. It is taken below the kernel's ephemeral range (`ip_local_port_range`): a port from

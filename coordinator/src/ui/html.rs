@@ -340,6 +340,19 @@ fn batches(r: &RolloutView, s: &Status) -> String {
     )
 }
 
+/// A rollout's heading: a link to its page, and its state.
+fn heading(r: &RolloutView) -> String {
+    format!(
+        "<h2><a href=\"/ui/rollouts/{}\">#{} {}/{}/{}</a> <span class=\"state\">{}</span></h2>",
+        r.id,
+        r.id,
+        esc(&r.environment),
+        esc(&r.service),
+        esc(&r.version),
+        r.state
+    )
+}
+
 /// Every rollout, newest first (at most 200).
 pub fn rollouts(s: &Status, who: &Viewer) -> String {
     let mut b = String::from("<h1>Rollouts</h1>");
@@ -351,14 +364,9 @@ pub fn rollouts(s: &Status, who: &Viewer) -> String {
     for r in rs.into_iter().take(200) {
         let _ = write!(
             b,
-            "<section class=\"rollout st-{}\"><h2><a href=\"/ui/rollouts/{}\">#{} {}/{}/{}</a> <span class=\"state\">{}</span></h2>{}{}{}</section>",
+            "<section class=\"rollout st-{}\">{}{}{}{}</section>",
             r.state.to_string().to_lowercase(),
-            r.id,
-            r.id,
-            esc(&r.environment),
-            esc(&r.service),
-            esc(&r.version),
-            r.state,
+            heading(r),
             machine(r.state),
             batches(r, s),
             r.reason
@@ -663,16 +671,7 @@ pub fn verification(s: &Status, who: &Viewer) -> String {
         b.push_str("<p>No verdict yet: hosts report one with each release whose service has <code>verify:</code>.</p>");
     }
     for r in rs {
-        let _ = write!(
-            b,
-            "<section><h2><a href=\"/ui/rollouts/{}\">#{} {}/{}/{}</a> <span class=\"state\">{}</span></h2>",
-            r.id,
-            r.id,
-            esc(&r.environment),
-            esc(&r.service),
-            esc(&r.version),
-            r.state
-        );
+        let _ = write!(b, "<section>{}", heading(r));
         verdicts(&mut b, r);
         b.push_str("</section>");
     }
