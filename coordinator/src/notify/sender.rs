@@ -97,10 +97,12 @@ pub async fn run(
             tracing::warn!(delivery = %id, outcome = ?a, "notification given up");
             report(id, a);
         }
-        // Wake for the next due delivery; at least every 5s (a waiting comment's give-up).
+        // Wake for the next due delivery of a channel with a free slot (a full one wakes the
+        // loop when an attempt ends); at least every 5s (a waiting comment's give-up).
+        let full = |c: &str| per_channel.get(c).is_some_and(|n| *n >= PER_CHANNEL);
         let wait = queue
             .values()
-            .filter(|d| !busy.contains(&d.id) && d.ready())
+            .filter(|d| !busy.contains(&d.id) && d.ready() && !full(&d.channel))
             .map(|d| d.next_at_ms.saturating_sub(now))
             .min()
             .unwrap_or(5_000)
