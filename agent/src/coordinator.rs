@@ -5,6 +5,8 @@
 //! come from `drover_coordinator` (its `client` feature), and the machines see only the types
 //! here ([`Gate`], [`LeasePurpose`], [`GateError`]) and the engine's [`LeaseRecord`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use drover_coordinator::client::{Client, ClientError};
@@ -36,6 +38,19 @@ impl From<LeaseVerdict> for wire::Verification {
         wire::Verification {
             risk: v.risk.into(),
             summary: v.summary,
+            metrics: v
+                .charts
+                .into_iter()
+                .map(|c| wire::MetricSeries {
+                    name: c.name,
+                    judgement: c.judgement.name().into(),
+                    median: c.median,
+                    baseline_median: c.baseline_median,
+                    p_value: c.p_value,
+                    samples: c.samples,
+                    baseline: c.baseline,
+                })
+                .collect(),
         }
     }
 }
@@ -138,6 +153,8 @@ pub struct Gate {
     host: String,
     environment: String,
     required: bool,
+    /// The coordinator answered `404` to a traffic report (it is older): not asked again.
+    no_traffic: Arc<AtomicBool>,
 }
 
 impl Gate {
@@ -154,6 +171,31 @@ impl Gate {
             host: host.to_string(),
             environment: environment.to_string(),
             required,
+            no_traffic: Arc::default(),
+        }
+    }
+
+    /// Tells the coordinator that the new side of the deploy under `lease` now has `percent`
+    /// of the traffic (its dashboard draws the weights). Best effort, bounded to 2 s: the
+    /// deploy never waits on it; a failure is logged.
+    pub async fn traffic(&self, lease: &str, percent: u8) {
+        if self.no_traffic.load(Ordering::Relaxed) {
+            return;
+        }
+        let sent =
+            tokio::time::timeout(Duration::from_secs(2), self.client.traffic(lease, percent)).await;
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.is(ErrorKind::NotFound) => {
+                tracing::info!(error = %e, "the coordinator does not take traffic reports; not sending them again");
+                self.no_traffic.store(true, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %lease, percent, error = %e, "cannot report the traffic weight to the coordinator")
+            }
+            Err(_) => {
+                tracing::warn!(lease = %lease, percent, "reporting the traffic weight to the coordinator timed out")
+            }
         }
     }
 
@@ -258,7 +300,21 @@ impl Gate {
             message,
             verification: verification.map(Into::into),
         };
-        match self.client.release(id, &req).await {
+        let mut sent = self.client.release(id, &req).await;
+        if let (Err(e), Some(v)) = (&sent, &req.verification)
+            && e.is(ErrorKind::BadRequest)
+            && !v.metrics.is_empty()
+        {
+            // A coordinator older than the charts (or refusing these samples): the outcome
+            // matters, the samples do not.
+            tracing::warn!(lease = %id, error = %e, "the coordinator refused the verdict's samples; releasing without them");
+            let mut req = req.clone();
+            if let Some(v) = &mut req.verification {
+                v.metrics.clear();
+            }
+            sent = self.client.release(id, &req).await;
+        }
+        match sent {
             Ok(r) => {
                 tracing::info!(lease = %id, rollout_state = %r.rollout.state, "lease released");
                 Ok(())

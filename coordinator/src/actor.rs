@@ -15,7 +15,7 @@ use crate::git::Update;
 use crate::store::Store;
 use crate::wire::{
     AcquireRequest, GateRequest, Granted, Heartbeat, HeartbeatReply, History, ReleaseRequest,
-    Renewed, RolloutReply, Status,
+    Renewed, RolloutReply, Status, TrafficRequest,
 };
 
 /// Milliseconds since the Unix epoch.
@@ -39,6 +39,10 @@ pub enum Command {
     Release(String, ReleaseRequest, Caller, Reply<RolloutReply>),
     /// The holder of a lease waits at a step gate.
     Gate(String, GateRequest, Caller, Reply<RolloutReply>),
+    /// The holder of a lease set its new side's traffic weight.
+    Traffic(String, TrafficRequest, Caller, Reply<RolloutReply>),
+    /// One rollout in full, by id.
+    Rollout(u64, Reply<RolloutReply>),
     /// A host's heartbeat.
     Heartbeat(String, Heartbeat, Caller, Reply<HeartbeatReply>),
     /// Approve or reject.
@@ -194,9 +198,9 @@ impl Command {
     fn refuse(self, e: &ApiError) -> Option<Command> {
         match self {
             Command::Acquire(_, _, r) => drop(r.send(Err(e.clone()))),
-            Command::Release(_, _, _, r) | Command::Gate(_, _, _, r) => {
-                drop(r.send(Err(e.clone())))
-            }
+            Command::Release(_, _, _, r)
+            | Command::Gate(_, _, _, r)
+            | Command::Traffic(_, _, _, r) => drop(r.send(Err(e.clone()))),
             Command::Heartbeat(_, _, _, r) => drop(r.send(Err(e.clone()))),
             Command::Decide { reply, .. }
             | Command::Retry { reply, .. }
@@ -303,6 +307,20 @@ pub fn run(
                         .and_then(|()| core.step_gate(&id, &req.step, now))
                         .map(|rollout| RolloutReply { rollout });
                     pending.push(deferred(reply, r));
+                }
+                Command::Traffic(id, req, caller, reply) => {
+                    let r = core
+                        .check_holder(&id, &caller, "report traffic", now)
+                        .and_then(|()| core.traffic(&id, req.percent, now))
+                        .map(|rollout| RolloutReply { rollout });
+                    pending.push(deferred(reply, r));
+                }
+                Command::Rollout(id, reply) => {
+                    let r = core
+                        .rollout(id, now)
+                        .map(|rollout| RolloutReply { rollout })
+                        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")));
+                    let _ = reply.send(r);
                 }
                 Command::Heartbeat(host, hb, caller, reply) => {
                     let r = core.heartbeat(&host, &hb, &caller, now);

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use crate::wire::{
     AcquireRequest, ErrorBody, ErrorKind, GateRequest, Granted, Heartbeat, HeartbeatReply, History,
     PROTOCOL, PROTOCOL_HEADER, ReleaseRequest, Renewed, RollbackRequest, RolloutReply, Status, Tip,
+    TrafficRequest,
 };
 
 /// Why a call failed.
@@ -300,6 +301,13 @@ impl Client {
         let req = GateRequest {
             step: step.to_string(),
         };
+        self.call(reqwest::Method::POST, &path, Some(&req)).await
+    }
+
+    /// `POST /v1/leases/{id}/traffic`: the new side's weight is now `percent`.
+    pub async fn traffic(&self, id: &str, percent: u8) -> Result<RolloutReply, ClientError> {
+        let path = format!("/v1/leases/{}/traffic", path_part(id));
+        let req = TrafficRequest { percent };
         self.call(reqwest::Method::POST, &path, Some(&req)).await
     }
 

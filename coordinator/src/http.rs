@@ -23,7 +23,7 @@ use crate::server::ServerStats;
 use crate::webhook::{self, Secrets};
 use crate::wire::{
     AcquireRequest, GateRequest, Heartbeat, PROTOCOL, PROTOCOL_HEADER, ReleaseRequest,
-    RollbackRequest,
+    RollbackRequest, TrafficRequest,
 };
 
 /// Largest request body accepted.
@@ -42,7 +42,7 @@ pub struct App {
     /// Requests without a valid token (never stored, only counted).
     pub(crate) unauthenticated: Arc<AtomicU64>,
     /// Requests refused by the rate limit.
-    rate_limited: Arc<AtomicU64>,
+    pub(crate) rate_limited: Arc<AtomicU64>,
     /// The server's counters, shown in /metrics.
     server: Arc<ServerStats>,
     /// Git webhooks: the forges' secrets and the channel that asks for a fetch.
@@ -198,6 +198,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/leases/{id}/renew", post(renew))
         .route("/v1/leases/{id}/release", post(release))
         .route("/v1/leases/{id}/gate", post(gate))
+        .route("/v1/leases/{id}/traffic", post(traffic))
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
         .route(
@@ -681,6 +682,22 @@ async fn gate(
     answer(&app, r)
 }
 
+async fn traffic(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Agent, "report traffic")?;
+        limit(&app, &who, None)?;
+        let req: TrafficRequest = body(b).await?;
+        ask(&app, |r| Command::Traffic(id, req, who, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
 async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
     let r = async {
         let who = caller(&app, &headers, Need::Read, "status")?;
@@ -699,13 +716,7 @@ async fn rollout(State(app): State<App>, Path(id): Path<String>, headers: Header
         let id: u64 = id
             .parse()
             .map_err(|_| ApiError::bad_request("a rollout id is a number"))?;
-        let status = ask(&app, Command::Status).await?;
-        status
-            .rollouts
-            .into_iter()
-            .find(|r| r.id == id)
-            .map(|rollout| crate::wire::RolloutReply { rollout })
-            .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+        ask(&app, |r| Command::Rollout(id, r)).await
     }
     .await;
     answer(&app, r)

@@ -220,6 +220,12 @@ pub struct RolloutView {
     /// Metric verification verdicts, by host.
     #[serde(default)]
     pub verdicts: BTreeMap<String, String>,
+    /// The samples of the latest verdicts (a few hosts): only in `GET /v1/rollouts/{id}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charts: Vec<Chart>,
+    /// The traffic weights its ECS agents set, oldest first (at most 64).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficPoint>,
     /// Who approved or rejected, and when.
     #[serde(default)]
     pub decision: Option<Decision>,
@@ -348,6 +354,78 @@ pub struct Verification {
     pub risk: Risk,
     /// Per-metric medians, p-values and judgements, in one line.
     pub summary: String,
+    /// Each metric's samples (for the dashboard's charts): at most [`MAX_SERIES`] metrics of
+    /// at most [`MAX_POINTS`] finite samples a side. Older coordinators refuse the field; the
+    /// agent then sends the release again without it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricSeries>,
+}
+
+/// Most metrics charted per verdict.
+pub const MAX_SERIES: usize = 8;
+/// Most samples per side of a charted metric (agents downsample longer windows).
+pub const MAX_POINTS: usize = 120;
+
+/// One metric of a verdict, with the samples it was judged on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSeries {
+    /// Metric name (1 to 64 characters, no control characters).
+    pub name: String,
+    /// `pass`, `marginal`, `fail` or `inconclusive`.
+    pub judgement: String,
+    /// Median of the new version's samples.
+    #[serde(default)]
+    pub median: Option<f64>,
+    /// Median of the baseline's samples.
+    #[serde(default)]
+    pub baseline_median: Option<f64>,
+    /// Mann-Whitney p-value of new against baseline.
+    #[serde(default)]
+    pub p_value: Option<f64>,
+    /// The new version's samples, oldest first.
+    #[serde(default)]
+    pub samples: Vec<f64>,
+    /// The baseline's samples, oldest first.
+    #[serde(default)]
+    pub baseline: Vec<f64>,
+}
+
+// Every number in a series is finite (checked where a series is taken in), so equality is
+// an equivalence.
+impl Eq for MetricSeries {}
+
+/// `POST /v1/leases/{id}/traffic`: the holder (an ECS agent) has set the new side's share of
+/// the load balancer's traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    /// The new side's weight, 0 to 100.
+    pub percent: u8,
+}
+
+/// A traffic weight an ECS agent set, as a rollout keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficPoint {
+    /// When it was reported.
+    pub at_ms: u64,
+    /// The agent (its host name).
+    pub host: String,
+    /// The new side's weight, 0 to 100.
+    pub percent: u8,
+}
+
+/// A host's verdict with its metrics' samples.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chart {
+    /// The host.
+    pub host: String,
+    /// When the verdict was reported.
+    pub at_ms: u64,
+    /// `low`, `medium` or `high`.
+    pub risk: Risk,
+    /// Its metrics.
+    pub metrics: Vec<MetricSeries>,
 }
 
 /// An answer carrying a rollout.

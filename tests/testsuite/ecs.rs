@@ -667,6 +667,14 @@ fn pin_gated(e: &Ecs, version: &str) {
     e.repo.commit(&format!("{SERVICE} {version}"));
 }
 
+/// The green weights a rollout's ECS agent reported, in order.
+fn traffic(r: &Value) -> Vec<u64> {
+    r["traffic"]
+        .as_array()
+        .map(|t| t.iter().map(|p| p["percent"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
 /// Waits for the newest rollout of `version` to be in state `want`; returns it.
 fn rollout_state(c: &drover_tests::coordinator::Coordinator, version: &str, want: &str) -> Value {
     wait_for(
@@ -725,8 +733,10 @@ fn a_canary_bakes_each_step_its_own_time_and_waits_for_an_approval_at_10_percent
     let approved = Instant::now();
     let out = c.cli("alice", &["approve", "prod", SERVICE, "2.0.0"]);
     assert_eq!(out.code, 0, "{}", out.all());
-    rollout_state(&c, "2.0.0", "SUCCESS");
+    let r = rollout_state(&c, "2.0.0", "SUCCESS");
     assert_eq!(e.weights(), (0, 100));
+    // The coordinator has each weight the agent set (the dashboard draws them).
+    assert_eq!(traffic(&r), [10, 50, 100], "{r}");
     let calls = e.timed_weight_calls();
     let steps: Vec<(u32, u32)> = calls.iter().map(|(w, _)| *w).collect();
     assert_eq!(steps, [(100, 0), (90, 10), (50, 50), (0, 100)]);
@@ -764,7 +774,8 @@ fn a_step_rejected_while_waiting_puts_traffic_back_in_one_call() {
         [(100, 0)],
         "one weight call puts the traffic back"
     );
-    rollout_state(&c, "2.0.0", "ABORTED");
+    let r = rollout_state(&c, "2.0.0", "ABORTED");
+    assert_eq!(traffic(&r), [10, 0], "{r}");
     let hist = c.history();
     assert!(
         hist.iter().any(|h| h["action"] == "transition"

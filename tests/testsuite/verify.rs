@@ -106,6 +106,55 @@ fn a_good_version_passes_and_a_slightly_slower_one_within_tolerance_too() {
 }
 
 #[test]
+fn the_coordinator_keeps_a_verdicts_samples_for_the_dashboards_charts() {
+    let s = setup("", ERROR_RATE, true);
+    let c = s.coordinator.as_ref().unwrap();
+    let _traffic = Traffic::start(&[s.h1.port, s.h2.port], 40);
+    s.prom.wait_for_data(&LATENCY.replace("{version}", "1.0.0"));
+    s.f.pin(&s.f.hello("2.0.0", &["LATENCY_MS=6"]));
+    let out = s.h2.once();
+    assert_eq!(out.code, 0, "{}", out.all());
+    let r = wait_for("2.0.0's verdict", Duration::from_secs(30), || {
+        c.rollout("test", "2.0.0")
+            .filter(|r| r["verdicts"]["h2"].is_string())
+    });
+    // The lists carry no samples; the rollout's own view does.
+    assert!(r.get("charts").is_none(), "{r}");
+    let (status, v) = c.http(
+        "GET",
+        &format!("/v1/rollouts/{}", r["id"]),
+        Some(&drover_tests::coordinator::token("ops")),
+        "",
+        true,
+    );
+    assert_eq!(status, 200, "{v}");
+    let charts = v["rollout"]["charts"].as_array().unwrap();
+    assert_eq!(charts.len(), 1, "{v}");
+    assert_eq!(charts[0]["host"], "h2");
+    assert_eq!(charts[0]["risk"], "low");
+    let metrics = charts[0]["metrics"].as_array().unwrap();
+    let local = verdict(&s.h2);
+    assert_eq!(metrics.len(), 2);
+    for (m, l) in metrics.iter().zip(local["metrics"].as_array().unwrap()) {
+        // The same numbers the host judged, and every sample of them (≤ 120 a side).
+        assert_eq!(m["name"], l["name"]);
+        assert_eq!(m["judgement"], l["judgement"]);
+        assert_eq!(m["median"], l["canary"], "{m}");
+        assert_eq!(m["baseline_median"], l["baseline"], "{m}");
+        assert_eq!(m["p_value"], l["p_value"], "{m}");
+        assert_eq!(
+            m["samples"].as_array().unwrap().len() as u64,
+            l["canary_points"].as_u64().unwrap().min(120)
+        );
+        assert_eq!(
+            m["baseline"].as_array().unwrap().len() as u64,
+            l["baseline_points"].as_u64().unwrap().min(120)
+        );
+        assert!(m["samples"].as_array().unwrap().len() >= 5, "{m}");
+    }
+}
+
+#[test]
 fn five_percent_errors_are_high_risk_and_roll_back() {
     let s = setup("", ERROR_RATE, false);
     let _traffic = Traffic::start(&[s.h1.port, s.h2.port], 40);

@@ -210,7 +210,8 @@ impl EcsDeployer {
                     self.aws.scale(&e.cluster, &new_name, want).await?;
                     self.wait_healthy(&t.service, e, new, want).await?;
                 }
-                self.aws.set_weights(e, split(d.live, p)).await?
+                self.aws.set_weights(e, split(d.live, p)).await?;
+                self.traffic(st, p).await;
             }
             EcsPhase::Monitoring(p) => {
                 let until = Instant::now() + e.wait_at(p).0;
@@ -267,6 +268,7 @@ impl EcsDeployer {
                         l.verification = Some(engine::LeaseVerdict {
                             risk: verdict.risk,
                             summary: verdict.summary.clone(),
+                            charts: verify::charts(&verdict),
                         });
                     }
                     // With traffic split, anything but a low risk rolls back: the agent never
@@ -312,6 +314,7 @@ impl EcsDeployer {
             EcsPhase::RollingBack => {
                 // One call puts all traffic back on the old side …
                 self.aws.set_weights(e, split(d.live, 0)).await?;
+                self.traffic(st, 0).await;
                 // … then the new side goes.
                 if let Err(err) = self.aws.remove_service(&e.cluster, &new_name).await {
                     tracing::warn!(error = %err, service = %new_name, "removing the new side failed; it has no traffic");
@@ -326,6 +329,13 @@ impl EcsDeployer {
 }
 
 impl EcsDeployer {
+    /// Reports the new side's weight to the coordinator, under the deploy's lease (if any).
+    async fn traffic(&self, st: &EcsRecord, percent: u8) {
+        if let (Some(gate), Some(lease)) = (&self.engine.gate, &st.lease) {
+            gate.traffic(&lease.id, percent).await;
+        }
+    }
+
     /// Waits at step `p` (`approval: true`, baked and verified) until the coordinator says go
     /// on. Traffic stays where it is; the new side's targets are still checked between asks;
     /// a rejection, a timed-out approval or a failed rollout rolls back.

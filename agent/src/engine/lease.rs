@@ -42,6 +42,9 @@ pub struct LeaseVerdict {
     pub risk: Risk,
     /// One line of why.
     pub summary: String,
+    /// Its metrics' samples, for the coordinator's charts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charts: Vec<crate::verify::Chart>,
 }
 
 impl LeaseRecord {

@@ -188,6 +188,9 @@ pub struct MetricVerdict {
     pub p_value: Option<f64>,
     /// Why, in words.
     pub detail: String,
+    /// The samples judged (not kept in reports; the coordinator's dashboard charts them).
+    #[serde(skip)]
+    pub samples: Samples,
 }
 
 /// The verdict of a verification.
@@ -232,6 +235,7 @@ pub fn judge(m: &ResolvedMetric, s: &Samples, min_points: usize) -> MetricVerdic
         baseline: None,
         p_value: None,
         detail: String::new(),
+        samples: s.clone(),
     };
     if s.canary.len() < min_points {
         v.judgement = Judgement::Inconclusive;
@@ -335,6 +339,65 @@ pub fn verdict(metrics: Vec<MetricVerdict>) -> Verdict {
         summary: format!("risk {risk}: {}", parts.join("; ")),
         metrics,
     }
+}
+
+/// One metric of a verdict with the samples it was judged on, at most [`CHART_POINTS`] a
+/// side, as reported to the coordinator for its charts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chart {
+    /// Metric name.
+    pub name: String,
+    /// Result.
+    pub judgement: Judgement,
+    /// Median of the new version.
+    pub median: Option<f64>,
+    /// Median of the baseline.
+    pub baseline_median: Option<f64>,
+    /// Mann-Whitney p-value.
+    pub p_value: Option<f64>,
+    /// The new version's samples (finite ones, evenly thinned), oldest first.
+    pub samples: Vec<f64>,
+    /// The baseline's samples, likewise.
+    pub baseline: Vec<f64>,
+}
+
+// Every number of a chart is finite ([`charts`] drops the others), so equality is an
+// equivalence.
+impl Eq for Chart {}
+
+/// Most samples a side of a [`Chart`] carries (the coordinator's limit).
+pub const CHART_POINTS: usize = 120;
+/// Most metrics charted (the coordinator's limit); the summary still names every metric.
+pub const CHARTS: usize = 8;
+
+/// At most `max` of `v`'s finite values, evenly spaced, in order. Pure.
+pub fn thin(v: &[f64], max: usize) -> Vec<f64> {
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if finite.len() <= max {
+        return finite;
+    }
+    (0..max).map(|i| finite[i * finite.len() / max]).collect()
+}
+
+/// The charts of a verdict's first [`CHARTS`] metrics. Pure.
+pub fn charts(v: &Verdict) -> Vec<Chart> {
+    let finite = |x: Option<f64>| x.filter(|x| x.is_finite());
+    v.metrics
+        .iter()
+        .take(CHARTS)
+        .map(|m| Chart {
+            name: m.name.chars().take(64).collect(),
+            judgement: m.judgement,
+            median: finite(m.canary),
+            baseline_median: finite(m.baseline),
+            p_value: finite(m.p_value).filter(|p| (0.0..=1.0).contains(p)),
+            samples: thin(&m.samples.canary, CHART_POINTS),
+            baseline: thin(
+                m.samples.baseline.as_deref().unwrap_or_default(),
+                CHART_POINTS,
+            ),
+        })
+        .collect()
 }
 
 /// What the deploy does with a verdict.
@@ -441,6 +504,7 @@ pub async fn analyze<S: MetricSource>(
             baseline_points: 0,
             baseline: None,
             p_value: None,
+            samples: Samples::default(),
             detail: if v.fail_open {
                 format!("{e} (ignored: fail_open)")
             } else {

@@ -264,3 +264,43 @@ fn a_prometheus_query_fills_version_and_leaves_the_rest() {
         "{q}"
     );
 }
+
+#[test]
+fn thin_keeps_order_and_drops_what_is_not_finite() {
+    assert_eq!(thin(&[1.0, f64::NAN, 2.0, f64::INFINITY], 10), [1.0, 2.0]);
+    let v: Vec<f64> = (0..1000).map(f64::from).collect();
+    let t = thin(&v, 120);
+    assert_eq!(t.len(), 120);
+    assert_eq!(t[0], 0.0);
+    assert!(t.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert!(*t.last().unwrap() >= 990.0, "spans the window");
+    assert!(thin(&[], 5).is_empty());
+}
+
+#[test]
+fn charts_carry_the_judged_samples_within_the_coordinators_limits() {
+    let canary: Vec<f64> = (0..300).map(|i| 0.5 + f64::from(i % 7) / 100.0).collect();
+    let base = vec![0.4; 50];
+    let m = judge(&metric(true), &samples(&canary, Some(&base)), 6);
+    let mut many = vec![m.clone(); 10];
+    many[0].p_value = Some(f64::NAN);
+    let v = verdict(many);
+    let c = charts(&v);
+    assert_eq!(
+        c.len(),
+        CHARTS,
+        "the first 8 metrics; the summary names all 10"
+    );
+    assert_eq!(c[1].samples.len(), CHART_POINTS);
+    assert_eq!(c[1].baseline, base);
+    assert_eq!(c[1].median, m.canary);
+    assert_eq!(c[1].judgement, m.judgement);
+    assert!(c[1].p_value.is_some());
+    assert_eq!(c[0].p_value, None, "a NaN is not sent");
+    // A metric that could not be read has no samples.
+    let none = verdict(vec![MetricVerdict {
+        samples: Samples::default(),
+        ..m
+    }]);
+    assert!(charts(&none)[0].samples.is_empty());
+}

@@ -187,6 +187,7 @@ impl VmDeployer {
             l.verification = Some(engine::LeaseVerdict {
                 risk: verdict.risk,
                 summary: verdict.summary.clone(),
+                charts: verify::charts(&verdict),
             });
         }
         let decision = verify::decide(verdict.risk, v.on_medium);

@@ -5,9 +5,59 @@
 use super::{ApiError, Change, Core, check_names, key, short};
 use crate::auth::{Caller, cap};
 use crate::wire::{
-    AcquireRequest, Granted, Lease, Outcome, Purpose, ReleaseRequest, Renewed, Risk, RolloutState,
-    RolloutView,
+    AcquireRequest, Chart, Granted, Lease, MAX_POINTS, MAX_SERIES, MetricSeries, Outcome, Purpose,
+    ReleaseRequest, Renewed, Risk, RolloutState, RolloutView, TrafficPoint,
 };
+
+/// Checks the samples a host sends with its verdict: bounded, named, finite. Pure.
+pub fn check_series(metrics: &[MetricSeries]) -> Result<(), String> {
+    if metrics.len() > MAX_SERIES {
+        return Err(format!(
+            "{} metrics; at most {MAX_SERIES} are charted",
+            metrics.len()
+        ));
+    }
+    for m in metrics {
+        let name = cap(&m.name, 64);
+        if m.name.is_empty() || m.name.chars().count() > 64 || m.name.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "metric name `{name}`: 1 to 64 characters, no control characters"
+            ));
+        }
+        if !matches!(
+            m.judgement.as_str(),
+            "pass" | "marginal" | "fail" | "inconclusive"
+        ) {
+            return Err(format!(
+                "metric `{name}`: judgement `{}` is not pass, marginal, fail or inconclusive",
+                cap(&m.judgement, 16)
+            ));
+        }
+        for (side, v) in [("samples", &m.samples), ("baseline", &m.baseline)] {
+            if v.len() > MAX_POINTS {
+                return Err(format!(
+                    "metric `{name}`: {} {side}; at most {MAX_POINTS} (downsample)",
+                    v.len()
+                ));
+            }
+        }
+        let numbers = m
+            .samples
+            .iter()
+            .chain(&m.baseline)
+            .chain(m.median.iter())
+            .chain(m.baseline_median.iter())
+            .chain(m.p_value.iter());
+        if numbers.clone().any(|x| !x.is_finite()) {
+            return Err(format!("metric `{name}`: a number is not finite"));
+        }
+        if m.p_value.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return Err(format!("metric `{name}`: p_value is not between 0 and 1"));
+        }
+    }
+    Ok(())
+}
 
 impl Core {
     /// `POST /v1/leases`.
@@ -285,6 +335,13 @@ impl Core {
         req: &ReleaseRequest,
         now: u64,
     ) -> Result<RolloutView, ApiError> {
+        if let Some(v) = &req.verification {
+            check_series(&v.metrics).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "verification.metrics: {e}; nothing was changed (send the release again without `metrics`)"
+                ))
+            })?;
+        }
         let (lease, late) = match self.leases.remove(id) {
             Some(l) => (l, false),
             // The lease expired while its host was still deploying: its slot was given away,
@@ -345,6 +402,18 @@ impl Core {
                 lease.host.clone(),
                 format!("{}: {}", v.risk, cap(&v.summary, 1024)),
             );
+            if !v.metrics.is_empty() {
+                r.charts.retain(|c| c.host != lease.host);
+                r.charts.push(Chart {
+                    host: lease.host.clone(),
+                    at_ms: now,
+                    risk: v.risk,
+                    metrics: v.metrics.clone(),
+                });
+                if r.charts.len() > super::MAX_CHARTS {
+                    r.charts.remove(0);
+                }
+            }
         }
         let (state, failures, max) = (r.state, r.failed.len() as u32, r.policy.max_failures);
         self.save(rid);
@@ -496,6 +565,48 @@ impl Core {
         }
         self.set_state(id, RolloutState::RollingBack, None, "coordinator", now);
         self.progress(id, now);
+    }
+}
+
+impl Core {
+    /// `POST /v1/leases/{id}/traffic`: the holder of lease `id` (an ECS agent) set the new
+    /// side's weight to `percent`. Kept with the rollout for the dashboard; a repeat of the
+    /// holder's last weight is not kept twice.
+    pub fn traffic(&mut self, id: &str, percent: u8, now: u64) -> Result<RolloutView, ApiError> {
+        if percent > 100 {
+            return Err(ApiError::bad_request(format!(
+                "percent: {percent} is not a weight from 0 to 100"
+            )));
+        }
+        let Some(lease) = self.leases.get(id).or_else(|| self.expired.get(id)) else {
+            return Err(ApiError::lease_lost(format!(
+                "lease {id} is unknown or already released"
+            )));
+        };
+        let (rid, host) = (lease.rollout, lease.host.clone());
+        let Some(r) = self.rollouts.get_mut(&rid) else {
+            return Err(ApiError::lease_lost(format!(
+                "the rollout of lease {id} is gone"
+            )));
+        };
+        let repeat = r
+            .traffic
+            .iter()
+            .rev()
+            .find(|p| p.host == host)
+            .is_some_and(|p| p.percent == percent);
+        if !repeat {
+            r.traffic.push(TrafficPoint {
+                at_ms: now,
+                host,
+                percent,
+            });
+            if r.traffic.len() > super::MAX_TRAFFIC {
+                r.traffic.remove(0);
+            }
+            self.save(rid);
+        }
+        Ok(self.view_of(rid, now))
     }
 }
 

@@ -24,9 +24,15 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Caller, cap};
 use crate::rollout::transition;
 use crate::wire::{
-    AuditEntry, Decision, DesiredView, ErrorBody, ErrorKind, HostView, Lease, OverrideView, Policy,
-    RefusedView, RolloutKind, RolloutState, RolloutView, ServiceReport, Status,
+    AuditEntry, Chart, Decision, DesiredView, ErrorBody, ErrorKind, HostView, Lease, OverrideView,
+    Policy, RefusedView, RolloutKind, RolloutState, RolloutView, ServiceReport, Status,
+    TrafficPoint,
 };
+
+/// Hosts whose verdict samples a rollout keeps (the latest; each a few kilobytes).
+pub const MAX_CHARTS: usize = 4;
+/// Traffic weights a rollout keeps (the latest).
+pub const MAX_TRAFFIC: usize = 64;
 
 /// A rollout as stored: one attempt at bringing one version of a service to an environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +75,12 @@ pub struct Rollout {
     /// Metric verification verdicts reported with releases, by host.
     #[serde(default)]
     pub verdicts: BTreeMap<String, String>,
+    /// The samples of the latest verdicts: at most [`MAX_CHARTS`] hosts, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charts: Vec<Chart>,
+    /// The traffic weights its ECS agents set: at most [`MAX_TRAFFIC`], oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficPoint>,
     /// Approval decision.
     pub decision: Option<Decision>,
     /// Why it is in its state.
@@ -758,6 +770,8 @@ impl Core {
             reverted: r.reverted.iter().cloned().collect(),
             verified: r.verified.iter().cloned().collect(),
             verdicts: r.verdicts.clone(),
+            charts: Vec::new(),
+            traffic: r.traffic.clone(),
             decision: r.decision.clone(),
             reason: r.reason.clone(),
             waiting_for: self.waiting_for(r, now),
@@ -769,6 +783,14 @@ impl Core {
 
     fn view_of(&self, id: u64, now: u64) -> RolloutView {
         self.view(&self.rollouts[&id], now)
+    }
+
+    /// One rollout in full (its verdicts' samples too): `GET /v1/rollouts/{id}`.
+    pub fn rollout(&self, id: u64, now: u64) -> Option<RolloutView> {
+        let r = self.rollouts.get(&id)?;
+        let mut v = self.view(r, now);
+        v.charts = r.charts.clone();
+        Some(v)
     }
 
     /// Periodic work: expire leases, time out approvals, move rollouts on.

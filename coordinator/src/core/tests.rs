@@ -803,6 +803,7 @@ fn a_medium_verdict_pauses_the_rollout() {
     r.verification = Some(crate::wire::Verification {
         risk: crate::wire::Risk::Medium,
         summary: "error_rate: inconclusive".into(),
+        metrics: vec![],
     });
     let v = c.release(&g.lease.id, &r, T0 + 1).unwrap();
     assert_eq!(v.state, RolloutState::Paused);
@@ -817,6 +818,128 @@ fn a_medium_verdict_pauses_the_rollout() {
         RolloutState::Running
     );
     assert!(acquire(&mut c, "h2", "prod", "1.0", T0 + 4).is_ok());
+}
+
+fn series(name: &str, n: usize) -> crate::wire::MetricSeries {
+    crate::wire::MetricSeries {
+        name: name.into(),
+        judgement: "pass".into(),
+        median: Some(1.0),
+        baseline_median: Some(1.0),
+        p_value: Some(0.5),
+        samples: vec![1.0; n],
+        baseline: vec![1.0; n],
+    }
+}
+
+#[test]
+fn verdict_samples_are_kept_for_the_latest_hosts_and_bad_ones_refused() {
+    let mut c = core();
+    push(&mut c, "prod", "1.0", &policy(10, 0), T0);
+    let release = |c: &mut Core, host: &str, metrics, now| {
+        let g = acquire(c, host, "prod", "1.0", now).unwrap();
+        let mut r = ok(Outcome::Success);
+        r.verification = Some(crate::wire::Verification {
+            risk: crate::wire::Risk::Low,
+            summary: "ok".into(),
+            metrics,
+        });
+        (g.lease.id.clone(), c.release(&g.lease.id, &r, now + 1))
+    };
+    // Refused, each with what is wrong; the lease is not spent and the outcome still counts.
+    let nan = crate::wire::MetricSeries {
+        samples: vec![f64::NAN],
+        ..series("latency", 1)
+    };
+    let bad = [
+        (vec![series("m", 1); 9], "9 metrics; at most 8"),
+        (vec![series("m", 121)], "121 samples; at most 120"),
+        (vec![series("", 1)], "1 to 64 characters"),
+        (vec![series("a\nb", 1)], "no control characters"),
+        (vec![nan], "not finite"),
+        (
+            vec![crate::wire::MetricSeries {
+                judgement: "great".into(),
+                ..series("m", 1)
+            }],
+            "judgement `great`",
+        ),
+        (
+            vec![crate::wire::MetricSeries {
+                p_value: Some(2.0),
+                ..series("m", 1)
+            }],
+            "p_value is not between 0 and 1",
+        ),
+    ];
+    for (i, (metrics, why)) in bad.into_iter().enumerate() {
+        let (id, r) = release(&mut c, &format!("b{i}"), metrics, T0 + 10 * i as u64);
+        let e = r.unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.body.message.contains(why), "{}", e.body.message);
+        assert!(e.body.message.contains("without `metrics`"));
+        let v = c
+            .release(&id, &ok(Outcome::Success), T0 + 10 * i as u64 + 2)
+            .unwrap();
+        assert!(v.succeeded.contains(&format!("b{i}")));
+    }
+    // Five hosts report samples: the latest four are kept, and only the full view has them.
+    for i in 0..5 {
+        let (_, r) = release(
+            &mut c,
+            &format!("h{i}"),
+            vec![series("latency", 3)],
+            T0 + 100 + i,
+        );
+        assert!(r.unwrap().charts.is_empty(), "not in the lists");
+    }
+    let id = rollout(&c, "prod", "1.0").id;
+    let full = c.rollout(id, T0 + 200).unwrap();
+    let hosts: Vec<&str> = full.charts.iter().map(|x| x.host.as_str()).collect();
+    assert_eq!(hosts, ["h1", "h2", "h3", "h4"]);
+    assert_eq!(full.charts[3].metrics, vec![series("latency", 3)]);
+    assert!(c.status(T0 + 200).rollouts[0].charts.is_empty());
+    assert!(c.rollout(id + 1, T0).is_none());
+}
+
+#[test]
+fn traffic_weights_are_kept_with_the_rollout() {
+    let mut c = core();
+    push(&mut c, "prod", "1.0", &policy(1, 0), T0);
+    let g = acquire(&mut c, "ecs", "prod", "1.0", T0).unwrap();
+    let id = g.lease.id.clone();
+    for (i, p) in [0, 10, 10, 50, 100].into_iter().enumerate() {
+        c.traffic(&id, p, T0 + i as u64).unwrap();
+    }
+    let got = |c: &Core| -> Vec<(u64, u8)> {
+        rollout(c, "prod", "1.0")
+            .traffic
+            .iter()
+            .map(|p| (p.at_ms - T0, p.percent))
+            .collect()
+    };
+    // A repeated weight (a retried report) is kept once.
+    assert_eq!(got(&c), [(0, 0), (1, 10), (3, 50), (4, 100)]);
+    assert!(
+        c.changes
+            .iter()
+            .any(|x| matches!(x, Change::Rollout(r) if r.traffic.len() == 4)),
+        "stored"
+    );
+    let e = c.traffic(&id, 101, T0).unwrap_err();
+    assert_eq!(e.status, 400);
+    assert!(e.body.message.contains("101 is not a weight from 0 to 100"));
+    assert_eq!(c.traffic("nope", 10, T0).unwrap_err().status, 410);
+    // Bounded: the latest 64.
+    for i in 0..100u64 {
+        c.traffic(&id, (i % 2) as u8, T0 + 10 + i).unwrap();
+    }
+    let t = got(&c);
+    assert_eq!(t.len(), super::MAX_TRAFFIC);
+    assert_eq!(t.last(), Some(&(109, 1)));
+    // Released, the lease reports no more.
+    c.release(&id, &ok(Outcome::Success), T0 + 200).unwrap();
+    assert_eq!(c.traffic(&id, 10, T0 + 201).unwrap_err().status, 410);
 }
 
 #[test]
@@ -1019,6 +1142,7 @@ fn hosts_report_while_paused_and_a_resumed_rollout_completes() {
     r.verification = Some(crate::wire::Verification {
         risk: crate::wire::Risk::Medium,
         summary: "inconclusive".into(),
+        metrics: vec![],
     });
     c.release(&g.lease.id, &r, T0 + 2).unwrap();
     assert_eq!(state(&c, "prod", "2.0"), RolloutState::Paused);
@@ -1109,6 +1233,7 @@ fn operations_and_verdicts_never_reach_a_superseded_rollout() {
         verification: Some(crate::wire::Verification {
             risk: crate::wire::Risk::Medium,
             summary: "p=0.2".into(),
+            metrics: vec![],
         }),
     };
     c.release(&late.lease.id, &medium, T0 + 7).unwrap();

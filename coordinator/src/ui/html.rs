@@ -364,11 +364,12 @@ pub fn rollouts(s: &Status, who: &Viewer) -> String {
     for r in rs.into_iter().take(200) {
         let _ = write!(
             b,
-            "<section class=\"rollout st-{}\">{}{}{}{}</section>",
+            "<section class=\"rollout st-{}\">{}{}{}{}{}</section>",
             r.state.to_string().to_lowercase(),
             heading(r),
             machine(r.state),
             batches(r, s),
+            super::chart::traffic(&r.traffic),
             r.reason
                 .as_deref()
                 .map(|x| format!("<p class=\"reason\">{}</p>", esc(x)))
@@ -439,9 +440,16 @@ pub fn rollout(r: &RolloutView, s: &Status, audit: &[AuditEntry], who: &Viewer) 
     if r.state == RolloutState::ApprovalRequired && may_decide(r, who) {
         decide_forms(&mut b, r, who);
     }
+    if !r.traffic.is_empty() {
+        b.push_str("<h2>Traffic</h2>");
+        b.push_str(&super::chart::traffic(&r.traffic));
+    }
     if !r.verdicts.is_empty() {
         b.push_str("<h2>Verification</h2>");
         verdicts(&mut b, r);
+        for c in r.charts.iter().rev() {
+            b.push_str(&super::chart::verdict(c));
+        }
     }
     b.push_str("<h2>History</h2>");
     history_table(&mut b, audit);
@@ -658,22 +666,35 @@ fn verdicts(b: &mut String, r: &RolloutView) {
     b.push_str("</tbody></table>");
 }
 
-/// Every rollout with metric verdicts.
-pub fn verification(s: &Status, who: &Viewer) -> String {
+/// Rollouts with metric verdicts (the newest first, each in full: with its charts).
+pub fn verification(rs: &[RolloutView], who: &Viewer) -> String {
     let mut b = String::from("<h1>Verification</h1>");
-    let mut rs: Vec<&RolloutView> = s
-        .rollouts
-        .iter()
-        .filter(|r| !r.verdicts.is_empty())
-        .collect();
-    rs.sort_by_key(|r| std::cmp::Reverse(r.id));
     if rs.is_empty() {
         b.push_str("<p>No verdict yet: hosts report one with each release whose service has <code>verify:</code>.</p>");
     }
     for r in rs {
         let _ = write!(b, "<section>{}", heading(r));
         verdicts(&mut b, r);
+        for c in r.charts.iter().rev() {
+            b.push_str(&super::chart::verdict(c));
+        }
         b.push_str("</section>");
     }
     layout("Verification", "Verification", Some(who), &b)
 }
+
+/// The ids of the rollouts the verification page shows: those with verdicts, newest first.
+pub fn with_verdicts(s: &Status) -> Vec<u64> {
+    let mut ids: Vec<u64> = s
+        .rollouts
+        .iter()
+        .filter(|r| !r.verdicts.is_empty())
+        .map(|r| r.id)
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.truncate(VERIFICATION_ROLLOUTS);
+    ids
+}
+
+/// Rollouts shown on the verification page.
+pub const VERIFICATION_ROLLOUTS: usize = 20;

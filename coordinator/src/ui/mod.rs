@@ -14,6 +14,7 @@
 //! - Every page has a CSP with no inline script or style, `X-Content-Type-Options: nosniff`,
 //!   framing denied, no referrer, no caching.
 
+pub mod chart;
 pub mod html;
 
 use std::collections::{BTreeMap, HashMap};
@@ -64,6 +65,40 @@ pub struct Ui {
     generation: Arc<AtomicU64>,
     /// Set when the coordinator shuts down (ends event streams).
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Failed logins of the current minute.
+    failures: Mutex<Failures>,
+}
+
+/// Failed logins allowed per minute, from everyone together; past them every login waits for
+/// the next minute (tokens are long random secrets: this only slows a guesser further).
+pub const MAX_FAILED_LOGINS: u32 = 10;
+
+/// Failed logins counted over a one-minute window.
+#[derive(Debug, Default)]
+struct Failures {
+    /// Start of the window.
+    since_ms: u64,
+    /// Failures since then.
+    count: u32,
+}
+
+impl Failures {
+    /// How long logins must wait, if the window's failures are used up. Pure.
+    fn wait(&self, now: u64) -> Option<u64> {
+        let end = self.since_ms + 60_000;
+        (now < end && self.count >= MAX_FAILED_LOGINS).then(|| end - now)
+    }
+
+    /// Counts a failure at `now`.
+    fn add(&mut self, now: u64) {
+        if now >= self.since_ms + 60_000 {
+            *self = Failures {
+                since_ms: now,
+                count: 0,
+            };
+        }
+        self.count += 1;
+    }
 }
 
 impl Ui {
@@ -78,6 +113,7 @@ impl Ui {
             secure,
             generation,
             stop,
+            failures: Mutex::default(),
         }
     }
 }
@@ -239,11 +275,35 @@ async fn login(State(app): State<App>, b: Body) -> Response {
         .await
         .and_then(|f| f.get("token").map(|t| t.trim().to_string()))
         .unwrap_or_default();
+    let now = now_ms();
+    let throttled = ui
+        .failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .wait(now);
+    if let Some(wait) = throttled {
+        app.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let secs = wait.div_ceil(1000);
+        let mut r = page(
+            StatusCode::TOO_MANY_REQUESTS,
+            html::login(Some(&format!(
+                "Too many failed logins in the last minute ({MAX_FAILED_LOGINS} allowed). Try again in {secs} s."
+            ))),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
     let caller = (!token.is_empty())
         .then(|| app.tokens().check(&token).cloned())
         .flatten();
     let Some(caller) = caller else {
         app.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        ui.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(now);
+        tracing::warn!("dashboard login with an unknown token");
         return page(
             StatusCode::UNAUTHORIZED,
             html::login(Some(
@@ -260,7 +320,6 @@ async fn login(State(app): State<App>, b: Body) -> Response {
         );
     }
     let id = random_hex();
-    let now = now_ms();
     {
         let mut s = ui.sessions.lock().unwrap_or_else(|e| e.into_inner());
         s.retain(|_, x| x.expires_ms > now);
@@ -347,6 +406,25 @@ async fn status(app: &App) -> Result<crate::wire::Status, Response> {
     };
     app.tx.send(Command::Status(tx)).map_err(|_| failed())?;
     rx.await.map_err(|_| failed())?.map_err(|_| failed())
+}
+
+/// One rollout in full (with its verdicts' samples); `None` if there is no such rollout.
+async fn detail(app: &App, id: u64) -> Result<Option<crate::wire::RolloutView>, Response> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failed = || {
+        page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            html::message(
+                "Unavailable",
+                "the coordinator's state did not answer; retry",
+                None,
+            ),
+        )
+    };
+    app.tx
+        .send(Command::Rollout(id, tx))
+        .map_err(|_| failed())?;
+    Ok(rx.await.map_err(|_| failed())?.ok().map(|r| r.rollout))
 }
 
 async fn audit(app: &App, limit: u32) -> Result<Vec<crate::wire::AuditEntry>, Response> {
@@ -453,11 +531,14 @@ async fn rollout(State(app): State<App>, headers: HeaderMap, Path(id): Path<Stri
         Ok(s) => s,
         Err(r) => return r,
     };
-    let Some(r) = id
-        .parse::<u64>()
-        .ok()
-        .and_then(|id| s.rollouts.iter().find(|r| r.id == id))
-    else {
+    let r = match id.parse::<u64>() {
+        Ok(id) => match detail(&app, id).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        },
+        Err(_) => None,
+    };
+    let Some(r) = r else {
         return page(
             StatusCode::NOT_FOUND,
             html::message("Not found", "no such rollout", Some(&w.viewer)),
@@ -471,7 +552,7 @@ async fn rollout(State(app): State<App>, headers: HeaderMap, Path(id): Path<Stri
             .collect::<Vec<_>>(),
         Err(r) => return r,
     };
-    page(StatusCode::OK, html::rollout(r, &s, &entries, &w.viewer))
+    page(StatusCode::OK, html::rollout(&r, &s, &entries, &w.viewer))
 }
 
 async fn approvals(State(app): State<App>, headers: HeaderMap) -> Response {
@@ -683,10 +764,19 @@ async fn history(State(app): State<App>, headers: HeaderMap, RawQuery(q): RawQue
 
 async fn verification(State(app): State<App>, headers: HeaderMap) -> Response {
     let w = logged_in!(app, headers);
-    match status(&app).await {
-        Ok(s) => page(StatusCode::OK, html::verification(&s, &w.viewer)),
-        Err(r) => r,
+    let s = match status(&app).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let mut rs = Vec::new();
+    for id in html::with_verdicts(&s) {
+        match detail(&app, id).await {
+            Ok(Some(r)) => rs.push(r),
+            Ok(None) => {}
+            Err(r) => return r,
+        }
     }
+    page(StatusCode::OK, html::verification(&rs, &w.viewer))
 }
 
 /// Server-sent events: `change` each time the coordinator stores changes (checked twice a

@@ -4,7 +4,8 @@ use super::html::{self, Viewer};
 use super::parse_time;
 use crate::view::Filter;
 use crate::wire::{
-    AuditEntry, HostView, Policy, RolloutKind, RolloutState, RolloutView, ServiceReport, Status,
+    AuditEntry, Chart, HostView, MetricSeries, Policy, Risk, RolloutKind, RolloutState,
+    RolloutView, ServiceReport, Status, TrafficPoint,
 };
 
 fn viewer(role: &'static str, approve: bool) -> Viewer {
@@ -80,6 +81,32 @@ fn rollout(state: RolloutState) -> RolloutView {
             "web-00002".to_string(),
             "medium: latency_p99 median 0.21 vs 0.18, p=0.04 <b>".to_string(),
         )]),
+        charts: vec![Chart {
+            host: "web-00002".into(),
+            at_ms: 1_000,
+            risk: Risk::Medium,
+            metrics: vec![MetricSeries {
+                name: "latency_p99".into(),
+                judgement: "marginal".into(),
+                median: Some(0.21),
+                baseline_median: Some(0.18),
+                p_value: Some(0.04),
+                samples: vec![0.2, 0.21, 0.22, 0.21],
+                baseline: vec![0.18, 0.17, 0.19],
+            }],
+        }],
+        traffic: vec![
+            TrafficPoint {
+                at_ms: 1_000,
+                host: "ecs-prod".into(),
+                percent: 10,
+            },
+            TrafficPoint {
+                at_ms: 61_000,
+                host: "ecs-prod".into(),
+                percent: 50,
+            },
+        ],
         decision: None,
         reason: Some("waits for release-managers".into()),
         waiting_for: None,
@@ -96,12 +123,16 @@ fn text_from_hosts_and_git_is_escaped_everywhere() {
     s.hosts[0] = host(0, Some(evil));
     s.hosts[1].host = "<b>h</b>".into();
     s.rollouts[0].reason = Some(evil.into());
+    s.rollouts[0].charts[0].host = evil.into();
+    s.rollouts[0].charts[0].metrics[0].name = evil.into();
+    s.rollouts[0].charts[0].metrics[0].judgement = evil.into();
+    s.rollouts[0].traffic[0].host = evil.into();
     let v = viewer("admin", true);
     let pages = [
         html::fleet(&s, &Filter::default(), 1, &v, 2_000),
         html::rollouts(&s, &v),
         html::approvals(&s, &v, Some(evil)),
-        html::verification(&s, &v),
+        html::verification(&s.rollouts, &v),
         html::rollout(
             &s.rollouts[0],
             &s,
@@ -233,4 +264,91 @@ fn history_times_are_read_as_utc() {
     assert!(!f.keeps(&e("prod/hello/2.0", 9)));
     assert!(!f.keeps(&e("staging/hello/2.0", 10)));
     assert!(!f.keeps(&e("prod/api/2.0", 10)));
+}
+
+#[test]
+fn traffic_is_drawn_as_a_step_line_and_listed() {
+    let s = status(1);
+    let p = html::rollouts(&s, &viewer("viewer", false));
+    // 10 % at 1 s, 50 % at 61 s: a move to 10 %, a step up to 50 %, held to the right edge.
+    let svg = super::chart::traffic(&s.rollouts[0].traffic);
+    assert!(p.contains(&svg));
+    let d = svg
+        .split("<path class=\"weight s0\" d=\"")
+        .nth(1)
+        .and_then(|x| x.split('"').next())
+        .unwrap();
+    // y of 10 % = 8 + 120 − 12 = 116; of 50 % = 68; x of the second point = 52 + 60/66 × 480.
+    assert_eq!(
+        d, "M52.0,116.0 L488.4,116.0 L488.4,68.0 L532.0,68.0",
+        "{svg}"
+    );
+    assert!(svg.contains("<li>1970-01-01 00:00:01 10%</li><li>1970-01-01 00:01:01 50%</li>"));
+    assert!(svg.contains(">00:00:01</text>") && svg.contains(">00:01:01</text>"));
+    // No traffic, no chart.
+    assert_eq!(super::chart::traffic(&[]), "");
+}
+
+#[test]
+fn a_metric_is_drawn_against_its_baseline_with_medians_and_p_value() {
+    let s = status(1);
+    let m = &s.rollouts[0].charts[0].metrics[0];
+    let svg = super::chart::series(m);
+    let polyline = |class: &str| {
+        svg.split(&format!("<polyline class=\"{class}\" points=\""))
+            .nth(1)
+            .and_then(|x| x.split('"').next())
+            .unwrap()
+            .split(' ')
+            .count()
+    };
+    assert_eq!(polyline("new"), 4);
+    assert_eq!(polyline("base"), 3);
+    assert!(svg.contains("<line class=\"new-median\""));
+    assert!(svg.contains("<line class=\"base-median\""));
+    assert!(
+        svg.contains("new</span> median 0.21 (4 samples)")
+            && svg.contains("baseline</span> median 0.18 (3 samples)")
+            && svg.contains("p-value 4.00e-2"),
+        "{svg}"
+    );
+    // The verification page and the rollout's page both draw it.
+    let v = viewer("viewer", false);
+    assert!(html::verification(&s.rollouts, &v).contains(&svg));
+    assert!(html::rollout(&s.rollouts[0], &s, &[], &v).contains(&svg));
+    // Degenerate input draws without NaN: all samples equal, no baseline, no medians.
+    let flat = MetricSeries {
+        name: "x".into(),
+        judgement: "inconclusive".into(),
+        median: None,
+        baseline_median: None,
+        p_value: None,
+        samples: vec![3.0; 5],
+        baseline: vec![],
+    };
+    let svg = super::chart::series(&flat);
+    assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    assert!(!svg.contains("class=\"base\" points") && !svg.contains("median\" x1"));
+    let one = MetricSeries {
+        samples: vec![],
+        ..flat
+    };
+    assert!(!super::chart::series(&one).contains("NaN"));
+}
+
+#[test]
+fn failed_logins_past_ten_a_minute_make_logins_wait_for_the_next_minute() {
+    let mut f = super::Failures::default();
+    let t0 = 1_000_000;
+    for i in 0..super::MAX_FAILED_LOGINS {
+        assert_eq!(f.wait(t0 + u64::from(i)), None);
+        f.add(t0 + u64::from(i));
+    }
+    assert_eq!(f.wait(t0 + 10), Some(59_990));
+    assert_eq!(f.wait(t0 + 59_999), Some(1));
+    // A new minute starts afresh.
+    assert_eq!(f.wait(t0 + 60_000), None);
+    f.add(t0 + 60_000);
+    assert_eq!(f.count, 1);
+    assert_eq!(f.wait(t0 + 60_001), None);
 }

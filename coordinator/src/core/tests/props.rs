@@ -255,6 +255,7 @@ impl<'a> World<'a> {
             verification: medium.then(|| Verdict {
                 risk: crate::wire::Risk::Medium,
                 summary: "p=0.2".into(),
+                metrics: vec![],
             }),
         };
         self.seen.releases += 1;
