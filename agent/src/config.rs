@@ -113,7 +113,7 @@ fn default_ecs_poll() -> Spanned<Dur> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CoordinatorInput {
-    url: Spanned<String>,
+    url: Spanned<Urls>,
     token_file: Spanned<String>,
     #[serde(default = "yes")]
     required: bool,
@@ -126,6 +126,14 @@ struct CoordinatorInput {
     /// readable).
     #[serde(default)]
     insecure: bool,
+}
+
+/// One coordinator URL, or several (coordinators sharing an etcd store).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Urls {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn yes() -> bool {
@@ -273,7 +281,7 @@ impl std::fmt::Debug for MetricsConfig {
 /// How to reach the coordinator.
 #[derive(Clone)]
 pub struct CoordinatorConfig {
-    /// Its URL.
+    /// Its URL, or several separated by commas (tried in turn while one is unreachable).
     pub url: String,
     /// The bearer token (read from `token_file` at start).
     pub token: String,
@@ -467,16 +475,38 @@ fn validate(i: Input, env: BTreeMap<String, String>, problems: &mut Vec<Problem>
         None => PathBuf::from("/var/lib/drover"),
     };
     let coordinator = i.coordinator.map(|c| {
-        let url = c.url.value.trim_end_matches('/').to_string();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let urls: Vec<String> = match &c.url.value {
+            Urls::One(u) => vec![u.clone()],
+            Urls::Many(v) => v.clone(),
+        };
+        if urls.is_empty() || urls.len() > 16 {
             problems.push(Problem::new(
                 c.url.mark.clone(),
-                format!("coordinator url `{url}` must start with http:// or https://"),
+                "coordinator url: one URL, or a list of 1 to 16 (coordinators sharing an etcd store)",
             ));
         }
-        if let Some(p) = drover_coordinator::client::plain_http_problem(&url, c.insecure) {
-            problems.push(Problem::new(c.url.mark.clone(), format!("coordinator {p}")));
+        for u in &urls {
+            let u = u.trim_end_matches('/');
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                problems.push(Problem::new(
+                    c.url.mark.clone(),
+                    format!("coordinator url `{u}` must start with http:// or https://"),
+                ));
+            } else if u.contains([',', ' ']) {
+                problems.push(Problem::new(
+                    c.url.mark.clone(),
+                    format!("coordinator url `{u}`: one URL per entry (no commas or spaces); give several as a list"),
+                ));
+            }
+            if let Some(p) = drover_coordinator::client::plain_http_problem(u, c.insecure) {
+                problems.push(Problem::new(c.url.mark.clone(), format!("coordinator {p}")));
+            }
         }
+        let url = urls
+            .iter()
+            .map(|u| u.trim_end_matches('/'))
+            .collect::<Vec<_>>()
+            .join(",");
         let ca_file = c.ca_file.map(|f| {
             if !f.value.starts_with('/') {
                 problems.push(Problem::new(

@@ -1,6 +1,7 @@
 //! Coordinator benchmark: lease acquire+release throughput and latency with 100 concurrent
-//! clients, over plain HTTP and over TLS in the same run; the coordinator's CPU and memory with
-//! 10,000 hosts heartbeating every 30 s; and commit → 1,000 long-polling agents know it, with
+//! clients, over plain HTTP and over TLS and with the etcd store (a 3-member cluster) in the
+//! same run; the coordinator's CPU and memory with
+//! 10,000 hosts heartbeating every 30 s (SQLite and etcd); and commit → 1,000 long-polling agents know it, with
 //! the push webhook.
 //!
 //!     cargo bench -p drover-coordinator --bench leases [-- SECONDS]
@@ -52,10 +53,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // The same load over plain HTTP, then over TLS, in one run.
+    // A 3-member etcd cluster for the etcd store (`--max-txn-ops 1024`).
+    let etcd = drover_tests::etcd::Etcd::start(dir.path());
+    // The same load over plain HTTP, then over TLS, then with the etcd store, in one run.
     let mut plain = 0.0;
-    for tls in [false, true] {
-        let name = if tls { "tls" } else { "plain" };
+    for (tls, on_etcd) in [(false, false), (true, false), (false, true)] {
+        let name = match (tls, on_etcd) {
+            (true, _) => "tls",
+            (false, false) => "plain",
+            (false, true) => "etcd",
+        };
+        let store = if on_etcd {
+            format!(
+                "{{ etcd: {{ endpoints: [{}], prefix: /bench, max_txn_ops: 1024, leader_ttl: 5s }} }}",
+                etcd.endpoints().join(", ")
+            )
+        } else {
+            format!(
+                "{{ sqlite: {} }}",
+                dir.path().join(format!("{name}.db")).display()
+            )
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -66,8 +84,7 @@ fn main() {
         std::fs::write(
             dir.path().join(format!("{name}.yaml")),
             format!(
-                "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{git_url}\", poll_interval: 10m }}\nstate_dir: {}\nheartbeat_interval: 30s\nlimits: {{ requests_per_second: 0, connections: 8192, connections_per_address: 8192 }}\nwebhook: {{ gitlab_token_file: {} }}\n{tls_line}tokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
-                dir.path().join(format!("{name}.db")).display(),
+                "listen: 127.0.0.1:{port}\nstore: {store}\nrepo: {{ url: \"{git_url}\", poll_interval: 10m }}\nstate_dir: {}\nheartbeat_interval: 30s\nlimits: {{ requests_per_second: 0, connections: 8192, connections_per_address: 8192 }}\nwebhook: {{ gitlab_token_file: {} }}\n{tls_line}tokens:\n  - {{ name: fleet, role: agent, sha256: {} }}\n",
                 dir.path().join(name).display(),
                 hook.display(),
                 hash_token(token)
@@ -101,6 +118,12 @@ fn main() {
                     "leases over TLS: {:.2}x the plain-HTTP throughput of the same run",
                     ops / plain
                 );
+            } else if on_etcd {
+                println!(
+                    "leases on etcd (3 members): {:.2}x the SQLite throughput of the same run   target ≥ 2000 ops/s",
+                    ops / plain
+                );
+                heartbeats(&url, token, server.id()).await;
             } else {
                 plain = ops;
                 heartbeats(&url, token, server.id()).await;

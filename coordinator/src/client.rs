@@ -82,7 +82,10 @@ impl ClientError {
 /// A coordinator client.
 #[derive(Clone, Debug)]
 pub struct Client {
-    base: String,
+    /// The coordinators' URLs (one, or several of which one leads).
+    bases: std::sync::Arc<[String]>,
+    /// The one that answered last.
+    at: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: String,
     http: reqwest::Client,
 }
@@ -139,14 +142,18 @@ impl Client {
         Client::with_options(base, token, &Options::default())
     }
 
-    /// A client with `options` (a CA file, plain HTTP beyond loopback).
+    /// A client with `options` (a CA file, plain HTTP beyond loopback). `base` is one URL,
+    /// or several separated by commas: coordinators sharing an etcd store, tried in turn
+    /// while one is unreachable.
     pub fn with_options(base: &str, token: &str, options: &Options) -> Result<Client, ClientError> {
         let fail = |message: String| ClientError::Unreachable {
             url: base.to_string(),
             message,
         };
-        if let Some(p) = plain_http_problem(base, options.insecure) {
-            return Err(fail(p));
+        for b in base.split(',') {
+            if let Some(p) = plain_http_problem(b.trim(), options.insecure) {
+                return Err(fail(p));
+            }
         }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -170,15 +177,23 @@ impl Client {
         }
         let http = builder.build().map_err(|e| fail(e.to_string()))?;
         Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
+            bases: base
+                .split(',')
+                .map(|b| b.trim().trim_end_matches('/').to_string())
+                .filter(|b| !b.is_empty())
+                .collect(),
+            at: std::sync::Arc::default(),
             token: token.trim().to_string(),
             http,
         })
     }
 
-    /// The coordinator's URL.
+    /// The URL of the coordinator that answered last.
     pub fn url(&self) -> &str {
-        &self.base
+        let n = self.bases.len().max(1);
+        self.bases
+            .get(self.at.load(std::sync::atomic::Ordering::Relaxed) % n)
+            .map_or("", String::as_str)
     }
 
     async fn call<B: Serialize, R: DeserializeOwned>(
@@ -198,7 +213,37 @@ impl Client {
         body: Option<&B>,
         timeout: Option<Duration>,
     ) -> Result<R, ClientError> {
-        let url = format!("{}{path}", self.base);
+        // Several coordinators (one leads; the others do not listen): the one that answered
+        // last first, then the next on an unreachable one. Every call of the protocol may be
+        // sent twice (docs/protocol.md).
+        let n = self.bases.len().max(1);
+        let first = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        let mut i = 0;
+        loop {
+            let at = (first + i) % n;
+            let r = self.call_at(at, method.clone(), path, body, timeout).await;
+            match r {
+                Err(ClientError::Unreachable { .. }) if i + 1 < n => i += 1,
+                r => {
+                    if !matches!(r, Err(ClientError::Unreachable { .. })) {
+                        self.at.store(at, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+
+    async fn call_at<B: Serialize, R: DeserializeOwned>(
+        &self,
+        at: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<R, ClientError> {
+        let base = self.bases.get(at).map_or("", String::as_str);
+        let url = format!("{base}{path}");
         let mut req = self
             .http
             .request(method, &url)
@@ -211,12 +256,12 @@ impl Client {
             req = req.json(b);
         }
         let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: base.to_string(),
             message: chain(&e),
         })?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: base.to_string(),
             message: chain(&e),
         })?;
         if (200..300).contains(&status) {

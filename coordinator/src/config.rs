@@ -23,7 +23,7 @@ struct Input {
     /// Address to listen on. Default 127.0.0.1:7070.
     #[serde(default = "default_listen")]
     listen: Spanned<String>,
-    /// Where state lives: `{ sqlite: PATH }`.
+    /// Where state lives: `{ sqlite: PATH }` or `{ etcd: {…} }`.
     store: Spanned<StoreInput>,
     /// The desired-state repo, read by the coordinator itself: versions and policies.
     repo: RepoInput,
@@ -142,16 +142,118 @@ fn default_heartbeat() -> Spanned<Dur> {
 #[serde(deny_unknown_fields)]
 struct StoreInput {
     sqlite: Option<String>,
-    etcd: Option<yaml::Spanned<IgnoredAny>>,
+    etcd: Option<EtcdInput>,
 }
 
-/// Anything (an `etcd:` block this build does not implement).
-#[derive(Debug)]
-struct IgnoredAny;
+/// `store: { etcd: … }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdInput {
+    endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    prefix: String,
+    /// etcd user (with `password_file`), when etcd has authentication on.
+    user: Option<String>,
+    password_file: Option<String>,
+    #[serde(default = "default_txn_ops")]
+    max_txn_ops: usize,
+    #[serde(default = "default_leader_ttl")]
+    leader_ttl: Dur,
+}
 
-impl<'de> Deserialize<'de> for IgnoredAny {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        serde::de::IgnoredAny::deserialize(d).map(|_| IgnoredAny)
+fn default_prefix() -> String {
+    "/drover".into()
+}
+fn default_txn_ops() -> usize {
+    128
+}
+fn default_leader_ttl() -> Dur {
+    Dur::secs(10)
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// One SQLite file (the embedded default).
+    Sqlite(PathBuf),
+    /// etcd, shared by several coordinators of which one leads.
+    Etcd(crate::store::etcd::EtcdConfig),
+}
+
+impl StoreConfig {
+    /// For logs: the file, or the endpoints and prefix.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Sqlite(p) => p.display().to_string(),
+            StoreConfig::Etcd(e) => format!("etcd {} {}", e.endpoints.join(","), e.prefix),
+        }
+    }
+}
+
+fn validate_etcd(
+    e: EtcdInput,
+    at: &Mark,
+    problems: &mut Vec<Problem>,
+) -> crate::store::etcd::EtcdConfig {
+    let mut bad = |m: String| problems.push(Problem::new(at.clone(), m));
+    if e.endpoints.is_empty() {
+        bad("store.etcd.endpoints: give the client URL of each etcd member, e.g. [http://10.0.0.1:2379]".into());
+    }
+    for u in &e.endpoints {
+        let ok = u
+            .strip_prefix("http://")
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', ' ', '@']));
+        if !ok {
+            bad(format!(
+                "store.etcd.endpoints: `{u}` is not http://HOST:PORT (this build speaks plain gRPC to etcd: keep it on a private network, or put a local TLS proxy in front)"
+            ));
+        }
+    }
+    let p = &e.prefix;
+    if !p.starts_with('/')
+        || p.ends_with('/')
+        || p.len() > 128
+        || !p[1..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c))
+    {
+        bad(format!(
+            "store.etcd.prefix `{p}`: a key prefix like /drover/prod (starts with /, no trailing /, letters, digits, / - _ .)"
+        ));
+    }
+    if !(16..=100_000).contains(&e.max_txn_ops) {
+        bad(format!(
+            "store.etcd.max_txn_ops {}: between 16 and 100000 (etcd's --max-txn-ops, 128 by default)",
+            e.max_txn_ops
+        ));
+    }
+    if e.leader_ttl.0 < Duration::from_secs(2) || e.leader_ttl.0 > Duration::from_secs(60) {
+        bad("store.etcd.leader_ttl: between 2s and 60s".into());
+    }
+    let user = match (e.user, e.password_file) {
+        (Some(u), Some(f)) => match std::fs::read_to_string(&f) {
+            Ok(pw) if !pw.trim().is_empty() => Some((u, pw.trim().to_string())),
+            Ok(_) => {
+                bad(format!("store.etcd.password_file {f} is empty"));
+                None
+            }
+            Err(err) => {
+                bad(format!("store.etcd.password_file {f}: {err}"));
+                None
+            }
+        },
+        (None, None) => None,
+        _ => {
+            bad("store.etcd: `user` and `password_file` go together".into());
+            None
+        }
+    };
+    crate::store::etcd::EtcdConfig {
+        endpoints: e.endpoints,
+        prefix: e.prefix,
+        user,
+        max_txn_ops: e.max_txn_ops,
+        leader_ttl: e.leader_ttl.0,
     }
 }
 
@@ -214,8 +316,8 @@ impl Default for Limits {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
-    /// SQLite database file.
-    pub sqlite: PathBuf,
+    /// Where state lives.
+    pub store: StoreConfig,
     /// The desired-state repo.
     pub repo: RepoConfig,
     /// Where the Git mirror lives.
@@ -300,28 +402,30 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
         })
         .unwrap_or_else(|()| SocketAddr::from(([127, 0, 0, 1], 7070)));
     let store_mark = mark(&i.store.mark);
-    let sqlite = match (i.store.value.sqlite, i.store.value.etcd) {
-        (Some(p), None) if p.starts_with('/') => PathBuf::from(p),
+    let store = match (i.store.value.sqlite, i.store.value.etcd) {
+        (Some(p), None) if p.starts_with('/') => StoreConfig::Sqlite(PathBuf::from(p)),
         (Some(p), None) => {
             problems.push(Problem::new(
                 store_mark,
                 format!("store.sqlite `{p}` must be an absolute path"),
             ));
-            PathBuf::new()
+            StoreConfig::Sqlite(PathBuf::new())
         }
-        (None, Some(_)) => {
-            problems.push(Problem::new(
-                store_mark,
-                "store: etcd is not available in this build; use { sqlite: PATH }",
-            ));
-            PathBuf::new()
+        (None, Some(e)) => {
+            if i.state_dir.is_none() {
+                problems.push(Problem::new(
+                    store_mark.clone(),
+                    "store: etcd needs `state_dir:` (where this coordinator keeps its Git mirror)",
+                ));
+            }
+            StoreConfig::Etcd(validate_etcd(e, &store_mark, problems))
         }
         _ => {
             problems.push(Problem::new(
                 store_mark,
                 "store: give exactly one of `sqlite: PATH` or `etcd: {...}`",
             ));
-            PathBuf::new()
+            StoreConfig::Sqlite(PathBuf::new())
         }
     };
     let repo = i.repo.validate(problems);
@@ -334,10 +438,13 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
             ));
             PathBuf::new()
         }
-        None => sqlite
-            .parent()
-            .map(|p| p.join("git"))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/drover/git")),
+        None => match &store {
+            StoreConfig::Sqlite(p) => p.as_path(),
+            StoreConfig::Etcd(_) => std::path::Path::new(""),
+        }
+        .parent()
+        .map(|p| p.join("git"))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/drover/git")),
     };
     let at_least_in = |problems: &mut Vec<Problem>, what: &str, d: &Spanned<Dur>, min: Duration| {
         if d.value.0 < min {
@@ -585,7 +692,7 @@ fn validate(i: Input, file: &str, problems: &mut Vec<Problem>) -> Config {
     let notifications = channels(i.notifications, &names, &mark, problems);
     Config {
         listen,
-        sqlite,
+        store,
         repo,
         git_dir,
         lease_ttl,

@@ -10,11 +10,12 @@ use clap::{CommandFactory, Parser, Subcommand};
 use drover_coordinator::actor::{self, Settings, now_ms};
 use drover_coordinator::auth::hash_token;
 use drover_coordinator::config::Config;
+use drover_coordinator::config::StoreConfig;
 use drover_coordinator::core::Core;
 use drover_coordinator::http::{App, metrics_router, router};
 use drover_coordinator::notify;
 use drover_coordinator::server::{self, ServerStats};
-use drover_coordinator::store::{Sqlite, Store, dump};
+use drover_coordinator::store::{Sqlite, Store, dump, etcd};
 use drover_coordinator::tls::{self, TlsSlot};
 
 /// drover's coordinator: rolling-batch leases, approval gates, fleet view, audit.
@@ -65,14 +66,21 @@ enum StoreCommand {
     /// Every readable row as JSON lines on stdout.
     Export {
         /// The SQLite store file.
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        store: Option<PathBuf>,
+        /// Or the store of this coordinator.yaml (SQLite or etcd).
         #[arg(long)]
-        store: PathBuf,
+        config: Option<PathBuf>,
     },
-    /// A new store (the file must not exist) from JSON lines on stdin.
+    /// A new store (the file must not exist; the etcd prefix must be empty, no coordinator
+    /// leading it) from JSON lines on stdin.
     Import {
         /// The SQLite store file to create.
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        store: Option<PathBuf>,
+        /// Or the store of this coordinator.yaml (SQLite or etcd).
         #[arg(long)]
-        store: PathBuf,
+        config: Option<PathBuf>,
     },
 }
 
@@ -152,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!(
                     "ok: listen {}, store {}, repo {} ({})",
                     c.listen,
-                    c.sqlite.display(),
+                    c.store.describe(),
                     c.repo.url,
                     c.repo.branch
                 );
@@ -177,6 +185,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
 /// Tells systemd (`Type=notify`) about readiness and shutdown; a no-op outside systemd.
 struct SystemdNotify(Option<std::path::PathBuf>);
 
@@ -199,6 +215,25 @@ impl SystemdNotify {
             }
         }
     }
+}
+
+/// The store a `store` subcommand works on: `--store FILE`, or the one of `--config`.
+fn store_of(store: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<StoreConfig> {
+    match (store, config) {
+        (Some(p), _) => Ok(StoreConfig::Sqlite(p)),
+        (None, Some(c)) => Ok(Config::load(&c)
+            .map_err(|e| anyhow::anyhow!("invalid coordinator configuration:\n{e}"))?
+            .store),
+        (None, None) => anyhow::bail!("give --store FILE or --config coordinator.yaml"),
+    }
+}
+
+fn etcd_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
@@ -226,18 +261,42 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        StoreCommand::Export { store } => {
+        StoreCommand::Export { store, config } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let c = dump::export(&store, &mut out)?;
+            let c = match store_of(store, config)? {
+                StoreConfig::Sqlite(path) => dump::export(&path, &mut out)?,
+                StoreConfig::Etcd(e) => {
+                    let rt = etcd_runtime()?;
+                    let client = rt.block_on(etcd::connect(&e))?;
+                    // Reads only: no lead needed (a leading coordinator may keep running).
+                    let mut s =
+                        etcd::Etcd::new(client, rt.handle().clone(), &e, etcd::Lead { lease: 0 });
+                    dump::export_etcd(&mut s, &mut out)?
+                }
+            };
             show(&c);
             Ok(ExitCode::SUCCESS)
         }
-        StoreCommand::Import { store } => {
+        StoreCommand::Import { store, config } => {
             let stdin = std::io::stdin();
-            let c = dump::import(&store, &mut stdin.lock())?;
+            let (c, what) = match store_of(store, config)? {
+                StoreConfig::Sqlite(path) => (
+                    dump::import(&path, &mut stdin.lock())?,
+                    path.display().to_string(),
+                ),
+                StoreConfig::Etcd(e) => {
+                    let (rows, c) = dump::rows_for_etcd(&mut stdin.lock())?;
+                    let rt = etcd_runtime()?;
+                    rt.block_on(async {
+                        let mut client = etcd::connect(&e).await?;
+                        etcd::import(&mut client, &e, rows).await
+                    })?;
+                    (c, format!("etcd prefix {}", e.prefix))
+                }
+            };
             show(&c);
-            println!("ok: {} created", store.display());
+            println!("ok: {what} created");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -317,8 +376,45 @@ fn serve(config: Config) -> anyhow::Result<()> {
         Some(files) => Some(TlsSlot::new(tls::load(files)?)),
         None => None,
     };
-    let mut store = Sqlite::open(&config.sqlite)?;
-    let snap = store.load()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut lead = None;
+    let (store, snap): (Box<dyn Store>, _) = match &config.store {
+        StoreConfig::Sqlite(path) => {
+            let mut store = Sqlite::open(path)?;
+            let snap = store.load()?;
+            (Box::new(store), snap)
+        }
+        StoreConfig::Etcd(e) => {
+            let me = format!(
+                "{} {}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .unwrap_or_default()
+                    .trim(),
+                config.listen
+            );
+            let won = rt.block_on(async {
+                let mut client = etcd::connect(e).await?;
+                tracing::info!(endpoints = %e.endpoints.join(","), prefix = %e.prefix, "campaigning to lead the fleet");
+                tokio::select! {
+                    r = etcd::campaign(&mut client, e, &me) => r.map(|l| Some((client, l))),
+                    () = terminated() => Ok(None),
+                }
+            })?;
+            let Some((client, l)) = won else {
+                tracing::info!("stopped while standing by");
+                return Ok(());
+            };
+            tracing::info!(lease = l.lease, "leading the fleet");
+            let mut store = etcd::Etcd::new(client.clone(), rt.handle().clone(), e, l);
+            let snap = store.load()?;
+            lead = Some((client, e.clone(), l));
+            (Box::new(store), snap)
+        }
+    };
     let (leases, rollouts) = (snap.leases.len(), snap.rollouts.len());
     let mut core = Core::new(
         snap,
@@ -362,22 +458,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .context("reading the webhook secrets")?;
     let state = std::thread::Builder::new()
         .name("state".into())
-        .spawn(move || {
-            actor::run(
-                core,
-                Box::new(store) as Box<dyn Store>,
-                rx,
-                settings,
-                Some(wake_tx),
-            )
-        })
+        .spawn(move || actor::run(core, store, rx, settings, Some(wake_tx)))
         .context("starting the state thread")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     rt.block_on(async move {
+        if let Some((client, e, l)) = lead {
+            // The lead ends when its etcd lease does: stop at once (fenced: its writes would
+            // be refused anyway).
+            tokio::spawn(async move {
+                let why = etcd::keep_lead(client, &e, l).await;
+                etcd::deposed(&why)
+            });
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -389,7 +480,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             ),
             None => None,
         };
-        tracing::info!(listen = %config.listen, tls = tls.is_some(), store = %config.sqlite.display(), repo = %config.repo.url, rollouts, leases, connections = limits.connections, "coordinator serving");
+        tracing::info!(listen = %config.listen, tls = tls.is_some(), store = %config.store.describe(), repo = %config.repo.url, rollouts, leases, connections = limits.connections, "coordinator serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (tip_tx, tip_rx) = tokio::sync::watch::channel(None);
         let git = tokio::spawn(drover_coordinator::git::follow(
@@ -466,10 +557,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         };
         SystemdNotify::from_env().send(&format!("READY=1\nSTATUS=serving on {}", config.listen));
         server::serve(listener, router(app), tls, limits, stats, async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            terminated().await;
             tracing::info!("shutting down");
             SystemdNotify::from_env().send("STOPPING=1");
         })

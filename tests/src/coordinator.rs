@@ -58,13 +58,22 @@ impl Coordinator {
 
     /// Writes the config and token files as [`Coordinator::start`] does, without starting it.
     pub fn prepare(dir: &Path, extra: &str) -> Coordinator {
+        let store = format!(
+            "store: {{ sqlite: {} }}\n",
+            dir.join("coordinator").join("coordinator.db").display()
+        );
+        Coordinator::prepare_with(dir, "coordinator", &store, extra)
+    }
+
+    /// [`Coordinator::prepare`] in `dir/name`, with `store` (a `store:` line and whatever
+    /// goes with it) instead of a SQLite file.
+    pub fn prepare_with(dir: &Path, name: &str, store: &str, extra: &str) -> Coordinator {
         let repo = dir.join("fleet");
-        let dir = dir.join("coordinator");
+        let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let port = crate::free_port();
         let mut cfg = format!(
-            "listen: 127.0.0.1:{port}\nstore: {{ sqlite: {} }}\nrepo: {{ url: \"{}\", poll_interval: 1s }}\n{extra}tokens:\n",
-            dir.join("coordinator.db").display(),
+            "listen: 127.0.0.1:{port}\n{store}repo: {{ url: \"{}\", poll_interval: 1s }}\n{extra}tokens:\n",
             repo.display()
         );
         for (name, role, groups) in TOKENS {

@@ -9,6 +9,7 @@
 pub mod artifact;
 pub mod coordinator;
 pub mod ecs;
+pub mod etcd;
 pub mod faulty;
 pub mod git;
 pub mod host;

@@ -7,6 +7,7 @@ mod deploy;
 mod ecs;
 mod git;
 mod gitops;
+mod ha;
 mod hostile;
 mod metrics;
 mod notify;

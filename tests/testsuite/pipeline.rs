@@ -29,8 +29,11 @@ fn rfc3339(secs: u64) -> String {
 
 /// An environment policy frozen from a minute ago until `until` (seconds since the epoch).
 fn frozen_until(until: u64) -> String {
+    // Beside the window, a weekly cron window that is never open while the test runs: noon
+    // (UTC) three days from today. (A fixed "Friday 18:00 for 62 h" froze weekend runs.)
+    let dow = (unix_now() / 86_400 + 4 + 3) % 7; // 1970-01-01 was a Thursday (4)
     format!(
-        "rollout: {{ max_parallel: 2 }}\nfreeze:\n  - {{ from: {}, to: {} }}\n  - {{ cron: \"0 18 * * FRI\", duration: 62h, timezone: Europe/Berlin }}\n",
+        "rollout: {{ max_parallel: 2 }}\nfreeze:\n  - {{ from: {}, to: {} }}\n  - {{ cron: \"0 12 * * {dow}\", duration: 1h, timezone: Europe/Berlin }}\n",
         rfc3339(unix_now() - 60),
         rfc3339(until)
     )

@@ -183,3 +183,40 @@ fn ecs_polling_defaults_to_two_seconds_and_is_bounded() {
         );
     }
 }
+
+#[test]
+fn the_coordinator_is_one_url_or_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with = |url: &str| {
+        load(&[(
+            "agent.yaml",
+            &format!(
+                "{BASE}coordinator: {{ url: {url}, token_file: {} }}\n",
+                token.display()
+            ),
+        )])
+    };
+    let c = with("[\"http://127.0.0.1:7070/\", \"http://127.0.0.1:7071\"]").unwrap();
+    assert_eq!(
+        c.coordinator.unwrap().url,
+        "http://127.0.0.1:7070,http://127.0.0.1:7071"
+    );
+    let c = with("\"http://127.0.0.1:7070\"").unwrap();
+    assert_eq!(c.coordinator.unwrap().url, "http://127.0.0.1:7070");
+    for (bad, why) in [
+        ("[]", "a list of 1 to 16"),
+        (
+            "[\"ftp://x\"]",
+            "`ftp://x` must start with http:// or https://",
+        ),
+        ("[\"http://a,b\"]", "one URL per entry"),
+        ("[\"https://ok:1\", \"http://10.0.0.1:7070\"]", "plain HTTP"),
+    ] {
+        let e = with(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

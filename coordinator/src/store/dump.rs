@@ -326,6 +326,123 @@ pub fn import(path: &Path, input: &mut dyn BufRead) -> Result<Counts, StoreError
     Ok(counts)
 }
 
+/// The dump key of an etcd key suffix: rollout ids and audit sequence numbers as SQLite keeps
+/// them (a number's text, a number), the rest as is.
+fn etcd_key(table: &str, k: &str) -> serde_json::Value {
+    match table {
+        "rollouts" => k
+            .trim_start_matches('0')
+            .parse::<u64>()
+            .unwrap_or(0)
+            .to_string()
+            .into(),
+        "audit" => k.parse::<u64>().unwrap_or(0).into(),
+        _ => k.into(),
+    }
+}
+
+/// `store export` of an etcd store: every readable row, in the dump format of SQLite's (so a
+/// dump of either imports into either).
+pub fn export_etcd(
+    store: &mut super::etcd::Etcd,
+    out: &mut dyn Write,
+) -> Result<Counts, StoreError> {
+    let mut counts = Counts::default();
+    let fail = |e: std::io::Error| StoreError {
+        what: "export",
+        message: format!("cannot write the dump: {e}"),
+    };
+    for table in ["rollouts", "leases", "hosts", "state", "audit"] {
+        let mut n = 0;
+        for (k, v) in store.scan(table)? {
+            let value = serde_json::Value::String(String::from_utf8_lossy(&v).into_owned());
+            let key = etcd_key(table, &k);
+            if let Some(p) = body_problem(table, &key, &value) {
+                counts.problems.push(format!("{table} {k}: {p}"));
+                continue;
+            }
+            let row = Row {
+                table: table.into(),
+                key,
+                value,
+            };
+            serde_json::to_writer(&mut *out, &row).map_err(|e| fail(e.into()))?;
+            out.write_all(b"\n").map_err(fail)?;
+            n += 1;
+        }
+        counts.rows.insert(table.into(), n);
+    }
+    out.flush().map_err(fail)?;
+    Ok(counts)
+}
+
+/// Reads a dump for an etcd import: its rows as (table, key, value), checked as for SQLite.
+pub fn rows_for_etcd(
+    input: &mut dyn BufRead,
+) -> Result<(Vec<super::etcd::Row>, Counts), StoreError> {
+    let fail = |m: String| StoreError {
+        what: "import",
+        message: m,
+    };
+    let mut counts = Counts::default();
+    let mut rows = Vec::new();
+    let mut line = String::new();
+    let mut at = 0u64;
+    loop {
+        line.clear();
+        if input
+            .read_line(&mut line)
+            .map_err(|e| fail(format!("cannot read the dump: {e}")))?
+            == 0
+        {
+            break;
+        }
+        at += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Row = serde_json::from_str(&line)
+            .map_err(|e| fail(format!("dump line {at}: not a dump row ({e})")))?;
+        let Some(table) = TABLES.iter().copied().find(|t| *t == row.table) else {
+            return Err(fail(format!(
+                "dump line {at}: unknown table `{}`",
+                row.table
+            )));
+        };
+        if table == "meta" {
+            continue;
+        }
+        if let Some(p) = body_problem(table, &row.key, &row.value) {
+            counts
+                .problems
+                .push(format!("dump line {at} ({table}): {p}; skipped"));
+            continue;
+        }
+        let key = match (table, &row.key) {
+            ("rollouts", k) => {
+                let id: u64 = k
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| k.as_u64())
+                    .ok_or_else(|| fail(format!("dump line {at}: rollout key {k} is not an id")))?;
+                format!("{id:020}")
+            }
+            ("audit", k) => {
+                let seq = k.as_u64().ok_or_else(|| {
+                    fail(format!("dump line {at}: audit key {k} is not a number"))
+                })?;
+                format!("{seq:020}")
+            }
+            (_, serde_json::Value::String(k)) if !k.is_empty() && !k.contains('\0') => k.clone(),
+            (_, k) => return Err(fail(format!("dump line {at}: key {k} is not a name"))),
+        };
+        let value = row.value.as_str().unwrap_or_default().as_bytes().to_vec();
+        *counts.rows.entry(row.table.clone()).or_default() += 1;
+        rows.push((table, key, value));
+    }
+    Ok((rows, counts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

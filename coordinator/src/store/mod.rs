@@ -1,8 +1,9 @@
 //! Where the coordinator's state lives. The logic ([`crate::core`]) never touches storage: it
 //! produces [`Change`]s, and a [`Store`] writes a batch of them atomically. SQLite is the
-//! embedded default; an etcd store would implement the same trait.
+//! embedded default; [`etcd`] serves several coordinators, one of which leads.
 
 pub mod dump;
+pub mod etcd;
 mod sqlite;
 
 pub use sqlite::{Sqlite, TABLES};
