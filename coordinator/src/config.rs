@@ -190,6 +190,12 @@ impl StoreConfig {
     }
 }
 
+/// Whether other users may read `p`.
+fn world_readable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
 fn validate_etcd(
     e: EtcdInput,
     at: &Mark,
@@ -232,6 +238,12 @@ fn validate_etcd(
     }
     let user = match (e.user, e.password_file) {
         (Some(u), Some(f)) => match std::fs::read_to_string(&f) {
+            Ok(_) if world_readable(Path::new(&f)) => {
+                bad(format!(
+                    "store.etcd.password_file {f} is readable by every user; chmod 600 it"
+                ));
+                None
+            }
             Ok(pw) if !pw.trim().is_empty() => Some((u, pw.trim().to_string())),
             Ok(_) => {
                 bad(format!("store.etcd.password_file {f} is empty"));
@@ -1292,5 +1304,97 @@ mod tests {
             .unwrap();
             assert_eq!(c.listen.to_string(), "0.0.0.0:7070");
         }
+    }
+
+    #[test]
+    fn an_etcd_store_is_checked_once_at_start() {
+        let cfg = |store: &str| {
+            Config::parse(
+                "c.yaml",
+                &format!(
+                    "{store}repo: {{ url: /r }}\ntokens:\n  - {{ name: alice, role: approver, sha256: {H} }}\n"
+                ),
+            )
+        };
+        let c = cfg("store: { etcd: { endpoints: [http://127.0.0.1:2379, http://10.0.0.2:2379], prefix: /drover/prod, max_txn_ops: 1024 } }\nstate_dir: /var/lib/drover\n").unwrap();
+        let StoreConfig::Etcd(e) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(e.endpoints.len(), 2);
+        assert_eq!(e.prefix, "/drover/prod");
+        assert_eq!(e.max_txn_ops, 1024);
+        assert_eq!(e.leader_ttl, Duration::from_secs(10));
+        assert_eq!(c.git_dir, PathBuf::from("/var/lib/drover/git"));
+        for (store, says) in [
+            (
+                "store: { etcd: { endpoints: [http://e:2379] } }\n",
+                "etcd needs `state_dir:`",
+            ),
+            (
+                "store: { etcd: { endpoints: [] } }\nstate_dir: /s\n",
+                "give the client URL of each etcd member",
+            ),
+            (
+                "store: { etcd: { endpoints: [https://e:2379] } }\nstate_dir: /s\n",
+                "plain gRPC",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], prefix: drover } }\nstate_dir: /s\n",
+                "a key prefix like /drover/prod",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], prefix: /d/ } }\nstate_dir: /s\n",
+                "no trailing /",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], max_txn_ops: 5 } }\nstate_dir: /s\n",
+                "between 16 and 100000",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], leader_ttl: 1s } }\nstate_dir: /s\n",
+                "between 2s and 60s",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], user: root } }\nstate_dir: /s\n",
+                "go together",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], password_file: /nope, user: u } }\nstate_dir: /s\n",
+                "store.etcd.password_file /nope",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], tls: {} } }\nstate_dir: /s\n",
+                "tls",
+            ),
+            (
+                "store: { sqlite: /x, etcd: { endpoints: [http://e:2379] } }\n",
+                "exactly one of",
+            ),
+        ] {
+            let e = cfg(store).unwrap_err().to_string();
+            assert!(e.contains(says), "{store}: {e}");
+        }
+        // The password never shows in a debug print of the configuration.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = format!(
+            "store: {{ etcd: {{ endpoints: [http://e:2379], user: drover, password_file: {} }} }}\nstate_dir: /s\n",
+            pw.display()
+        );
+        assert!(cfg(&open).unwrap_err().to_string().contains("chmod 600"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = cfg(&format!(
+            "store: {{ etcd: {{ endpoints: [http://e:2379], user: drover, password_file: {} }} }}\nstate_dir: /s\n",
+            pw.display()
+        ))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+        let StoreConfig::Etcd(e) = c.store else {
+            panic!()
+        };
+        assert_eq!(e.user, Some(("drover".into(), "s3cret-pw".into())));
     }
 }

@@ -650,20 +650,39 @@ async fn renew(State(app): State<App>, Path(id): Path<String>, headers: HeaderMa
     answer(&app, r)
 }
 
+/// A lease holder's call with a JSON body (`release`, `gate`, `traffic`): an agent's token,
+/// its rate limit, the body, then the actor.
+async fn holder_call<T: DeserializeOwned>(
+    app: App,
+    headers: HeaderMap,
+    b: Body,
+    what: &'static str,
+    command: impl FnOnce(T, Caller, Reply<crate::wire::RolloutReply>) -> Command,
+) -> Response {
+    let r = async {
+        let who = caller(&app, &headers, Need::Agent, what)?;
+        limit(&app, &who, None)?;
+        let req: T = body(b).await?;
+        ask(&app, |r| command(req, who, r)).await
+    }
+    .await;
+    answer(&app, r)
+}
+
 async fn release(
     State(app): State<App>,
     Path(id): Path<String>,
     headers: HeaderMap,
     b: Body,
 ) -> Response {
-    let r = async {
-        let who = caller(&app, &headers, Need::Agent, "release lease")?;
-        limit(&app, &who, None)?;
-        let req: ReleaseRequest = body(b).await?;
-        ask(&app, |r| Command::Release(id, req, who, r)).await
-    }
-    .await;
-    answer(&app, r)
+    holder_call(
+        app,
+        headers,
+        b,
+        "release lease",
+        |req: ReleaseRequest, who, r| Command::Release(id, req, who, r),
+    )
+    .await
 }
 
 async fn gate(
@@ -672,14 +691,10 @@ async fn gate(
     headers: HeaderMap,
     b: Body,
 ) -> Response {
-    let r = async {
-        let who = caller(&app, &headers, Need::Agent, "step gate")?;
-        limit(&app, &who, None)?;
-        let req: GateRequest = body(b).await?;
-        ask(&app, |r| Command::Gate(id, req, who, r)).await
-    }
-    .await;
-    answer(&app, r)
+    holder_call(app, headers, b, "step gate", |req: GateRequest, who, r| {
+        Command::Gate(id, req, who, r)
+    })
+    .await
 }
 
 async fn traffic(
@@ -688,14 +703,14 @@ async fn traffic(
     headers: HeaderMap,
     b: Body,
 ) -> Response {
-    let r = async {
-        let who = caller(&app, &headers, Need::Agent, "report traffic")?;
-        limit(&app, &who, None)?;
-        let req: TrafficRequest = body(b).await?;
-        ask(&app, |r| Command::Traffic(id, req, who, r)).await
-    }
-    .await;
-    answer(&app, r)
+    holder_call(
+        app,
+        headers,
+        b,
+        "report traffic",
+        |req: TrafficRequest, who, r| Command::Traffic(id, req, who, r),
+    )
+    .await
 }
 
 async fn status(State(app): State<App>, headers: HeaderMap) -> Response {

@@ -381,7 +381,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut lead = None;
     let (store, snap): (Box<dyn Store>, _) = match &config.store {
         StoreConfig::Sqlite(path) => {
             let mut store = Sqlite::open(path)?;
@@ -409,9 +408,15 @@ fn serve(config: Config) -> anyhow::Result<()> {
                 return Ok(());
             };
             tracing::info!(lease = l.lease, "leading the fleet");
-            let mut store = etcd::Etcd::new(client.clone(), rt.handle().clone(), e, l);
+            // The lead is kept alive from now on (loading may take a while); it ends when its
+            // etcd lease does: stop at once (fenced: its writes would be refused anyway).
+            let (keeper, cfg) = (client.clone(), e.clone());
+            rt.spawn(async move {
+                let why = etcd::keep_lead(keeper, &cfg, l).await;
+                etcd::deposed(&why)
+            });
+            let mut store = etcd::Etcd::new(client, rt.handle().clone(), e, l);
             let snap = store.load()?;
-            lead = Some((client, e.clone(), l));
             (Box::new(store), snap)
         }
     };
@@ -461,14 +466,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .spawn(move || actor::run(core, store, rx, settings, Some(wake_tx)))
         .context("starting the state thread")?;
     rt.block_on(async move {
-        if let Some((client, e, l)) = lead {
-            // The lead ends when its etcd lease does: stop at once (fenced: its writes would
-            // be refused anyway).
-            tokio::spawn(async move {
-                let why = etcd::keep_lead(client, &e, l).await;
-                etcd::deposed(&why)
-            });
-        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;

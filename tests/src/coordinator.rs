@@ -164,6 +164,13 @@ impl Coordinator {
         });
     }
 
+    /// Whether it was started and has exited by itself since.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// Kills it with SIGKILL (a crash).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

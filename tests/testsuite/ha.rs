@@ -11,11 +11,11 @@ use drover_tests::wait_for;
 
 use crate::coordinator::{max_overlap, wait_all, windows};
 
-/// A coordinator named `name` on `etcd`, under prefix `/t`, its lead lasting 2 s.
+/// A coordinator named `name` on `etcd`, under prefix `/t`, its lead lasting 4 s.
 fn on_etcd(f: &Fleet, etcd: &Etcd, name: &str) -> Coordinator {
     let state = f.dir.path().join(name).join("state");
     let store = format!(
-        "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 2s }} }}\nstate_dir: {}\n",
+        "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 4s }} }}\nstate_dir: {}\n",
         etcd.endpoints().join(", "),
         state.display()
     );
@@ -36,25 +36,111 @@ fn serving(c: &Coordinator) -> bool {
     drover_tests::http_get(c.port, "/healthz").is_some_and(|(s, _)| s == 200)
 }
 
+/// Waits for every host to run `version`; on a timeout, shows what each side says.
+fn converge(hosts: &[Host], agents: &[Running], cs: &mut [Coordinator], version: &str) {
+    let limit = std::time::Instant::now() + Duration::from_secs(120);
+    for (h, a) in hosts.iter().zip(agents) {
+        loop {
+            let s = h.hello();
+            if s["current"] == version && s["deploying"].is_null() {
+                break;
+            }
+            if std::time::Instant::now() > limit {
+                let tail = |t: String| {
+                    let lines: Vec<&str> = t.lines().collect();
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                };
+                panic!(
+                    "{} does not run {version}: {s:#}\nagent log:\n{}\ncoordinators:\n{}",
+                    h.name,
+                    tail(a.log()),
+                    cs.iter()
+                        .map(|c| tail(std::fs::read_to_string(&c.log).unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join("\n----\n")
+                );
+            }
+            supervise(cs);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Starts again every coordinator that exited by itself (one that lost the lead exits), as
+/// systemd's `Restart=always` does.
+fn supervise(cs: &mut [Coordinator]) {
+    for c in cs.iter_mut() {
+        if c.exited() {
+            c.spawn();
+        }
+    }
+}
+
+/// The coordinator that leads, once one does (restarting those that exited meanwhile).
+fn lead(cs: &mut [Coordinator]) -> usize {
+    wait_for("a coordinator to lead", Duration::from_secs(30), || {
+        supervise(cs);
+        leader(cs)
+    })
+}
+
+/// Which coordinator serves (leads) now.
+fn leader(cs: &[Coordinator]) -> Option<usize> {
+    cs.iter().position(serving)
+}
+
+/// A small deterministic generator (the seed is printed, so a failing run can be replayed
+/// with `DROVER_HA_SEED`).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Rounds of rollouts across 3 coordinators and 6 agent daemons on a 3-member etcd cluster;
+/// in each, as soon as a host deploys, the leading coordinator or an etcd member (or both)
+/// is killed with SIGKILL. `DROVER_HA_ROUNDS` rounds (3 by default; the first kills both).
 #[test]
 fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
+    let rounds: u64 = std::env::var("DROVER_HA_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed: u64 = std::env::var("DROVER_HA_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| u64::from(std::process::id()) ^ drover_tests::free_port() as u64);
+    eprintln!("ha: seed {seed} (DROVER_HA_SEED replays it), {rounds} rounds");
+    let mut rng = Rng(seed);
     let f = Fleet::new();
     let mut etcd = Etcd::start(f.dir.path());
-    let mut a = on_etcd(&f, &etcd, "coord-a");
-    let mut b = on_etcd(&f, &etcd, "coord-b");
-    a.restart();
-    // B stands by: it does not listen while A leads.
-    b.spawn();
-    wait_for("b to stand by", Duration::from_secs(20), || {
-        std::fs::read_to_string(&b.log)
-            .ok()
-            .filter(|l| l.contains("standing by"))
-    });
-    assert!(!serving(&b));
+    let mut cs: Vec<Coordinator> = ["coord-a", "coord-b", "coord-c"]
+        .iter()
+        .map(|n| on_etcd(&f, &etcd, n))
+        .collect();
+    cs[0].restart();
+    // The others stand by: they do not listen while A leads.
+    for c in &mut cs[1..] {
+        c.spawn();
+    }
+    for c in &cs[1..] {
+        wait_for("a standby", Duration::from_secs(20), || {
+            std::fs::read_to_string(&c.log)
+                .ok()
+                .filter(|l| l.contains("standing by"))
+        });
+        assert!(!serving(c));
+    }
     // The leader key names A.
     assert!(
         etcd.ctl(&["get", "/t/leader", "--print-value-only"])
-            .contains(&format!("127.0.0.1:{}", a.port))
+            .contains(&format!("127.0.0.1:{}", cs[0].port))
     );
 
     // Each deploy takes a second at least (the old release's before_stop sleeps).
@@ -64,7 +150,7 @@ fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
     );
     let policy = "rollout: { max_parallel: 2 }\n";
     f.pin_env("test", policy, &f.hello("1.0.0", &[]));
-    let config = agent_config(&[&a, &b]);
+    let config = agent_config(&cs.iter().collect::<Vec<_>>());
     let names: Vec<String> = (1..=6).map(|i| format!("h{i}")).collect();
     let hosts: Vec<Host> = names
         .iter()
@@ -73,68 +159,89 @@ fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
     let _agents: Vec<Running> = hosts.iter().map(|h| h.spawn(&[])).collect();
     wait_all(&hosts, "1.0.0", Duration::from_secs(120));
 
-    // 2.0.0: once the first hosts are deploying, A dies (SIGKILL) and so does an etcd member.
-    f.pin_env("test", policy, &f.hello("2.0.0", &[]));
-    wait_for("a host to deploy 2.0.0", Duration::from_secs(60), || {
-        hosts
-            .iter()
-            .any(|h| {
-                h.events()
-                    .iter()
-                    .any(|e| e["version"] == "2.0.0" && e["phase"] == "stop")
-            })
-            .then_some(())
-    });
-    a.kill();
-    etcd.kill(0);
-    // B takes over within the lead's TTL, on the two members left.
-    let limit = std::time::Instant::now() + Duration::from_secs(30);
-    while !serving(&b) {
-        assert!(
-            std::time::Instant::now() < limit,
-            "b does not lead:\n{}",
-            std::fs::read_to_string(&b.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let mut faults = Vec::new();
+    for round in 0..rounds {
+        supervise(&mut cs);
+        let version = format!("{}.0.0", round + 2);
+        // 0: the leader; 1: an etcd member; 2: both. The first round kills both.
+        let fault = if round == 0 { 2 } else { rng.below(3) };
+        let member = rng.below(3) as usize;
+        f.pin_env("test", policy, &f.hello(&version, &[]));
+        wait_for("a host to deploy", Duration::from_secs(60), || {
+            hosts
+                .iter()
+                .any(|h| {
+                    h.events()
+                        .iter()
+                        .any(|e| e["version"] == version.as_str() && e["phase"] == "stop")
+                })
+                .then_some(())
+        });
+        let was = lead(&mut cs);
+        if fault != 1 {
+            cs[was].kill();
+            faults.push(format!("{version}: coordinator {was} killed"));
+        }
+        if fault != 0 {
+            etcd.kill(member);
+            faults.push(format!("{version}: etcd member {member} killed"));
+        }
+        if fault != 1 {
+            // Another takes over within the lead's TTL; the killed one comes back standing by.
+            let limit = std::time::Instant::now() + Duration::from_secs(30);
+            while leader(&cs).is_none() {
+                supervise(&mut cs);
+                assert!(
+                    std::time::Instant::now() < limit,
+                    "no coordinator leads:\n{}",
+                    cs.iter()
+                        .map(|c| std::fs::read_to_string(&c.log).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("\n----\n")
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            cs[was].spawn();
+        }
+        converge(&hosts, &_agents, &mut cs, &version);
+        if fault != 0 {
+            etcd.restart(member);
+        }
+        // From the agents' own logs: never more than 2 hosts between stop and healthy.
+        let w = windows(&hosts, &version);
+        assert_eq!(w.len(), 6, "{version}: every host deployed once: {w:?}");
+        assert!(max_overlap(&w) <= 2, "{version}: {w:?}");
+        // From the audit (the leader now has everything the one before wrote): each host got
+        // one lease and released it once, and the rollout succeeded.
+        let now = lead(&mut cs);
+        wait_for("the rollout to succeed", Duration::from_secs(30), || {
+            (cs[now].state("test", &version).as_deref() == Some("SUCCESS")).then_some(())
+        });
+        let hist = cs[now].history();
+        let subject = format!("test/hello/{version}");
+        for action in ["lease_granted", "lease_released"] {
+            let mut hosts: Vec<&str> = hist
+                .iter()
+                .filter(|e| e["action"] == action && e["subject"] == subject.as_str())
+                .map(|e| e["actor"].as_str().unwrap_or(""))
+                .collect();
+            assert_eq!(hosts.len(), 6, "{action} of {version}: {hist:?}");
+            hosts.sort_unstable();
+            hosts.dedup();
+            assert_eq!(hosts.len(), 6, "{action} once per host: {hist:?}");
+        }
     }
-    wait_all(&hosts, "2.0.0", Duration::from_secs(120));
-    etcd.restart(0);
-
-    // From the agents' own logs: never more than 2 hosts between stop and healthy.
-    for v in ["1.0.0", "2.0.0"] {
-        let w = windows(&hosts, v);
-        assert_eq!(w.len(), 6, "{v}: every host deployed once: {w:?}");
-        assert!(max_overlap(&w) <= 2, "{v}: {w:?}");
+    eprintln!(
+        "ha: {rounds} rounds, {} faults injected: {}",
+        faults.len(),
+        faults.join("; ")
+    );
+    // One leads; the killed ones came back as standbys.
+    let now = lead(&mut cs);
+    for (i, c) in cs.iter().enumerate().filter(|(i, _)| *i != now) {
+        assert!(!serving(c), "coordinator {i} serves beside {now}");
     }
-    // From the audit (B has everything A wrote): each host got one lease, every outcome
-    // counted, the rollout succeeded.
-    wait_for("2.0.0 to succeed", Duration::from_secs(30), || {
-        (b.state("test", "2.0.0").as_deref() == Some("SUCCESS")).then_some(())
-    });
-    let hist = b.history();
-    for (action, n) in [("lease_granted", 6), ("lease_released", 6)] {
-        let mut hosts: Vec<&str> = hist
-            .iter()
-            .filter(|e| e["action"] == action && e["subject"] == "test/hello/2.0.0")
-            .map(|e| e["actor"].as_str().unwrap_or(""))
-            .collect();
-        assert_eq!(hosts.len(), n, "{action}: {hist:?}");
-        hosts.sort_unstable();
-        hosts.dedup();
-        assert_eq!(hosts.len(), n, "{action} once per host: {hist:?}");
-    }
-
-    // A comes back as a standby; B goes on leading.
-    a.spawn();
-    wait_for("a to stand by", Duration::from_secs(20), || {
-        std::fs::read_to_string(&a.log)
-            .ok()
-            .filter(|l| l.matches("standing by").count() >= 1)
-    });
-    assert!(!serving(&a) && serving(&b));
-    // What B wrote is in etcd, where A will read it when it leads again.
-    let rollouts = etcd.ctl(&["get", "/t/rollouts/", "--prefix", "--print-value-only"]);
-    assert!(rollouts.contains("\"SUCCESS\""), "{rollouts}");
+    let b = &cs[now];
 
     // The fleet moves between the stores: etcd → a SQLite file → an empty etcd prefix.
     let tool = |args: &[&str], input: &[u8]| {

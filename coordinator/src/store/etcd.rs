@@ -186,7 +186,13 @@ pub async fn keep_lead(mut client: Client, c: &EtcdConfig, lead: Lead) -> String
     let mut last_ok = tokio::time::Instant::now();
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     loop {
-        tokio::time::sleep(every).await;
+        // After a failure, try again soon (another member may answer): the lease is short.
+        let pause = if stream.is_some() {
+            every
+        } else {
+            Duration::from_millis(100)
+        };
+        tokio::time::sleep(pause).await;
         let renewed = tokio::time::timeout(every, async {
             if stream.is_none() {
                 stream = Some(client.lease_keep_alive(lead.lease).await?);

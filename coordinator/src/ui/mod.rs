@@ -392,18 +392,20 @@ fn forbidden(w: &Who, why: &str) -> Response {
     )
 }
 
+/// 503: the state actor did not answer.
+fn failed() -> Response {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        html::message(
+            "Unavailable",
+            "the coordinator's state did not answer; retry",
+            None,
+        ),
+    )
+}
+
 async fn status(app: &App) -> Result<crate::wire::Status, Response> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let failed = || {
-        page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            html::message(
-                "Unavailable",
-                "the coordinator's state did not answer; retry",
-                None,
-            ),
-        )
-    };
     app.tx.send(Command::Status(tx)).map_err(|_| failed())?;
     rx.await.map_err(|_| failed())?.map_err(|_| failed())
 }
@@ -411,16 +413,6 @@ async fn status(app: &App) -> Result<crate::wire::Status, Response> {
 /// One rollout in full (with its verdicts' samples); `None` if there is no such rollout.
 async fn detail(app: &App, id: u64) -> Result<Option<crate::wire::RolloutView>, Response> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let failed = || {
-        page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            html::message(
-                "Unavailable",
-                "the coordinator's state did not answer; retry",
-                None,
-            ),
-        )
-    };
     app.tx
         .send(Command::Rollout(id, tx))
         .map_err(|_| failed())?;
