@@ -66,6 +66,27 @@ fn converge(hosts: &[Host], agents: &[Running], cs: &mut [Coordinator], version:
     }
 }
 
+/// Watches the apps from outside, on their ports: the most hosts whose app did not answer
+/// `/health` with 200 at the same moment, until `stop` is set.
+fn probe(
+    ports: Vec<u16>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, u64)> {
+    std::thread::spawn(move || {
+        let (mut max, mut samples) = (0, 0u64);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let down = ports
+                .iter()
+                .filter(|p| drover_tests::http_get(**p, "/health").is_none_or(|(s, _)| s != 200))
+                .count();
+            max = max.max(down);
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (max, samples)
+    })
+}
+
 /// Starts again every coordinator that exited by itself (one that lost the lead exits), as
 /// systemd's `Restart=always` does.
 fn supervise(cs: &mut [Coordinator]) {
@@ -159,6 +180,8 @@ fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
     let _agents: Vec<Running> = hosts.iter().map(|h| h.spawn(&[])).collect();
     wait_all(&hosts, "1.0.0", Duration::from_secs(120));
 
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = probe(hosts.iter().map(|h| h.port).collect(), stop.clone());
     let mut faults = Vec::new();
     for round in 0..rounds {
         supervise(&mut cs);
@@ -231,11 +254,15 @@ fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
             assert_eq!(hosts.len(), 6, "{action} once per host: {hist:?}");
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (down, samples) = prober.join().unwrap();
     eprintln!(
-        "ha: {rounds} rounds, {} faults injected: {}",
+        "ha: {rounds} rounds, {} faults injected: {}; at most {down} of 6 apps down at once ({samples} probes of every app)",
         faults.len(),
         faults.join("; ")
     );
+    // From outside, on the apps' ports: never more than max_parallel down.
+    assert!(down <= 2, "{down} apps were down at once");
     // One leads; the killed ones came back as standbys.
     let now = lead(&mut cs);
     for (i, c) in cs.iter().enumerate().filter(|(i, _)| *i != now) {

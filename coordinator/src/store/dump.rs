@@ -235,6 +235,30 @@ pub fn export(path: &Path, out: &mut dyn Write) -> Result<Counts, StoreError> {
     Ok(counts)
 }
 
+/// The next row of a dump (blank lines skipped); `at` counts its lines. `None` at the end.
+fn next_row(input: &mut dyn BufRead, at: &mut u64) -> Result<Option<Row>, StoreError> {
+    let fail = |m: String| StoreError {
+        what: "import",
+        message: m,
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = input
+            .read_line(&mut line)
+            .map_err(|e| fail(format!("cannot read the dump: {e}")))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        *at += 1;
+        if !line.trim().is_empty() {
+            return serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| fail(format!("dump line {at}: not a dump row ({e})")));
+        }
+    }
+}
+
 /// `store import`: a new store at `path` (which must not exist) from a dump. Built in a
 /// temporary file next to it and renamed into place once complete and loadable.
 pub fn import(path: &Path, input: &mut dyn BufRead) -> Result<Counts, StoreError> {
@@ -262,22 +286,8 @@ pub fn import(path: &Path, input: &mut dyn BufRead) -> Result<Counts, StoreError
     }
     let mut conn = Connection::open(&tmp).map_err(err("import"))?;
     let tx = conn.transaction().map_err(err("import"))?;
-    let mut line = String::new();
     let mut at = 0u64;
-    loop {
-        line.clear();
-        let n = input
-            .read_line(&mut line)
-            .map_err(|e| fail(format!("cannot read the dump: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        at += 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: Row = serde_json::from_str(&line)
-            .map_err(|e| fail(format!("dump line {at}: not a dump row ({e})")))?;
+    while let Some(row) = next_row(input, &mut at)? {
         if !TABLES.contains(&row.table.as_str()) {
             return Err(fail(format!(
                 "dump line {at}: unknown table `{}`",
@@ -386,23 +396,8 @@ pub fn rows_for_etcd(
     };
     let mut counts = Counts::default();
     let mut rows = Vec::new();
-    let mut line = String::new();
     let mut at = 0u64;
-    loop {
-        line.clear();
-        if input
-            .read_line(&mut line)
-            .map_err(|e| fail(format!("cannot read the dump: {e}")))?
-            == 0
-        {
-            break;
-        }
-        at += 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: Row = serde_json::from_str(&line)
-            .map_err(|e| fail(format!("dump line {at}: not a dump row ({e})")))?;
+    while let Some(row) = next_row(input, &mut at)? {
         let Some(table) = TABLES.iter().copied().find(|t| *t == row.table) else {
             return Err(fail(format!(
                 "dump line {at}: unknown table `{}`",
