@@ -398,6 +398,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             let won = rt.block_on(async {
                 let mut client = etcd::connect(e).await?;
                 tracing::info!(endpoints = %e.endpoints.join(","), prefix = %e.prefix, "campaigning to lead the fleet");
+                // A standby is up (systemd must not time its start out): it serves nothing.
+                notify.send("READY=1\nSTATUS=standing by: another coordinator may lead");
                 tokio::select! {
                     r = etcd::campaign(&mut client, e, &me) => r.map(|l| Some((client, l))),
                     () = terminated() => Ok(None),
