@@ -578,7 +578,7 @@ impl Core {
                 "percent: {percent} is not a weight from 0 to 100"
             )));
         }
-        let Some(lease) = self.leases.get(id).or_else(|| self.expired.get(id)) else {
+        let Some(lease) = self.lease_or_expired(id) else {
             return Err(ApiError::lease_lost(format!(
                 "lease {id} is unknown or already released"
             )));
@@ -629,7 +629,7 @@ impl Core {
                 "step: 1 to {MAX_STEP} printable ASCII characters (e.g. \"10%\")"
             )));
         }
-        let Some(lease) = self.leases.get(id).or_else(|| self.expired.get(id)) else {
+        let Some(lease) = self.lease_or_expired(id) else {
             return Err(ApiError::lease_lost(format!(
                 "lease {id} is unknown or already released"
             )));

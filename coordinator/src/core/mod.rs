@@ -609,6 +609,11 @@ impl Core {
         self.audit(now, &cap(who, 64), "denied", &cap(what, 128), cap(why, 256));
     }
 
+    /// Lease `id`, held or expired (an expired one's holder may still release or report).
+    pub(super) fn lease_or_expired(&self, id: &str) -> Option<&Lease> {
+        self.leases.get(id).or_else(|| self.expired.get(id))
+    }
+
     /// Checks that `who` may act on lease `id` (live or expired): a host-bound token only on
     /// its own host's leases. A refusal is audited (without the lease id, its holder's secret).
     pub fn check_holder(
@@ -618,11 +623,7 @@ impl Core {
         what: &str,
         now: u64,
     ) -> Result<(), ApiError> {
-        let holder = self
-            .leases
-            .get(id)
-            .or_else(|| self.expired.get(id))
-            .map(|l| l.host.clone());
+        let holder = self.lease_or_expired(id).map(|l| l.host.clone());
         match holder {
             Some(h) => self.acting_as(who, &h, what, now),
             None => Ok(()),

@@ -17,7 +17,7 @@ use etcd_client::{
 };
 use tokio::runtime::Handle;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, incident_key, outbox_key, override_key};
 use crate::core::{Change, Desired, Host, Override, Refused, Rollout, Snapshot};
 use crate::wire::{AuditEntry, Lease};
 
@@ -305,21 +305,6 @@ impl Etcd {
             .collect()
     }
 
-    fn state<T: serde::de::DeserializeOwned>(
-        &mut self,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let k = self.key("state", key);
-        let r = self.retry("load", |mut c| {
-            let k = k.clone();
-            async move { c.get(k, None).await }
-        })?;
-        r.kvs()
-            .first()
-            .map(|kv| parse("state", key, kv.value()))
-            .transpose()
-    }
-
     /// Runs `ops` as one transaction guarded by the lead; a refused guard means another
     /// coordinator leads now: this process exits (its writes could only be refused).
     fn guarded(&mut self, what: &'static str, ops: Vec<TxnOp>) -> Result<(), StoreError> {
@@ -429,14 +414,12 @@ pub fn rows(changes: &[Change]) -> Vec<Put> {
             Change::Audit(a) => ("audit", format!("{:020}", a.seq), Some(json(a))),
             Change::Desired(d) => ("state", "desired".into(), Some(json(d))),
             Change::Refused(r) => ("state", "refused".into(), r.as_ref().map(json)),
-            Change::Override(env, service, o) => (
-                "state",
-                format!("override/{env}/{service}"),
-                o.as_ref().map(json),
-            ),
-            Change::Outbox(d) => ("state", format!("outbox/{}", d.id), Some(json(d))),
-            Change::OutboxGone(id) => ("state", format!("outbox/{id}"), None),
-            Change::Incident(k, i) => ("state", format!("incident/{k}"), i.as_ref().map(json)),
+            Change::Override(env, service, o) => {
+                ("state", override_key(env, service), o.as_ref().map(json))
+            }
+            Change::Outbox(d) => ("state", outbox_key(&d.id), Some(json(d))),
+            Change::OutboxGone(id) => ("state", outbox_key(id), None),
+            Change::Incident(k, i) => ("state", incident_key(k), i.as_ref().map(json)),
         })
         .collect()
 }
@@ -490,13 +473,16 @@ impl Store for Etcd {
                 .and_then(|kv| kv.key_str().ok()?.rsplit('/').next()?.parse().ok())
                 .unwrap_or(0)
         };
-        let desired: Option<Desired> = self.state("desired")?;
-        let refused: Option<Refused> = self.state("refused")?;
+        let (mut desired, mut refused): (Option<Desired>, Option<Refused>) = (None, None);
         let mut overrides: Vec<Override> = Vec::new();
         let mut outbox = Vec::new();
         let mut incidents = Vec::new();
         for (k, v) in self.scan("state")? {
-            if k.starts_with("override/") {
+            if k == "desired" {
+                desired = Some(parse("state", &k, &v)?);
+            } else if k == "refused" {
+                refused = Some(parse("state", &k, &v)?);
+            } else if k.starts_with("override/") {
                 overrides.push(parse("state", &k, &v)?);
             } else if k.starts_with("outbox/") {
                 outbox.push(parse("state", &k, &v)?);

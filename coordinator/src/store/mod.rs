@@ -11,6 +11,21 @@ pub use sqlite::{Sqlite, TABLES};
 use crate::core::{Change, Snapshot};
 use crate::wire::AuditEntry;
 
+/// The `state` key of an override of (environment, service); both stores use it.
+fn override_key(env: &str, service: &str) -> String {
+    format!("override/{env}/{service}")
+}
+
+/// The `state` key of a notification delivery.
+fn outbox_key(id: &str) -> String {
+    format!("outbox/{id}")
+}
+
+/// The `state` key of an open incident.
+fn incident_key(key: &str) -> String {
+    format!("incident/{key}")
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 #[error("store {what}: {message}")]

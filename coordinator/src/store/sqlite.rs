@@ -4,7 +4,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, incident_key, outbox_key, override_key};
 use crate::core::{Change, Desired, Host, Override, Refused, Rollout, Snapshot};
 use crate::wire::{AuditEntry, Lease};
 
@@ -52,18 +52,6 @@ fn err(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("state serializes")
-}
-
-fn override_key(env: &str, service: &str) -> String {
-    format!("override/{env}/{service}")
-}
-
-fn outbox_key(id: &str) -> String {
-    format!("outbox/{id}")
-}
-
-fn incident_key(key: &str) -> String {
-    format!("incident/{key}")
 }
 
 impl Sqlite {
