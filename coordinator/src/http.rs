@@ -439,6 +439,12 @@ async fn metrics(State(app): State<App>) -> Response {
                     app.webhooks[i].load(Ordering::Relaxed)
                 ));
             }
+            if let Some(hook) = &app.git_webhook {
+                text.push_str(&format!(
+                    "# TYPE drover_coordinator_git_webhooks_reading gauge\ndrover_coordinator_git_webhooks_reading {}\n",
+                    WEBHOOKS_AT_ONCE - hook.reading.available_permits()
+                ));
+            }
             text.push_str(&format!(
                 "# TYPE drover_coordinator_tip_waiting gauge\ndrover_coordinator_tip_waiting {}\n",
                 app.tip_waiting.load(Ordering::Relaxed)

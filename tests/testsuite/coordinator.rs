@@ -881,14 +881,20 @@ fn a_signed_push_webhook_makes_the_coordinator_fetch_at_once_and_a_forged_one_do
             s
         })
         .collect();
+    // Once the server reads all eight (as its gauge says), a ninth is refused.
     wait_for(
         "the slow senders to hold every slot",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || {
-            let (status, answer) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
-            (status == 429).then_some(answer)
+            let (_, m) = c.http("GET", "/metrics", Some(&token("watcher")), "", false);
+            m.as_str()?
+                .contains("drover_coordinator_git_webhooks_reading 8\n")
+                .then_some(())
         },
     );
+    let (status, answer) = post(&["X-Gitlab-Token: gl-t0ken".to_string()], body);
+    assert_eq!(status, 429, "{answer}");
+    assert!(answer.contains("retry"), "{answer}");
     drop(slow);
     wait_for(
         "webhooks to be served again",
