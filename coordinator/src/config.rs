@@ -159,6 +159,18 @@ struct EtcdInput {
     max_txn_ops: usize,
     #[serde(default = "default_leader_ttl")]
     leader_ttl: Dur,
+    /// TLS to etcd (`https://` endpoints).
+    tls: Option<EtcdTlsInput>,
+}
+
+/// `store.etcd.tls`: the CA that signed etcd's certificates, and this coordinator's client
+/// certificate when etcd asks for one (`--client-cert-auth`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdTlsInput {
+    ca_file: String,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -203,17 +215,33 @@ fn validate_etcd(
 ) -> crate::store::etcd::EtcdConfig {
     let mut bad = |m: String| problems.push(Problem::new(at.clone(), m));
     if e.endpoints.is_empty() {
-        bad("store.etcd.endpoints: give the client URL of each etcd member, e.g. [http://10.0.0.1:2379]".into());
+        bad("store.etcd.endpoints: give the client URL of each etcd member, e.g. [https://10.0.0.1:2379]".into());
     }
+    let scheme = if e.tls.is_some() {
+        "https://"
+    } else {
+        "http://"
+    };
     for u in &e.endpoints {
         let ok = u
-            .strip_prefix("http://")
+            .strip_prefix(scheme)
             .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', ' ', '@']));
-        if !ok {
-            bad(format!(
-                "store.etcd.endpoints: `{u}` is not http://HOST:PORT (this build speaks plain gRPC to etcd: keep it on a private network, or put a local TLS proxy in front)"
-            ));
+        if ok {
+            continue;
         }
+        bad(if e.tls.is_some() {
+            format!(
+                "store.etcd.endpoints: `{u}` is not https://HOST:PORT (with store.etcd.tls every member is reached over TLS)"
+            )
+        } else if u.starts_with("https://") {
+            format!(
+                "store.etcd.endpoints: `{u}` is https: add `tls: {{ ca_file: … }}` under store.etcd (the CA that signed etcd's certificates)"
+            )
+        } else {
+            format!(
+                "store.etcd.endpoints: `{u}` is not http://HOST:PORT (or https://HOST:PORT with store.etcd.tls)"
+            )
+        });
     }
     let p = &e.prefix;
     if !p.starts_with('/')
@@ -260,13 +288,75 @@ fn validate_etcd(
             None
         }
     };
+    let tls = e.tls.and_then(|t| etcd_tls(t, &mut bad));
     crate::store::etcd::EtcdConfig {
         endpoints: e.endpoints,
         prefix: e.prefix,
         user,
         max_txn_ops: e.max_txn_ops,
         leader_ttl: e.leader_ttl.0,
+        tls,
     }
+}
+
+/// Reads and checks `store.etcd.tls`'s files (PEM), reporting each problem with `bad`.
+fn etcd_tls(t: EtcdTlsInput, bad: &mut impl FnMut(String)) -> Option<crate::store::etcd::EtcdTls> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut read = |field: &str, f: &str| match std::fs::read(f) {
+        Ok(b) => Some(b),
+        Err(err) => {
+            bad(format!("store.etcd.tls.{field} {f}: {err}"));
+            None
+        }
+    };
+    let certs = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
+    let ca = read("ca_file", &t.ca_file);
+    let identity = match (&t.cert_file, &t.key_file) {
+        (Some(c), Some(k)) => Some((read("cert_file", c), read("key_file", k))),
+        (None, None) => None,
+        _ => {
+            bad("store.etcd.tls: `cert_file` and `key_file` go together".into());
+            None
+        }
+    };
+    let ca = ca?;
+    match certs(&ca) {
+        Ok(c) if !c.is_empty() => {}
+        Ok(_) => bad(format!(
+            "store.etcd.tls.ca_file {}: no PEM certificate in it",
+            t.ca_file
+        )),
+        Err(err) => bad(format!("store.etcd.tls.ca_file {}: {err}", t.ca_file)),
+    }
+    let identity = match identity {
+        Some((Some(cert), Some(key))) => {
+            let (c, k) = (
+                t.cert_file.unwrap_or_default(),
+                t.key_file.unwrap_or_default(),
+            );
+            match certs(&cert) {
+                Ok(v) if !v.is_empty() => {}
+                Ok(_) => bad(format!(
+                    "store.etcd.tls.cert_file {c}: no PEM certificate in it"
+                )),
+                Err(err) => bad(format!("store.etcd.tls.cert_file {c}: {err}")),
+            }
+            if world_readable(Path::new(&k)) {
+                bad(format!(
+                    "store.etcd.tls.key_file {k} is readable by every user; chmod 600 it"
+                ));
+            } else if let Err(err) = PrivateKeyDer::from_pem_slice(&key) {
+                bad(format!(
+                    "store.etcd.tls.key_file {k}: not a PEM private key ({err})"
+                ));
+            }
+            Some((cert, key))
+        }
+        Some(_) => return None,
+        None => None,
+    };
+    Some(crate::store::etcd::EtcdTls { ca, identity })
 }
 
 #[derive(Debug, Deserialize)]
@@ -1336,7 +1426,23 @@ mod tests {
             ),
             (
                 "store: { etcd: { endpoints: [https://e:2379] } }\nstate_dir: /s\n",
-                "plain gRPC",
+                "is https: add `tls: { ca_file: … }`",
+            ),
+            (
+                "store: { etcd: { endpoints: [http://e:2379], tls: { ca_file: /nope } } }\nstate_dir: /s\n",
+                "is not https://HOST:PORT (with store.etcd.tls",
+            ),
+            (
+                "store: { etcd: { endpoints: [https://e:2379], tls: { ca_file: /nope } } }\nstate_dir: /s\n",
+                "store.etcd.tls.ca_file /nope: No such file",
+            ),
+            (
+                "store: { etcd: { endpoints: [https://e:2379], tls: { ca_file: /nope, cert_file: /c } } }\nstate_dir: /s\n",
+                "`cert_file` and `key_file` go together",
+            ),
+            (
+                "store: { etcd: { endpoints: [https://e:2379], tls: { ca: /nope } } }\nstate_dir: /s\n",
+                "unknown field `ca`",
             ),
             (
                 "store: { etcd: { endpoints: [http://e:2379], prefix: drover } }\nstate_dir: /s\n",
@@ -1364,7 +1470,7 @@ mod tests {
             ),
             (
                 "store: { etcd: { endpoints: [http://e:2379], tls: {} } }\nstate_dir: /s\n",
-                "tls",
+                "missing field `ca_file`",
             ),
             (
                 "store: { sqlite: /x, etcd: { endpoints: [http://e:2379] } }\n",
@@ -1396,5 +1502,83 @@ mod tests {
             panic!()
         };
         assert_eq!(e.user, Some(("drover".into(), "s3cret-pw".into())));
+    }
+
+    #[test]
+    fn etcd_tls_files_are_read_and_checked_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = drover_tests::tls::TestCa::new(&dir.path().join("ca"));
+        let (cert, key) = ca.client("coordinator");
+        let cfg = |tls: String| {
+            Config::parse(
+                "c.yaml",
+                &format!(
+                    "store: {{ etcd: {{ endpoints: [https://10.0.0.1:2379], tls: {{ {tls} }} }} }}\nstate_dir: /s\nrepo: {{ url: /r }}\ntokens:\n  - {{ name: alice, role: approver, sha256: {H} }}\n"
+                ),
+            )
+        };
+        let (ca_f, cert_f, key_f) = (ca.ca.display(), cert.display(), key.display());
+        let c = cfg(format!(
+            "ca_file: {ca_f}, cert_file: {cert_f}, key_file: {key_f}"
+        ))
+        .unwrap();
+        let StoreConfig::Etcd(e) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        let t = e.tls.as_ref().unwrap();
+        assert_eq!(t.ca, std::fs::read(&ca.ca).unwrap());
+        let (c_pem, k_pem) = t.identity.as_ref().unwrap();
+        assert_eq!(c_pem, &std::fs::read(&cert).unwrap());
+        // The key never shows in a debug print of the configuration.
+        let k_text = String::from_utf8_lossy(k_pem).into_owned();
+        let body = k_text.lines().nth(1).unwrap();
+        assert!(!format!("{c:?}").contains(body));
+        assert!(format!("{c:?}").contains("ca + client certificate"));
+        // The CA alone (etcd without --client-cert-auth).
+        assert!(cfg(format!("ca_file: {ca_f}")).is_ok());
+
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for (tls, says) in [
+            (
+                format!("ca_file: {}", junk.display()),
+                format!(
+                    "store.etcd.tls.ca_file {}: no PEM certificate in it",
+                    junk.display()
+                ),
+            ),
+            (
+                format!(
+                    "ca_file: {ca_f}, cert_file: {}, key_file: {key_f}",
+                    junk.display()
+                ),
+                format!(
+                    "store.etcd.tls.cert_file {}: no PEM certificate in it",
+                    junk.display()
+                ),
+            ),
+            (
+                format!(
+                    "ca_file: {ca_f}, cert_file: {cert_f}, key_file: {}",
+                    junk.display()
+                ),
+                format!(
+                    "store.etcd.tls.key_file {}: not a PEM private key",
+                    junk.display()
+                ),
+            ),
+        ] {
+            let e = cfg(tls.clone()).unwrap_err().to_string();
+            assert!(e.contains(&says), "{tls}: {e}");
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = cfg(format!(
+            "ca_file: {ca_f}, cert_file: {cert_f}, key_file: {key_f}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is readable by every user; chmod 600 it"), "{e}");
     }
 }

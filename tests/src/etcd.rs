@@ -19,11 +19,39 @@ pub struct Etcd {
     members: Vec<Member>,
     token: String,
     log: PathBuf,
+    tls: Option<Tls>,
+}
+
+/// Client TLS of a cluster started by [`Etcd::start_tls`].
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// What etcdctl presents.
+    client: (PathBuf, PathBuf),
 }
 
 impl Etcd {
     /// Starts three members under `dir/etcd` and waits until the cluster answers.
     pub fn start(dir: &Path) -> Etcd {
+        Etcd::start_with(dir, None)
+    }
+
+    /// [`Etcd::start`], its clients served over TLS with `ca`'s server certificate, and
+    /// only clients with a certificate `ca` signed let in (`--client-cert-auth`).
+    pub fn start_tls(dir: &Path, ca: &crate::tls::TestCa) -> Etcd {
+        Etcd::start_with(
+            dir,
+            Some(Tls {
+                ca: ca.ca.clone(),
+                cert: ca.cert.clone(),
+                key: ca.key.clone(),
+                client: ca.client("etcdctl"),
+            }),
+        )
+    }
+
+    fn start_with(dir: &Path, tls: Option<Tls>) -> Etcd {
         let base = dir.join("etcd");
         std::fs::create_dir_all(&base).expect("mkdir");
         let members: Vec<Member> = (1..=3)
@@ -39,6 +67,7 @@ impl Etcd {
             members,
             token: format!("drover-test-{}-{}", std::process::id(), crate::free_port()),
             log: base.join("etcd.log"),
+            tls,
         };
         for i in 0..3 {
             e.spawn(i, "new");
@@ -62,10 +91,21 @@ impl Etcd {
             .append(true)
             .open(&self.log)
             .expect("etcd log");
+        let scheme = self.scheme();
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = format!("{scheme}://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new("etcd")
+        let mut etcd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            etcd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.dir)
             .args(["--listen-client-urls", &client])
@@ -89,8 +129,7 @@ impl Etcd {
     pub fn wait_healthy(&self) {
         let endpoints = self.running_endpoints();
         crate::wait_for("etcd to be healthy", Duration::from_secs(30), || {
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
+            self.etcdctl()
                 .args(["--endpoints", &endpoints, "endpoint", "health"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -100,11 +139,30 @@ impl Etcd {
         });
     }
 
+    /// `etcdctl`, with the client certificate when the cluster wants one.
+    fn etcdctl(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client.0)
+                .arg("--key")
+                .arg(&t.client.1);
+        }
+        c
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn running_endpoints(&self) -> String {
         self.members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -113,7 +171,7 @@ impl Etcd {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect()
     }
 
@@ -133,8 +191,8 @@ impl Etcd {
 
     /// Runs `etcdctl` with `args` against the cluster; its stdout.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let out = self
+            .etcdctl()
             .args(["--endpoints", &self.running_endpoints()])
             .args(args)
             .output()

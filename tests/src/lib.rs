@@ -12,6 +12,7 @@ pub mod ecs;
 pub mod etcd;
 pub mod faulty;
 pub mod git;
+pub mod haproxy;
 pub mod host;
 pub mod lighttpd;
 pub mod nspawn;

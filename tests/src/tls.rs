@@ -12,6 +12,8 @@ pub struct TestCa {
     pub cert: PathBuf,
     /// The server's private key, PEM, mode 600.
     pub key: PathBuf,
+    /// Where the files are (the CA's key too, to sign client certificates).
+    dir: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -94,7 +96,65 @@ impl TestCa {
             ca: dir.join("ca.pem"),
             cert: dir.join("server.pem"),
             key,
+            dir: dir.to_path_buf(),
         }
+    }
+
+    /// A client certificate for `cn` signed by the CA (extended key usage clientAuth), and
+    /// its key (mode 600): `(cert, key)`.
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let (key, csr, pem, ext) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.pem"),
+            format!("{cn}.cnf"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        std::fs::write(
+            self.dir.join(&ext),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("ext");
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+        let key = self.dir.join(key);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        (self.dir.join(pem), key)
     }
 
     /// The coordinator config lines for it.

@@ -335,3 +335,128 @@ fn the_leader_or_an_etcd_member_killed_mid_rollout_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// etcd serving its clients over TLS and letting in only certificates its CA signed: two
+/// coordinators reach it with `store.etcd.tls`, behind one HAProxy URL that health-checks
+/// `/healthz` (the agents know only it); the fleet deploys, the standby takes over from a
+/// killed leader and the agents follow through the same URL. A coordinator without a client
+/// certificate, trusting another CA, or speaking plain gRPC to etcd is refused at start
+/// with the reason.
+#[test]
+fn coordinators_on_etcd_over_mutual_tls_behind_one_load_balanced_url() {
+    let f = Fleet::new();
+    let ca = drover_tests::tls::TestCa::new(&f.dir.path().join("etcd-ca"));
+    let etcd = Etcd::start_tls(f.dir.path(), &ca);
+    let (cert, key) = ca.client("coordinator");
+    let store = |name: &str, tls: &str, endpoints: &[String]| {
+        let state = f.dir.path().join(name).join("state");
+        format!(
+            "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 4s{tls} }} }}\nstate_dir: {}\n",
+            endpoints.join(", "),
+            state.display()
+        )
+    };
+    let mutual = format!(
+        ", tls: {{ ca_file: {}, cert_file: {}, key_file: {} }}",
+        ca.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let mut cs: Vec<Coordinator> = ["coord-a", "coord-b"]
+        .iter()
+        .map(|n| {
+            Coordinator::prepare_with(f.dir.path(), n, &store(n, &mutual, &etcd.endpoints()), "")
+        })
+        .collect();
+    cs[0].restart();
+    cs[1].spawn();
+    wait_for("a standby", Duration::from_secs(20), || {
+        std::fs::read_to_string(&cs[1].log)
+            .ok()
+            .filter(|l| l.contains("standing by"))
+    });
+    assert!(
+        etcd.ctl(&["get", "/t/leader", "--print-value-only"])
+            .contains(&format!("127.0.0.1:{}", cs[0].port))
+    );
+    let lb = drover_tests::haproxy::Haproxy::start(f.dir.path(), &[cs[0].port, cs[1].port]);
+    f.pin_env("test", "", &f.hello("1.0.0", &[]));
+    let config = format!(
+        "coordinator: {{ url: \"{}\", token_file: \"{}\", heartbeat_interval: 500ms }}\n",
+        lb.url(),
+        cs[0].token_file("fleet").display()
+    );
+    let hosts: Vec<Host> = ["h1", "h2"]
+        .iter()
+        .map(|n| f.host_with(n, "test", &config))
+        .collect();
+    let agents: Vec<Running> = hosts.iter().map(|h| h.spawn(&[])).collect();
+    wait_all(&hosts, "1.0.0", Duration::from_secs(120));
+    cs[0].kill();
+    assert_eq!(lead(&mut cs), 1, "the standby leads");
+    f.pin_env("test", "", &f.hello("2.0.0", &[]));
+    converge(&hosts, &agents, &mut cs, "2.0.0");
+    wait_for("the rollout to succeed", Duration::from_secs(30), || {
+        (cs[1].state("test", "2.0.0").as_deref() == Some("SUCCESS")).then_some(())
+    });
+    // Both hosts were granted their 2.0.0 lease by B, through the balancer.
+    let granted = cs[1]
+        .history()
+        .iter()
+        .filter(|e| e["action"] == "lease_granted" && e["subject"] == "test/hello/2.0.0")
+        .count();
+    assert_eq!(granted, 2);
+    // What the rollout wrote is in etcd (read with etcdctl's own client certificate).
+    assert!(
+        etcd.ctl(&["get", "/t/rollouts/", "--prefix", "--keys-only"])
+            .contains("/t/rollouts/")
+    );
+
+    // Refused at start, each with its reason, and nothing written.
+    let other = drover_tests::tls::TestCa::new(&f.dir.path().join("other-ca"));
+    let plain: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| e.replace("https://", "http://"))
+        .collect();
+    for (name, tls, endpoints, says) in [
+        (
+            "no-client-cert",
+            format!(", tls: {{ ca_file: {} }}", ca.ca.display()),
+            etcd.endpoints(),
+            "if etcd runs with --client-cert-auth, that cert_file",
+        ),
+        (
+            "other-ca",
+            format!(
+                ", tls: {{ ca_file: {}, cert_file: {}, key_file: {} }}",
+                other.ca.display(),
+                cert.display(),
+                key.display()
+            ),
+            etcd.endpoints(),
+            "invalid peer certificate",
+        ),
+        (
+            "plain",
+            String::new(),
+            plain,
+            "if etcd serves TLS, use https:// endpoints and store.etcd.tls",
+        ),
+    ] {
+        let mut c =
+            Coordinator::prepare_with(f.dir.path(), name, &store(name, &tls, &endpoints), "");
+        c.spawn();
+        let code = c.wait_exit(Duration::from_secs(60));
+        let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+        assert!(code.is_some_and(|c| c != 0), "{name} runs: {log}");
+        assert!(log.contains(says), "{name}: {log}");
+        assert!(!serving(&c), "{name}");
+        eprintln!("{name}: {}", log.lines().last().unwrap_or(""));
+    }
+    assert!(
+        etcd.ctl(&["get", "/t/leader", "--print-value-only"])
+            .contains(&format!("127.0.0.1:{}", cs[1].port)),
+        "the leader is still B"
+    );
+}

@@ -190,7 +190,16 @@ fn a_failing_rollout_pages_once_opens_one_jira_issue_and_both_are_resolved_on_re
         1
     );
     r.assert_well_formed();
-    let out = c.cli("watcher", &["notifications"]);
+    // A receiver has a request before the coordinator has stored its answer: wait for that.
+    let mut out = c.cli("watcher", &["notifications"]);
+    let limit = std::time::Instant::now() + Duration::from_secs(20);
+    while !out.stdout.contains("no notification waits or failed")
+        && std::time::Instant::now() < limit
+    {
+        assert_eq!(out.code, 0, "{}", out.all());
+        std::thread::sleep(Duration::from_millis(200));
+        out = c.cli("watcher", &["notifications"]);
+    }
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(
         out.stdout.contains("no notification waits or failed"),

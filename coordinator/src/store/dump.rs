@@ -362,6 +362,14 @@ pub fn export_etcd(
         what: "export",
         message: format!("cannot write the dump: {e}"),
     };
+    if let Some(n) = store.journal_pending()? {
+        return Err(StoreError {
+            what: "export",
+            message: format!(
+                "a batch of {n} writes is half applied (meta/journal): start a coordinator on this prefix to finish it, then export"
+            ),
+        });
+    }
     for table in ["rollouts", "leases", "hosts", "state", "audit"] {
         let mut n = 0;
         for (k, v) in store.scan(table)? {

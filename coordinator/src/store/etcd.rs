@@ -7,7 +7,8 @@
 //!
 //! Keys: `rollouts/ID` (20 digits), `leases/ID`, `hosts/NAME`, `audit/SEQ` (20 digits),
 //! `state/KEY` (`desired`, `refused`, `override/…`, `outbox/…`, `incident/…`), `meta/probe`,
-//! and `leader`; values are the JSON bodies SQLite stores.
+//! and `leader`; values are the JSON bodies SQLite stores. A batch too large for one etcd
+//! transaction goes through `journal/N` and `meta/journal` first (see [`Etcd::commit`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,8 +30,8 @@ const MAX_TXN_BYTES: usize = 1 << 20;
 /// How to reach etcd (validated configuration).
 #[derive(Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// Client URLs of the members (`http://`: this build speaks plain gRPC to etcd, so it
-    /// belongs on a private network or behind a local TLS proxy).
+    /// Client URLs of the members: all `https://` with [`EtcdConfig::tls`], else all
+    /// `http://` (plain gRPC: for a private network only).
     pub endpoints: Vec<String>,
     /// Key prefix of this fleet, e.g. `/drover/prod` (no trailing `/`).
     pub prefix: String,
@@ -40,6 +41,17 @@ pub struct EtcdConfig {
     pub max_txn_ops: usize,
     /// TTL of the leader's etcd lease: how long a dead leader blocks a standby.
     pub leader_ttl: Duration,
+    /// TLS to etcd, for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: PEM bytes read (and checked) at start-up.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificates that signed etcd's server certificates.
+    pub ca: Vec<u8>,
+    /// This coordinator's client certificate chain and private key, when etcd asks for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -50,6 +62,16 @@ impl std::fmt::Debug for EtcdConfig {
             .field("user", &self.user.as_ref().map(|(u, _)| u))
             .field("max_txn_ops", &self.max_txn_ops)
             .field("leader_ttl", &self.leader_ttl)
+            .field(
+                "tls",
+                &self.tls.as_ref().map(|t| {
+                    if t.identity.is_some() {
+                        "ca + client certificate"
+                    } else {
+                        "ca"
+                    }
+                }),
+            )
             .finish()
     }
 }
@@ -72,11 +94,48 @@ pub async fn connect(c: &EtcdConfig) -> Result<Client, StoreError> {
         Some((u, p)) => options.with_user(u.clone(), p.clone()),
         None => options,
     };
+    let options = match &c.tls {
+        Some(t) => {
+            // tonic takes the process's default crypto provider, else ring: make it the
+            // aws-lc-rs of the coordinator's own TLS (an error only says one is installed).
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&t.ca));
+            options.with_tls(match &t.identity {
+                Some((cert, key)) => tls.identity(etcd_client::Identity::from_pem(cert, key)),
+                None => tls,
+            })
+        }
+        None => options,
+    };
     let mut client = Client::connect(&c.endpoints, Some(options))
         .await
         .map_err(err("connect"))?;
-    // A first request: the endpoints answer, and a transaction as large as the configured
-    // limit is accepted (else every large batch would fail later).
+    // A first request: the endpoints answer (with TLS as configured).
+    let key = format!("{}/meta/probe", c.prefix);
+    let mut reached = client.get(key.clone(), None).await;
+    for _ in 0..4 {
+        if reached.is_ok() {
+            break;
+        }
+        // A member that is down is still picked for a while: try the others.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        reached = client.get(key.clone(), None).await;
+    }
+    reached.map_err(|e| StoreError {
+        what: "connect",
+        message: format!(
+            "cannot reach etcd at {} ({e}); {}",
+            c.endpoints.join(", "),
+            if c.tls.is_some() {
+                "check the endpoints, that store.etcd.tls.ca_file signed etcd's server certificate (which names the endpoint's host or IP), and, if etcd runs with --client-cert-auth, that cert_file is signed by etcd's --trusted-ca-file"
+            } else {
+                "check the endpoints; if etcd serves TLS, use https:// endpoints and store.etcd.tls"
+            }
+        ),
+    })?;
+    // A transaction as large as the configured limit is accepted (else every large batch
+    // would fail later).
     let probe = Txn::new().and_then(
         (0..c.max_txn_ops)
             .map(|_| TxnOp::get(format!("{}/meta/probe", c.prefix), None))
@@ -448,8 +507,169 @@ pub fn batches(rows: Vec<Put>, max_ops: usize) -> Vec<Vec<Put>> {
     out
 }
 
+impl Etcd {
+    /// Writes `part` (at most one transaction's worth) in one guarded transaction.
+    fn apply(&mut self, what: &'static str, part: Vec<Put>) -> Result<(), StoreError> {
+        let ops = part
+            .into_iter()
+            .map(|(t, k, v)| {
+                let key = self.key(t, &k);
+                match v {
+                    Some(v) => TxnOp::put(key, v, None),
+                    None => TxnOp::delete(key, None),
+                }
+            })
+            .collect();
+        self.guarded(what, ops)
+    }
+
+    /// Writes `writes` as `journal/N` keys and, if `commit`, then `meta/journal` (their
+    /// number) in one more transaction: from then on the batch counts as written.
+    fn stage(&mut self, writes: &[Put], commit: bool) -> Result<(), StoreError> {
+        let staged: Vec<Put> = writes
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ("journal", format!("{i:08}"), Some(encode(w))))
+            .collect();
+        for part in batches(staged, self.max_ops.saturating_sub(1)) {
+            self.apply("journal", part)?;
+        }
+        if commit {
+            let n = writes.len().to_string().into_bytes();
+            self.apply("journal", vec![("meta", "journal".into(), Some(n))])?;
+        }
+        Ok(())
+    }
+
+    /// Applies a committed journal's `writes` in parts, then deletes the journal and its mark
+    /// in one transaction. Safe to repeat: each write is a whole value or a delete.
+    fn finish_journal(&mut self, writes: Vec<Put>) -> Result<(), StoreError> {
+        for part in batches(writes, self.max_ops.saturating_sub(1)) {
+            self.apply("journal", part)?;
+        }
+        self.clear_journal()
+    }
+
+    fn clear_journal(&mut self) -> Result<(), StoreError> {
+        let (from, to) = (
+            format!("{}/journal/", self.prefix),
+            format!("{}/journal0", self.prefix),
+        );
+        let mark = self.key("meta", "journal");
+        self.guarded(
+            "journal",
+            vec![
+                TxnOp::delete(from, Some(etcd_client::DeleteOptions::new().with_range(to))),
+                TxnOp::delete(mark, None),
+            ],
+        )
+    }
+
+    /// Whether a committed journal waits to be applied (`meta/journal` is there).
+    pub(crate) fn journal_pending(&mut self) -> Result<Option<usize>, StoreError> {
+        let key = self.key("meta", "journal");
+        let r = self.retry("load", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        let Some(kv) = r.kvs().first() else {
+            return Ok(None);
+        };
+        std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .ok_or_else(|| StoreError {
+                what: "load",
+                message: format!(
+                    "damaged meta/journal key ({:?})",
+                    String::from_utf8_lossy(kv.value())
+                ),
+            })
+    }
+
+    /// What a leader that died in [`Etcd::commit`] left: a committed journal is applied, an
+    /// uncommitted one deleted.
+    fn recover_journal(&mut self) -> Result<(), StoreError> {
+        let staged = self.scan("journal")?;
+        match self.journal_pending()? {
+            Some(n) => {
+                let writes = staged
+                    .iter()
+                    .map(|(k, v)| decode(v).ok_or_else(|| format!("journal key {k}")))
+                    .collect::<Result<Vec<Put>, String>>()
+                    .and_then(|w| {
+                        if w.len() == n {
+                            Ok(w)
+                        } else {
+                            Err(format!("the journal holds {} writes, meta/journal says {n}", w.len()))
+                        }
+                    })
+                    .map_err(|m| StoreError {
+                        what: "load",
+                        message: format!("damaged journal of a large batch: {m}; restore the prefix from a dump (store import)"),
+                    })?;
+                tracing::warn!(
+                    writes = n,
+                    "applying the large batch a previous leader committed but did not finish"
+                );
+                self.finish_journal(writes)
+            }
+            None if !staged.is_empty() => {
+                tracing::warn!(
+                    writes = staged.len(),
+                    "deleting a large batch a previous leader staged but never committed"
+                );
+                self.clear_journal()
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// A write as a journal value: `table NUL`, the key's length (4 bytes, big-endian), the
+/// key, then `P` and the value, or `D`. Pure.
+fn encode((t, k, v): &Put) -> Vec<u8> {
+    let mut out = Vec::with_capacity(t.len() + k.len() + 6 + v.as_ref().map_or(0, Vec::len));
+    out.extend_from_slice(t.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+    out.extend_from_slice(k.as_bytes());
+    match v {
+        Some(v) => {
+            out.push(b'P');
+            out.extend_from_slice(v);
+        }
+        None => out.push(b'D'),
+    }
+    out
+}
+
+/// The write of a journal value, if it is one (its table one of the store's). Pure.
+fn decode(b: &[u8]) -> Option<Put> {
+    let nul = b.iter().position(|c| *c == 0)?;
+    let t = match &b[..nul] {
+        b"rollouts" => "rollouts",
+        b"leases" => "leases",
+        b"hosts" => "hosts",
+        b"audit" => "audit",
+        b"state" => "state",
+        _ => return None,
+    };
+    let rest = &b[nul + 1..];
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let k = std::str::from_utf8(rest.get(4..4 + len)?).ok()?.to_string();
+    let v = match rest[4 + len..].split_first()? {
+        (b'P', v) => Some(v.to_vec()),
+        (b'D', []) => None,
+        _ => return None,
+    };
+    Some((t, k, v))
+}
+
 impl Store for Etcd {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
+        self.recover_journal()?;
         let rollouts: Vec<Rollout> = self.all("rollouts")?;
         let leases: Vec<Lease> = self.all("leases")?;
         let hosts = self
@@ -503,28 +723,27 @@ impl Store for Etcd {
         })
     }
 
+    /// Writes a batch all or nothing. One that fits a transaction is one transaction. A
+    /// larger one is first staged as `journal/N` keys (several transactions, invisible to
+    /// [`Store::load`]), then committed by one transaction writing `meta/journal` (the number
+    /// of staged writes), then applied in parts, then the journal is deleted. A leader that
+    /// dies before `meta/journal` leaves nothing (the next load deletes the staged keys); one
+    /// that dies after leaves a journal the next load applies first.
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let parts = batches(rows(changes), self.max_ops.saturating_sub(1));
-        if parts.len() > 1 {
-            tracing::warn!(
-                transactions = parts.len(),
-                "a batch larger than one etcd transaction (store.etcd.max_txn_ops, 1 MiB) is written in parts"
-            );
+        if parts.len() <= 1 {
+            for part in parts {
+                self.apply("commit", part)?;
+            }
+            return Ok(());
         }
-        for part in parts {
-            let ops = part
-                .into_iter()
-                .map(|(t, k, v)| {
-                    let key = self.key(t, &k);
-                    match v {
-                        Some(v) => TxnOp::put(key, v, None),
-                        None => TxnOp::delete(key, None),
-                    }
-                })
-                .collect();
-            self.guarded("commit", ops)?;
-        }
-        Ok(())
+        let writes: Vec<Put> = parts.into_iter().flatten().collect();
+        tracing::info!(
+            writes = writes.len(),
+            "a batch larger than one etcd transaction (store.etcd.max_txn_ops, 1 MiB): written through the journal"
+        );
+        self.stage(&writes, true)?;
+        self.finish_journal(writes)
     }
 
     fn history(&mut self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
@@ -618,5 +837,124 @@ mod tests {
         let b = batches(big, 1000);
         assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
         assert!(batches(vec![], 10).is_empty());
+    }
+
+    #[test]
+    fn journal_values_decode_to_the_writes_they_encode() {
+        let writes: Vec<Put> = vec![
+            ("hosts", "h1".into(), Some(b"{\"a\":1}".to_vec())),
+            ("state", "override/prod/web".into(), None),
+            ("leases", "".into(), Some(Vec::new())),
+            ("audit", "a\0b".into(), Some(vec![0, b'D', 0])),
+        ];
+        for w in &writes {
+            assert_eq!(decode(&encode(w)).as_ref(), Some(w));
+        }
+        for junk in [
+            &b""[..],
+            b"hosts",
+            b"nope\0\0\0\0\x01kP",
+            b"hosts\0\0\0\0\x09kP",
+            b"hosts\0\0\0\0\x01kX",
+            b"hosts\0\0\0\0\x01kDx",
+            b"hosts\0\0\0\0\x01k",
+        ] {
+            assert_eq!(decode(junk), None, "{junk:?}");
+        }
+    }
+
+    /// A leading store on a real etcd cluster, transactions of at most 16 operations.
+    fn leading(
+        dir: &std::path::Path,
+    ) -> (
+        drover_tests::etcd::Etcd,
+        tokio::runtime::Runtime,
+        EtcdConfig,
+        Etcd,
+    ) {
+        let cluster = drover_tests::etcd::Etcd::start(dir);
+        let c = EtcdConfig {
+            endpoints: cluster.endpoints(),
+            prefix: "/j".into(),
+            user: None,
+            max_txn_ops: 16,
+            leader_ttl: Duration::from_secs(10),
+            tls: None,
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (client, lead) = rt.block_on(async {
+            let mut client = connect(&c).await.unwrap();
+            let lead = campaign(&mut client, &c, "test").await.unwrap();
+            (client, lead)
+        });
+        let store = Etcd::new(client, rt.handle().clone(), &c, lead);
+        (cluster, rt, c, store)
+    }
+
+    fn host_changes(n: usize, version: &str) -> Vec<Change> {
+        (0..n)
+            .map(|i| {
+                let h = Host {
+                    environment: version.into(),
+                    labels: BTreeMap::new(),
+                    agent_version: None,
+                    services: Vec::new(),
+                    commit: None,
+                    last_seen_ms: 0,
+                };
+                Change::Host(format!("h{i:03}"), h)
+            })
+            .collect()
+    }
+
+    /// A batch of 100 writes (7 transactions' worth) is written whole through the journal;
+    /// one a leader committed and did not apply is applied by the next load; one it staged
+    /// without committing is deleted, and nothing of it shows.
+    #[test]
+    fn a_batch_larger_than_a_transaction_is_written_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, _rt, _c, mut s) = leading(dir.path());
+        let versions = |s: &mut Etcd| -> Vec<String> {
+            let snap = s.load().unwrap();
+            snap.hosts.into_iter().map(|(_, h)| h.environment).collect()
+        };
+        let journal = |cluster: &drover_tests::etcd::Etcd| {
+            cluster.ctl(&["get", "/j/journal/", "--prefix", "--keys-only"])
+                + &cluster.ctl(&["get", "/j/meta/journal", "--keys-only"])
+        };
+        s.commit(&host_changes(100, "1")).unwrap();
+        assert_eq!(versions(&mut s), vec!["1".to_string(); 100]);
+        assert_eq!(journal(&cluster).trim(), "", "the journal is gone");
+
+        // Committed (meta/journal written), then the leader died: the next load applies it.
+        let writes: Vec<Put> = batches(rows(&host_changes(100, "2")), 1000).remove(0);
+        s.stage(&writes, true).unwrap();
+        assert!(journal(&cluster).contains("/j/meta/journal"));
+        // An export now would show half a batch: refused.
+        let e = super::super::dump::export_etcd(&mut s, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a batch of 100 writes is half applied"), "{e}");
+        assert_eq!(versions(&mut s), vec!["2".to_string(); 100]);
+        assert_eq!(journal(&cluster).trim(), "");
+
+        // Staged, not committed: deleted, and nothing of it shows.
+        let writes: Vec<Put> = batches(rows(&host_changes(100, "3")), 1000).remove(0);
+        s.stage(&writes, false).unwrap();
+        assert!(journal(&cluster).contains("/j/journal/"));
+        assert_eq!(versions(&mut s), vec!["2".to_string(); 100]);
+        assert_eq!(journal(&cluster).trim(), "");
+
+        // A damaged journal stops the load with the reason (and is left for an operator).
+        s.stage(&writes, true).unwrap();
+        cluster.ctl(&["put", "/j/journal/00000007", "junk"]);
+        let e = s.load().unwrap_err().to_string();
+        assert!(
+            e.contains("damaged journal of a large batch: journal key 00000007"),
+            "{e}"
+        );
+        cluster.ctl(&["put", "/j/meta/journal", "x"]);
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains("damaged meta/journal key"), "{e}");
     }
 }
