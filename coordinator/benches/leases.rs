@@ -1,8 +1,8 @@
 //! Coordinator benchmark: lease acquire+release throughput and latency with 100 concurrent
-//! clients, over plain HTTP and over TLS and with the etcd store (a 3-member cluster) in the
-//! same run; the coordinator's CPU and memory with
-//! 10,000 hosts heartbeating every 30 s (SQLite and etcd); and commit → 1,000 long-polling agents know it, with
-//! the push webhook.
+//! clients, over plain HTTP and over TLS and with the etcd store (a 3-member cluster, over
+//! plain gRPC and over mutual TLS) in the same run; the coordinator's CPU and memory with
+//! 10,000 hosts heartbeating every 30 s (SQLite and etcd); and commit → 1,000 long-polling
+//! agents know it, with the push webhook (SQLite and etcd).
 //!
 //!     cargo bench -p drover-coordinator --bench leases [-- SECONDS]
 //!
@@ -53,20 +53,29 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // A 3-member etcd cluster for the etcd store (`--max-txn-ops 1024`).
+    // A 3-member etcd cluster for the etcd store (`--max-txn-ops 1024`), and one serving
+    // its clients over TLS and asking for client certificates.
     let etcd = drover_tests::etcd::Etcd::start(dir.path());
-    // The same load over plain HTTP, then over TLS, then with the etcd store, in one run.
-    let mut plain = 0.0;
-    for (tls, on_etcd) in [(false, false), (true, false), (false, true)] {
-        let name = match (tls, on_etcd) {
-            (true, _) => "tls",
-            (false, false) => "plain",
-            (false, true) => "etcd",
-        };
-        let store = if on_etcd {
+    std::fs::create_dir_all(dir.path().join("mtls")).unwrap();
+    let etcd_tls = drover_tests::etcd::Etcd::start_tls(&dir.path().join("mtls"), &ca);
+    let (cert, key) = ca.client("bench-coordinator");
+    // The same load over plain HTTP, then over TLS, then with the etcd store (plain gRPC,
+    // then mutual TLS), in one run.
+    let (mut plain, mut on_plain_etcd) = (0.0, 0.0);
+    for name in ["plain", "tls", "etcd", "etcd-tls"] {
+        let (tls, on_etcd) = (name == "tls", name.starts_with("etcd"));
+        let store = if name == "etcd" {
             format!(
                 "{{ etcd: {{ endpoints: [{}], prefix: /bench, max_txn_ops: 1024, leader_ttl: 5s }} }}",
                 etcd.endpoints().join(", ")
+            )
+        } else if name == "etcd-tls" {
+            format!(
+                "{{ etcd: {{ endpoints: [{}], prefix: /bench, max_txn_ops: 1024, leader_ttl: 5s, tls: {{ ca_file: {}, cert_file: {}, key_file: {} }} }} }}",
+                etcd_tls.endpoints().join(", "),
+                ca.ca.display(),
+                cert.display(),
+                key.display()
             )
         } else {
             format!(
@@ -118,12 +127,19 @@ fn main() {
                     "leases over TLS: {:.2}x the plain-HTTP throughput of the same run",
                     ops / plain
                 );
+            } else if name == "etcd-tls" {
+                println!(
+                    "leases on etcd over mutual TLS (3 members): {:.2}x the plain-gRPC etcd throughput of the same run   target ≥ 2000 ops/s",
+                    ops / on_plain_etcd
+                );
             } else if on_etcd {
+                on_plain_etcd = ops;
                 println!(
                     "leases on etcd (3 members): {:.2}x the SQLite throughput of the same run   target ≥ 2000 ops/s",
                     ops / plain
                 );
                 heartbeats(&url, token, server.id()).await;
+                tips(&url, token, &repo).await;
             } else {
                 plain = ops;
                 heartbeats(&url, token, server.id()).await;
