@@ -32,7 +32,6 @@ fn openssl(dir: &Path, args: &[&str]) {
 impl TestCa {
     /// Makes the CA and the server certificate under `dir`.
     pub fn new(dir: &Path) -> TestCa {
-        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).expect("mkdir");
         let ec = [
             "-newkey",
@@ -54,47 +53,15 @@ impl TestCa {
             "2",
         ]);
         openssl(dir, &ca);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        openssl(dir, &csr);
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .expect("ext");
-        openssl(
+        let (cert, key) = issue(
             dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
+            "server",
+            "/CN=127.0.0.1",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
         );
-        let key = dir.join("server.key");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         TestCa {
             ca: dir.join("ca.pem"),
-            cert: dir.join("server.pem"),
+            cert,
             key,
             dir: dir.to_path_buf(),
         }
@@ -103,58 +70,12 @@ impl TestCa {
     /// A client certificate for `cn` signed by the CA (extended key usage clientAuth), and
     /// its key (mode 600): `(cert, key)`.
     pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
-        use std::os::unix::fs::PermissionsExt;
-        let (key, csr, pem, ext) = (
-            format!("{cn}.key"),
-            format!("{cn}.csr"),
-            format!("{cn}.pem"),
-            format!("{cn}.cnf"),
-        );
-        openssl(
+        issue(
             &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        std::fs::write(
-            self.dir.join(&ext),
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+            cn,
+            &format!("/CN={cn}"),
+            "extendedKeyUsage=clientAuth\n",
         )
-        .expect("ext");
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-        let key = self.dir.join(key);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        (self.dir.join(pem), key)
     }
 
     /// The coordinator config lines for it.
@@ -165,4 +86,62 @@ impl TestCa {
             self.key.display()
         )
     }
+}
+
+/// A new EC key `dir/NAME.key` (mode 600) and its certificate `dir/NAME.pem` for `subject`,
+/// signed by the CA in `dir` with `usage` (extension lines) besides the basic constraints:
+/// `(cert, key)`.
+fn issue(dir: &Path, name: &str, subject: &str, usage: &str) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.cnf"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subject,
+        ],
+    );
+    std::fs::write(
+        dir.join(&ext),
+        format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n{usage}"),
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+    let key = dir.join(key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    (dir.join(pem), key)
 }
