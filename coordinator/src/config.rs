@@ -310,7 +310,16 @@ fn etcd_tls(t: EtcdTlsInput, bad: &mut impl FnMut(String)) -> Option<crate::stor
             None
         }
     };
-    let certs = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
+    // Every field holding certificates holds one at least, all of them PEM.
+    let check_certs = |field: &str, f: &str, pem: &[u8], bad: &mut dyn FnMut(String)| {
+        match CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>() {
+            Ok(c) if !c.is_empty() => {}
+            Ok(_) => bad(format!(
+                "store.etcd.tls.{field} {f}: no PEM certificate in it"
+            )),
+            Err(err) => bad(format!("store.etcd.tls.{field} {f}: {err}")),
+        }
+    };
     let ca = read("ca_file", &t.ca_file);
     let identity = match (&t.cert_file, &t.key_file) {
         (Some(c), Some(k)) => Some((read("cert_file", c), read("key_file", k))),
@@ -321,27 +330,14 @@ fn etcd_tls(t: EtcdTlsInput, bad: &mut impl FnMut(String)) -> Option<crate::stor
         }
     };
     let ca = ca?;
-    match certs(&ca) {
-        Ok(c) if !c.is_empty() => {}
-        Ok(_) => bad(format!(
-            "store.etcd.tls.ca_file {}: no PEM certificate in it",
-            t.ca_file
-        )),
-        Err(err) => bad(format!("store.etcd.tls.ca_file {}: {err}", t.ca_file)),
-    }
+    check_certs("ca_file", &t.ca_file, &ca, bad);
     let identity = match identity {
         Some((Some(cert), Some(key))) => {
             let (c, k) = (
                 t.cert_file.unwrap_or_default(),
                 t.key_file.unwrap_or_default(),
             );
-            match certs(&cert) {
-                Ok(v) if !v.is_empty() => {}
-                Ok(_) => bad(format!(
-                    "store.etcd.tls.cert_file {c}: no PEM certificate in it"
-                )),
-                Err(err) => bad(format!("store.etcd.tls.cert_file {c}: {err}")),
-            }
+            check_certs("cert_file", &c, &cert, bad);
             if world_readable(Path::new(&k)) {
                 bad(format!(
                     "store.etcd.tls.key_file {k} is readable by every user; chmod 600 it"

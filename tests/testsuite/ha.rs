@@ -13,10 +13,15 @@ use crate::coordinator::{max_overlap, wait_all, windows};
 
 /// A coordinator named `name` on `etcd`, under prefix `/t`, its lead lasting 4 s.
 fn on_etcd(f: &Fleet, etcd: &Etcd, name: &str) -> Coordinator {
+    on_endpoints(f, &etcd.endpoints(), name, "")
+}
+
+/// [`on_etcd`] on `endpoints`, with `more` (`, key: value`) in its `store.etcd`.
+fn on_endpoints(f: &Fleet, endpoints: &[String], name: &str, more: &str) -> Coordinator {
     let state = f.dir.path().join(name).join("state");
     let store = format!(
-        "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 4s }} }}\nstate_dir: {}\n",
-        etcd.endpoints().join(", "),
+        "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 4s{more} }} }}\nstate_dir: {}\n",
+        endpoints.join(", "),
         state.display()
     );
     Coordinator::prepare_with(f.dir.path(), name, &store, "")
@@ -348,14 +353,6 @@ fn coordinators_on_etcd_over_mutual_tls_behind_one_load_balanced_url() {
     let ca = drover_tests::tls::TestCa::new(&f.dir.path().join("etcd-ca"));
     let etcd = Etcd::start_tls(f.dir.path(), &ca);
     let (cert, key) = ca.client("coordinator");
-    let store = |name: &str, tls: &str, endpoints: &[String]| {
-        let state = f.dir.path().join(name).join("state");
-        format!(
-            "store: {{ etcd: {{ endpoints: [{}], prefix: /t, max_txn_ops: 1024, leader_ttl: 4s{tls} }} }}\nstate_dir: {}\n",
-            endpoints.join(", "),
-            state.display()
-        )
-    };
     let mutual = format!(
         ", tls: {{ ca_file: {}, cert_file: {}, key_file: {} }}",
         ca.ca.display(),
@@ -364,9 +361,7 @@ fn coordinators_on_etcd_over_mutual_tls_behind_one_load_balanced_url() {
     );
     let mut cs: Vec<Coordinator> = ["coord-a", "coord-b"]
         .iter()
-        .map(|n| {
-            Coordinator::prepare_with(f.dir.path(), n, &store(n, &mutual, &etcd.endpoints()), "")
-        })
+        .map(|n| on_endpoints(&f, &etcd.endpoints(), n, &mutual))
         .collect();
     cs[0].restart();
     cs[1].spawn();
@@ -444,8 +439,7 @@ fn coordinators_on_etcd_over_mutual_tls_behind_one_load_balanced_url() {
             "if etcd serves TLS, use https:// endpoints and store.etcd.tls",
         ),
     ] {
-        let mut c =
-            Coordinator::prepare_with(f.dir.path(), name, &store(name, &tls, &endpoints), "");
+        let mut c = on_endpoints(&f, &endpoints, name, &tls);
         c.spawn();
         let code = c.wait_exit(Duration::from_secs(60));
         let log = std::fs::read_to_string(&c.log).unwrap_or_default();

@@ -108,21 +108,17 @@ pub async fn connect(c: &EtcdConfig) -> Result<Client, StoreError> {
         }
         None => options,
     };
-    let mut client = Client::connect(&c.endpoints, Some(options))
+    let client = Client::connect(&c.endpoints, Some(options))
         .await
         .map_err(err("connect"))?;
     // A first request: the endpoints answer (with TLS as configured).
     let key = format!("{}/meta/probe", c.prefix);
-    let mut reached = client.get(key.clone(), None).await;
-    for _ in 0..4 {
-        if reached.is_ok() {
-            break;
-        }
-        // A member that is down is still picked for a while: try the others.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        reached = client.get(key.clone(), None).await;
-    }
-    reached.map_err(|e| StoreError {
+    patiently(|| {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.get(key, None).await }
+    })
+    .await
+    .map_err(|e| StoreError {
         what: "connect",
         message: format!(
             "cannot reach etcd at {} ({e}); {}",
@@ -141,16 +137,12 @@ pub async fn connect(c: &EtcdConfig) -> Result<Client, StoreError> {
             .map(|_| TxnOp::get(format!("{}/meta/probe", c.prefix), None))
             .collect::<Vec<_>>(),
     );
-    let mut tried = client.txn(probe.clone()).await;
-    for _ in 0..4 {
-        if tried.is_ok() {
-            break;
-        }
-        // A member that is down is still picked for a while: try the others.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        tried = client.txn(probe.clone()).await;
-    }
-    tried.map_err(|e| StoreError {
+    patiently(|| {
+        let (mut client, probe) = (client.clone(), probe.clone());
+        async move { client.txn(probe).await }
+    })
+    .await
+    .map_err(|e| StoreError {
         what: "connect",
         message: format!(
             "etcd at {} refused a transaction of {} operations ({e}); start etcd with --max-txn-ops={} or lower store.etcd.max_txn_ops",
@@ -160,6 +152,24 @@ pub async fn connect(c: &EtcdConfig) -> Result<Client, StoreError> {
         ),
     })?;
     Ok(client)
+}
+
+/// Runs `call` again (up to 5 times in about a second) while it fails: a member that is down
+/// is still picked for a while, so the others get their turn.
+async fn patiently<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut r = call().await;
+    for _ in 0..4 {
+        if r.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        r = call().await;
+    }
+    r
 }
 
 /// The lead, once won: the etcd lease that holds `PREFIX/leader`.
